@@ -1,0 +1,171 @@
+"""Benchmark the JAX L0 fit against l0-python 0.6.2 (torch, CPU) on the same problem.
+
+    python benchmarks/bench_fit.py --epochs 50                  # synthetic seed-shaped problem
+    python benchmarks/bench_fit.py --matrix X.npz --targets y.npy [--groups g.npy] [--init w.npy]
+    python benchmarks/bench_fit.py --gpu-report [--bandwidth-gbs 3350]
+
+Same hyperparameters, initial weights and epochs for both fits, and the same objective:
+l0-python sums group-normalised squared errors, so it is given group multipliers 1/G
+(one group of all targets when not balancing), which makes its data term this fit's
+mean (Adam's eps is not scale invariant, so the scale must match, not just be
+proportional). Final losses of both are recomputed here by one numpy function. Needs only jax/numpy/scipy; the
+l0-python column is skipped (with a note) when l0/torch are not importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `calibrate`
+
+from calibrate.fit import L0Config, fit_l0, initial_weights  # noqa: E402
+from calibrate.fit_model import target_loss_weights  # noqa: E402
+from synthetic import SyntheticSpec, make_problem  # noqa: E402
+
+
+def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str]:
+    """(X, targets, groups, init weights, label) from files or the synthetic generator."""
+    if args.matrix:
+        X = sp.load_npz(args.matrix).tocsr()
+        targets = np.load(args.targets)
+        groups = np.load(args.groups) if args.groups else None
+        init = np.load(args.init) if args.init else np.ones(X.shape[1])
+        if not args.init:
+            print("note: no --init given, starting from weights 1.0 (l0-python's default)")
+        return X, targets, groups, init, f"matrix {args.matrix}"
+    p = make_problem(SyntheticSpec(seed=args.seed))
+    init = initial_weights(p.base_weights, p.household_state, p.cd_state)
+    return p.X, p.targets, p.groups, init, "synthetic seed-shaped problem"
+
+
+def data_loss(X, targets, loss_weights, weights) -> float:
+    """Sum_i loss_weight_i * ((X w - y)_i / (y_i + 1))^2 in float64 (the fit's data term)."""
+    rel = (X @ np.asarray(weights, np.float64) - targets) / (targets + 1.0)
+    return float(np.sum(loss_weights * rel**2))
+
+
+def objective(X, targets, loss_weights, log_weight, log_alpha, cfg: L0Config) -> float:
+    """Full objective with deterministic gates, numpy float64 (for l0-python's parameters)."""
+    la = np.clip(log_alpha, -20, 20)
+    gate = np.clip(1 / (1 + np.exp(-la / cfg.beta)) * (cfg.zeta - cfg.gamma) + cfg.gamma, 0, 1)
+    p_open = 1 / (1 + np.exp(-(la - cfg.beta * np.log(-cfg.gamma / cfg.zeta))))
+    pos = np.exp(log_weight)
+    return (data_loss(X, targets, loss_weights, pos * gate)
+            + cfg.lambda_l0 * p_open.sum() + cfg.lambda_l2 * np.sum(pos**2))
+
+
+def run_l0python(X, targets, groups, init, cfg: L0Config, loss_weights):
+    """(seconds/epoch, objective, data loss, setup seconds) of l0-python, or None if missing."""
+    try:
+        import torch
+        from l0 import SparseCalibrationWeights
+    except ImportError as exc:
+        print(f"l0-python column skipped: {exc}")
+        return None
+    torch.manual_seed(cfg.seed)
+    # l0-python's data loss is sum_i e_i^2 / n_group(i); multipliers 1/G make it our mean
+    groups = groups if (groups is not None and cfg.balance_groups) else np.zeros(X.shape[0], np.int64)
+    unique = np.unique(groups)
+    multipliers = {int(g): 1.0 / unique.size for g in unique}
+    model = SparseCalibrationWeights(
+        X.shape[1], beta=cfg.beta, gamma=cfg.gamma, zeta=cfg.zeta, init_keep_prob=cfg.init_keep_prob,
+        init_weights=init, log_weight_jitter_sd=cfg.jitter, log_alpha_jitter_sd=cfg.jitter, seed=cfg.seed,
+    )
+    t0 = time.perf_counter()
+    model._convert_sparse_to_torch(X)  # cached conversion: keep it out of the per-epoch time
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.fit(X, targets, lambda_l0=cfg.lambda_l0, lambda_l2=cfg.lambda_l2, lr=cfg.lr, epochs=cfg.epochs,
+              loss_type="relative", target_groups=groups, normalize_groups=True, group_multipliers=multipliers)
+    per_epoch = (time.perf_counter() - t0) / cfg.epochs
+    with torch.no_grad():
+        weights = model.get_weights(deterministic=True).numpy()
+        obj = objective(X, targets, loss_weights, model.log_weight.numpy().astype(np.float64),
+                        model.log_alpha.numpy().astype(np.float64), cfg)
+    return per_epoch, obj, data_loss(X, targets, loss_weights, weights), setup
+
+
+def bytes_per_epoch(X: sp.csr_matrix) -> tuple[int, str]:
+    """Lower bound of bytes one epoch must move, and its formula."""
+    n, nnz = X.shape[1], X.nnz
+    n_active = int(np.count_nonzero(np.diff(X.tocsc().indptr)))
+    total = 48 * n + 20 * n_active + 32 * nnz
+    return total, ("48 B/column (read+write log_w, log_alpha, Adam m, v) + 20 B/active column "
+                   "(noise id, w, grad w) + 32 B/nonzero (two passes over rows/cols/vals + gathers)")
+
+
+def gpu_report(X, targets, groups, init, cfg: L0Config, bandwidth_gbs: float) -> None:
+    """Seconds/epoch, total for cfg.epochs incl. compilation, and the memory-bandwidth ratio.
+
+    JAX's backend start-up (CUDA context) is timed apart: a pipeline pays it once per
+    process, before the fit. The fit is run twice: cold (compiles) and warm (cached).
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax.device_put(np.zeros(1)) + 1)
+    backend = time.perf_counter() - t0
+    cold = fit_l0(X, targets, init, cfg, groups, progress=False)
+    warm = fit_l0(X, targets, init, cfg, groups, progress=False)
+    assert np.array_equal(cold.weights, warm.weights), "same seed must give identical weights"
+    nbytes, formula = bytes_per_epoch(X)
+    bound = nbytes / (bandwidth_gbs * 1e9)
+    print(f"device                        {cold.device}")
+    print(f"backend start-up seconds      {backend:.2f} (once per process, not in the fit)")
+    print(f"epochs                        {cold.epochs}")
+    print(f"seconds/epoch (excl. compile) {cold.seconds_per_epoch:.6f} (warm run {warm.seconds_per_epoch:.6f})")
+    print(f"compile seconds               {cold.compile_seconds:.2f}")
+    print(f"total seconds incl. compile   {cold.total_seconds:.2f} (warm run, cached programs: {warm.total_seconds:.2f})")
+    print(f"  of which training epochs    {cold.seconds_per_epoch * cold.epochs:.2f}")
+    print(f"final loss / sparsity         {cold.final_loss:.6g} / {cold.sparsity:.4f}")
+    print(f"bytes per epoch               {nbytes / 1e6:.1f} MB  [{formula}]")
+    print(f"bandwidth bound/epoch         {bound * 1e6:.1f} us at {bandwidth_gbs:.0f} GB/s")
+    print(f"epoch time / bound            {cold.seconds_per_epoch / bound:.1f}x")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=50, help="epochs for the comparison (default 50)")
+    ap.add_argument("--matrix", help="scipy.sparse .npz of X (targets x columns)")
+    ap.add_argument("--targets", help=".npy of targets (with --matrix)")
+    ap.add_argument("--groups", help=".npy of target group ids (optional, with --matrix)")
+    ap.add_argument("--init", help=".npy of initial weights (optional, with --matrix)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic problem")
+    ap.add_argument("--no-l0python", action="store_true", help="skip the l0-python baseline")
+    ap.add_argument("--gpu-report", action="store_true", help="2,000-epoch timing and bandwidth ratio")
+    ap.add_argument("--gpu-epochs", type=int, default=2000, help="epochs for --gpu-report")
+    ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth (H100 SXM: 3350)")
+    args = ap.parse_args(argv)
+    if args.matrix and not args.targets:
+        ap.error("--matrix needs --targets")
+
+    X, targets, groups, init, label = load_problem(args)
+    print(f"{label}: {X.shape[0]} targets x {X.shape[1]:,} columns, nnz {X.nnz:,}")
+    if args.gpu_report:
+        gpu_report(X, targets, groups, init, L0Config(epochs=args.gpu_epochs), args.bandwidth_gbs)
+        return
+    cfg = L0Config(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs)
+    loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
+    res = fit_l0(X, targets, init, cfg, groups, progress=False)
+    ours = (res.seconds_per_epoch, res.final_loss, data_loss(X, targets, loss_weights, res.weights))
+    base = None if args.no_l0python else run_l0python(X, targets, groups, init, replace(cfg), loss_weights)
+
+    print(f"\n{'':28s}{'s/epoch':>12s}{'objective':>14s}{'data loss':>14s}")
+    print(f"{'calibrate.fit (' + res.device + ')':28s}{ours[0]:12.4f}{ours[1]:14.6g}{ours[2]:14.6g}")
+    print(f"  compile {res.compile_seconds:.1f} s, total {res.total_seconds:.1f} s for {res.epochs} epochs")
+    if base is not None:
+        print(f"{'l0-python 0.6.2 (torch cpu)':28s}{base[0]:12.4f}{base[1]:14.6g}{base[2]:14.6g}")
+        print(f"  setup (sparse conversion) {base[3]:.1f} s")
+        print(f"speed-up per epoch: {base[0] / ours[0]:.1f}x; objective ratio ours/l0: {ours[1] / base[1]:.3f}; "
+              f"data-loss ratio ours/l0: {ours[2] / base[2]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

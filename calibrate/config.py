@@ -1,0 +1,267 @@
+"""Structured (typed) Hydra configs for ``python -m calibrate`` and their resolution.
+
+The dataclasses below are registered in Hydra's ConfigStore as the schema of
+``conf/config.yaml``: every YAML under ``conf/`` is merged onto them, so a misspelled
+key or a value of the wrong type fails at composition and Hydra names the key.
+The helpers at the bottom turn a composed config into the plain inputs of the stages
+(a :class:`~calibrate.targets.TargetFilter`, a CD list, an ``L0Config``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from . import paths
+from .errors import CalibrateError
+
+SCHEMA_NAME = "calibrate_schema"
+CONF_DIR = paths.REPO_ROOT / "conf"
+
+
+@dataclass
+class TargetGroupConf:
+    """One named target group (a file under ``conf/target/``). Keys combine with OR."""
+
+    stratum_group_ids: List[int] = field(default_factory=list)  # strata.stratum_group_id values (1 geography, 2 age, ...)
+    variables: List[str] = field(default_factory=list)  # target variable names, e.g. snap
+    target_ids: List[int] = field(default_factory=list)  # explicit targets.target_id values
+    stratum_ids: List[int] = field(default_factory=list)  # explicit strata.stratum_id values
+
+
+@dataclass
+class GeoConf:
+    """Which congressional districts the households are stacked into."""
+
+    name: str = "all"  # label of the selection (recorded in the summary)
+    cds: Any = "all"  # "all" (every CD in the target DB) or a list of CD geoids, e.g. [3701, 5001]
+    states: List[str] = field(default_factory=list)  # postal codes restricting cds=all, e.g. [NC]
+
+
+@dataclass
+class DatasetConf:
+    """The base household dataset (a policyengine-us h5 file)."""
+
+    name: str = "default"  # label of the dataset (recorded in the summary)
+    path: str = MISSING  # path to the h5 file; relative paths are taken from the working directory
+
+
+@dataclass
+class FitConf:
+    """L0 (hard-concrete) fit settings; mirrors ``calibrate.fit.L0Config`` field by field."""
+
+    epochs: int = 2000  # gradient steps
+    lr: float = 0.15  # Adam learning rate
+    beta: float = 0.35  # hard-concrete temperature
+    gamma: float = -0.1  # hard-concrete stretch lower bound
+    zeta: float = 1.1  # hard-concrete stretch upper bound
+    init_keep_prob: float = 0.999  # initial probability that a gate is open
+    lambda_l0: float = 1e-8  # L0 penalty (more = sparser weights)
+    lambda_l2: float = 1e-12  # L2 penalty on the weights
+    jitter: float = 0.01  # relative noise on the initial log-weights
+    seed: int = 0  # random seed of the fit (defaults to the top-level seed)
+    log_every: int = 50  # history row every this many epochs
+    checkpoint_every: int = 0  # write a checkpoint every this many epochs (0 = never)
+    balance_groups: bool = True  # weight each target group (variable x geo level) equally in the loss
+    chunk_epochs: int = 50  # epochs per compiled chunk (device round trip granularity)
+
+
+class Platform(str, Enum):
+    """JAX platform a profile runs on."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class MatmulPrecision(str, Enum):
+    """JAX default matmul precision (``JAX_DEFAULT_MATMUL_PRECISION``)."""
+
+    default = "default"  # fastest: bf16 passes / TF32 on Ampere and later GPUs
+    high = "high"  # bf16_3x / TF32-free where possible
+    highest = "highest"  # full float32
+
+
+@dataclass
+class ClusterConf:
+    """What a remote job must request to get this profile's accelerator."""
+
+    num_gpus: int = 0  # GPUs per job (Slurm gpus_per_node, Ray num_gpus)
+    slurm_gres: Optional[str] = None  # Slurm --gres, e.g. gpu:a100:1
+    slurm_constraint: Optional[str] = None  # Slurm --constraint (node feature), e.g. a100
+    ray_accelerator_type: Optional[str] = None  # Ray accelerator_type resource, e.g. A100
+    cpus_per_task: int = 2  # CPU cores per job
+    mem_gb: int = 16  # host memory per job in GB
+
+
+@dataclass
+class GpuConf:
+    """Device profile: the JAX platform and memory settings, applied before JAX is imported."""
+
+    name: str = "cpu"  # profile name (recorded in the summary)
+    platform: Platform = Platform.cpu  # JAX_PLATFORMS value
+    matmul_precision: MatmulPrecision = MatmulPrecision.highest  # JAX_DEFAULT_MATMUL_PRECISION
+    enable_x64: bool = False  # JAX_ENABLE_X64 (the fit runs in float32 unless set)
+    mem_fraction: Optional[float] = None  # XLA_PYTHON_CLIENT_MEM_FRACTION (share of GPU memory to take)
+    preallocate: bool = False  # XLA_PYTHON_CLIENT_PREALLOCATE
+    allow_cpu_fallback: bool = False  # run on CPU (recorded) instead of failing when no GPU is found
+    cluster: ClusterConf = field(default_factory=ClusterConf)  # accelerator request for cluster launchers
+
+
+@dataclass
+class PublishConf:
+    """Optional publishing stage (``calibrate.publish.publish_run``), off by default."""
+
+    enabled: bool = False  # run the publish stage after a successful fit
+    areas: List[str] = field(default_factory=lambda: ["cd", "state"])  # area levels to publish
+    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for the publish stage
+
+
+@dataclass
+class CalibrateConfig:
+    """Root config of ``python -m calibrate``."""
+
+    target: Dict[str, TargetGroupConf] = field(default_factory=dict)  # selected target groups (OR-ed)
+    geo: GeoConf = field(default_factory=GeoConf)  # congressional districts to stack into
+    dataset: DatasetConf = field(default_factory=DatasetConf)  # base household file
+    fit: FitConf = field(default_factory=FitConf)  # L0 fit settings
+    gpu: GpuConf = field(default_factory=GpuConf)  # device profile
+    publish: PublishConf = field(default_factory=PublishConf)  # publishing stage
+    period: int = 2024  # target year: the latest target at or before it is used
+    seed: int = 0  # random seed (feeds fit.seed)
+    db_path: str = MISSING  # SQLite target database
+    cache_dir: Optional[str] = None  # matrix cache directory (null = no cache)
+    workers: Optional[int] = None  # processes for the matrix build (null = one per CPU core)
+    progress: bool = True  # show tqdm progress bars
+    report_top: int = 10  # worst targets listed in the console report
+
+
+def _storage_path(relative: str) -> str:
+    """Resolver ``${storage:rel}``: absolute path of ``rel`` under the embedded storage dir."""
+    return str(paths.STORAGE / relative)
+
+
+def register_configs() -> None:
+    """Register the schema and the ``${storage:...}`` resolver (idempotent)."""
+    OmegaConf.register_new_resolver("storage", _storage_path, replace=True)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=CalibrateConfig)
+
+
+register_configs()
+
+
+def to_config(cfg) -> CalibrateConfig:
+    """The composed config as typed dataclasses (interpolations resolved).
+
+    Re-validated against the schema, so keys added with ``+key=value`` (which Hydra lets
+    through its struct check) are rejected too, naming the key.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = OmegaConf.to_container(cfg, resolve=True, structured_config_mode=_dict_mode())
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(CalibrateConfig), plain)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise CalibrateError(f"config key {key}: {str(exc).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def _dict_mode():
+    from omegaconf import SCMode
+
+    return SCMode.DICT
+
+
+def target_filter(target: Dict[str, TargetGroupConf]):
+    """The union (OR) of the selected target groups; an empty selection is an error."""
+    from .targets import TargetFilter
+
+    if not target:
+        raise CalibrateError("no target group selected (choose e.g. target=snap or target=[snap,age])")
+    filters = []
+    for name, group in target.items():
+        flt = TargetFilter(
+            stratum_group_ids=tuple(group.stratum_group_ids),
+            variables=tuple(group.variables),
+            target_ids=tuple(group.target_ids),
+            stratum_ids=tuple(group.stratum_ids),
+        )
+        filters.append(flt)
+    return TargetFilter.union(filters)
+
+
+def _cd_list(value) -> list[int]:
+    """``geo.cds`` as a list of ints (a single int is a one-CD list)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        try:
+            out.append(int(item))
+        except (TypeError, ValueError):
+            raise CalibrateError(f"geo.cds: {item!r} is not a CD geoid (use 'all' or a list like [3701,5001])") from None
+    return out
+
+
+def resolve_cds(geo: GeoConf, db_path) -> list[int]:
+    """The CD geoids a geo config selects, checked against the target database."""
+    from .geography import STATE_FIPS, state_of_cd
+    from .targets import all_cds
+
+    valid = all_cds(Path(db_path))
+    if isinstance(geo.cds, str) and geo.cds.strip().lower() == "all":
+        cds = list(valid)
+    elif isinstance(geo.cds, str):
+        raise CalibrateError(f"geo.cds: {geo.cds!r} is neither 'all' nor a list of CD geoids like [3701,5001]")
+    else:
+        cds = _cd_list(geo.cds)
+    if geo.states:
+        unknown = [s for s in geo.states if str(s).upper() not in STATE_FIPS]
+        if unknown:
+            raise CalibrateError(f"geo.states: unknown state {unknown[0]!r} (valid: {' '.join(sorted(STATE_FIPS))})")
+        wanted = {STATE_FIPS[str(s).upper()] for s in geo.states}
+        outside = [c for c in cds if state_of_cd(c) not in wanted]
+        if outside and not (isinstance(geo.cds, str)):
+            raise CalibrateError(
+                f"geo.cds: CD {outside[0]} is not in geo.states {list(geo.states)} (set geo.states=[] to list any CD)"
+            )
+        cds = [c for c in cds if state_of_cd(c) in wanted]
+    if not cds:
+        raise CalibrateError(f"geo {geo.name!r} selects no congressional district")
+    known = set(valid)
+    unknown_cds = [c for c in cds if c not in known]
+    if unknown_cds:
+        raise CalibrateError(
+            f"geo.cds: unknown CD {unknown_cds[0]} (valid: {len(valid)} geoids state_fips*100+district, "
+            f"{valid[0]}..{valid[-1]}, e.g. 3701 = NC-01; or 'all', or geo=nc|ca|all|fixture)"
+        )
+    if len(set(cds)) != len(cds):
+        raise CalibrateError("geo.cds: a CD is listed twice")
+    return cds
+
+
+def l0_config(fit: FitConf):
+    """The fit stage's ``L0Config`` from the fit section (validated by the fit module)."""
+    from dataclasses import asdict
+
+    from .fit import L0Config, validate_config
+
+    config = L0Config(**asdict(fit))
+    try:
+        validate_config(config)
+    except ValueError as exc:
+        raise CalibrateError(f"fit: {exc}") from None
+    return config
+
+
+def existing_file(path: str, key: str) -> Path:
+    """``path`` as a Path, or a CalibrateError naming ``key`` when the file does not exist."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CalibrateError(f"{key}: file {p} does not exist")
+    return p

@@ -1,0 +1,166 @@
+"""Jitted training chunk and evaluation of the L0 fit (same code on CPU and GPU).
+
+A chunk runs epochs ``[start, stop)`` in one ``lax.fori_loop`` with traced bounds, so
+every chunk length reuses one compiled program. Epoch noise is derived from
+``fold_in(key, epoch)``: results do not depend on where chunks (or resumes) split.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from calibrate.fit_model import (
+    GateParams,
+    GateShape,
+    Layout,
+    SparseOps,
+    SplitParams,
+    deterministic_gates,
+    epoch_uniforms,
+    hard_concrete_sample,
+    relative_errors,
+    split_objective,
+    split_vector,
+)
+
+
+class Divergence(NamedTuple):
+    """First epoch (1-based) whose training loss was non-finite (-1: none) and its errors."""
+
+    epoch: jax.Array
+    rel_errors: jax.Array
+
+
+class TrainState(NamedTuple):
+    """Everything the epoch loop carries."""
+
+    params: SplitParams
+    opt_state: optax.OptState
+    divergence: Divergence
+
+
+class DeviceProblem(NamedTuple):
+    """Problem arrays on the device (passed as arguments, never baked into the program)."""
+
+    ops: SparseOps
+    targets: jax.Array
+    loss_weights: jax.Array
+    noise_ids: jax.Array  # uint32 original column ids of the active columns
+
+
+class Hyper(NamedTuple):
+    """Static hyperparameters of the compiled programs."""
+
+    shape: GateShape
+    lr: float
+    lambda_l0: float
+    lambda_l2: float
+
+
+class Evaluation(NamedTuple):
+    """Deterministic-gate objective, per-target relative errors, open gates, finiteness."""
+
+    loss: jax.Array
+    data_loss: jax.Array
+    rel_errors: jax.Array
+    n_active: jax.Array
+    finite: jax.Array
+
+
+def optimizer(hyper: Hyper) -> optax.GradientTransformation:
+    """Full-batch Adam (defaults b1=0.9, b2=0.999, eps=1e-8, as torch.optim.Adam)."""
+    return optax.adam(hyper.lr)
+
+
+def initial_params(layout: Layout, init_weights: np.ndarray, init_keep_prob: float, jitter: float,
+                   seed: int) -> SplitParams:
+    """log weights = log(init) + jitter*N(0,1); log_alpha = logit(keep) + jitter*N(0,1).
+
+    Jitter comes from numpy's PCG64 seeded by ``seed`` (platform independent, no device
+    program to compile), drawn over the full column vector in original order so it does
+    not depend on the active/inactive split.
+    """
+    rng = np.random.default_rng([seed, 0x10])
+    n = layout.n_columns
+    log_weight = np.log(init_weights.astype(np.float32)) + np.float32(jitter) * rng.standard_normal(n, np.float32)
+    logit = np.float32(np.log(init_keep_prob / (1.0 - init_keep_prob)))
+    log_alpha = logit + np.float32(jitter) * rng.standard_normal(n, np.float32)
+    (lw_a, lw_i), (la_a, la_i) = split_vector(layout, log_weight), split_vector(layout, log_alpha)
+    as32 = lambda x: jnp.asarray(x, dtype=jnp.float32)  # noqa: E731
+    return SplitParams(GateParams(as32(lw_a), as32(la_a)), GateParams(as32(lw_i), as32(la_i)))
+
+
+def initial_state(params: SplitParams, hyper: Hyper, n_targets: int) -> TrainState:
+    """Fresh optimiser state (zeros shaped by ``optax``'s init) and no divergence.
+
+    Built from host zeros, so no device program has to be compiled for it.
+    """
+    shapes = jax.eval_shape(optimizer(hyper).init, params)
+    opt_state = jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
+    divergence = Divergence(jax.device_put(np.array(-1, np.int32)), jax.device_put(np.zeros(n_targets, np.float32)))
+    return TrainState(params, opt_state, divergence)
+
+
+@lru_cache(maxsize=8)
+def make_chunk_runner(hyper: Hyper):
+    """Cached jit(run(state, start, stop, key, problem) -> state) running epochs [start, stop)."""
+    opt = optimizer(hyper)
+
+    def run(state: TrainState, start, stop, key, problem: DeviceProblem) -> TrainState:
+        def objective(params, gates):
+            return split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights,
+                                   hyper.shape, hyper.lambda_l0, hyper.lambda_l2)
+
+        def loss_of_params(params, u):
+            return objective(params, hard_concrete_sample(params.active.log_alpha, u, hyper.shape))
+
+        def epoch_step(epoch, st: TrainState) -> TrainState:
+            u = epoch_uniforms(key, epoch, problem.noise_ids)
+            (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(st.params, u)
+            updates, opt_state = opt.update(grads, st.opt_state, st.params)
+            params = optax.apply_updates(st.params, updates)
+            first = jnp.logical_and(~jnp.isfinite(loss), st.divergence.epoch < 0)
+            divergence = Divergence(
+                jnp.where(first, (epoch + 1).astype(jnp.int32), st.divergence.epoch),
+                jnp.where(first, relative_errors(estimates, problem.targets), st.divergence.rel_errors),
+            )
+            return TrainState(params, opt_state, divergence)
+
+        return lax.fori_loop(start, stop, epoch_step, state)
+
+    return jax.jit(run, donate_argnums=(0,))
+
+
+@lru_cache(maxsize=8)
+def make_evaluator(hyper: Hyper):
+    """Cached jit(evaluate(params, problem) -> Evaluation) with deterministic gates."""
+
+    def evaluate(params: SplitParams, problem: DeviceProblem) -> Evaluation:
+        gates = deterministic_gates(params.active.log_alpha, hyper.shape)
+        loss, estimates = split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights,
+                                          hyper.shape, hyper.lambda_l0, hyper.lambda_l2)
+        rel = relative_errors(estimates, problem.targets)
+        data_loss = jnp.sum(problem.loss_weights * rel**2)
+        open_active = jnp.sum(jnp.exp(params.active.log_weight) * gates > 0)
+        inactive_gates = deterministic_gates(params.inactive.log_alpha, hyper.shape)
+        open_inactive = jnp.sum(jnp.exp(params.inactive.log_weight) * inactive_gates > 0)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
+        return Evaluation(loss, data_loss, rel, open_active + open_inactive, finite)
+
+    return jax.jit(evaluate)
+
+
+@lru_cache(maxsize=8)
+def make_weights_fn(shape: GateShape):
+    """Cached jit(weights(params) -> (active, inactive)): exp(log_w) * deterministic gate."""
+    def weights(p: SplitParams):
+        return tuple(jnp.exp(g.log_weight) * deterministic_gates(g.log_alpha, shape) for g in p)
+
+    return jax.jit(weights)

@@ -1,0 +1,156 @@
+"""Run outputs: the per-target error table, summary figures and atomic file writers.
+
+Every file is written to a temporary name in the run directory and then renamed, so a
+reader never sees a half-written file. ``summary.json`` is written last by the caller:
+a run directory without it did not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+TARGET_COLUMNS = [
+    "target_id", "stratum_id", "stratum_group_id", "variable", "geo_level", "geographic_id", "label",
+    "value", "estimate", "rel_error", "abs_rel_error",
+]
+SUMMARY_FILE = "summary.json"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f"{path.suffix}.tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the usual umask-based mode
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask (what open() would have used)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+
+def write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def relative_errors(estimate: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """(estimate - value) / (value + 1), the fit's own measure (targets are >= 0).
+
+    For any target above a few hundred this is the plain relative error to within
+    1/value; the +1 keeps zero-valued targets finite.
+    """
+    value = np.asarray(value, dtype=np.float64)
+    return (np.asarray(estimate, dtype=np.float64) - value) / (value + 1.0)
+
+
+def estimates(X, weights: np.ndarray) -> np.ndarray:
+    """X·w in float64 (the figures reported for each target)."""
+    return np.asarray(X.astype(np.float64) @ np.asarray(weights, dtype=np.float64)).ravel()
+
+
+def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray) -> pd.DataFrame:
+    """One row per fitted target with its estimate and relative error."""
+    table = targets_df[[c for c in TARGET_COLUMNS if c in targets_df.columns]].copy()
+    table["estimate"] = np.asarray(estimate, dtype=np.float64)
+    table["rel_error"] = relative_errors(table["estimate"].to_numpy(), table["value"].to_numpy())
+    table["abs_rel_error"] = table["rel_error"].abs()
+    return table[TARGET_COLUMNS]
+
+
+def error_stats(table: pd.DataFrame) -> dict[str, float]:
+    """Mean, median, p90, p95 and max absolute relative error over the targets of ``table``."""
+    err = table["abs_rel_error"].to_numpy(dtype=np.float64)
+    return {
+        "mean_abs_rel_error": float(np.mean(err)),
+        "median_abs_rel_error": float(np.median(err)),
+        "p90_abs_rel_error": float(np.percentile(err, 90)),
+        "p95_abs_rel_error": float(np.percentile(err, 95)),
+        "max_abs_rel_error": float(np.max(err)),
+    }
+
+
+def weight_stats(weights: np.ndarray) -> dict[str, float]:
+    """Sparsity figures of the fitted weights."""
+    weights = np.asarray(weights)
+    return {
+        "n_weights": int(weights.size),
+        "n_nonzero_weights": int(np.count_nonzero(weights)),
+        "fraction_zero_weights": float(np.mean(weights == 0)),
+        "total_weight": float(np.sum(weights, dtype=np.float64)),
+    }
+
+
+def group_errors(table: pd.DataFrame) -> pd.DataFrame:
+    """Median/p95/max absolute relative error by variable and geo level."""
+    grouped = table.groupby(["variable", "geo_level"], sort=True)["abs_rel_error"]
+    out = grouped.agg(
+        n="size", median="median", p95=lambda s: float(np.percentile(s, 95)), max="max"
+    ).reset_index()
+    return out
+
+
+def console_report(table: pd.DataFrame, summary: dict, run_dir: Path, top: int = 10) -> str:
+    """A short human-readable report: worst targets, error percentiles, sparsity, where outputs went."""
+    worst = table.sort_values("abs_rel_error", ascending=False).head(top)
+    lines = [f"worst {len(worst)} of {len(table)} targets (absolute relative error):"]
+    width = min(70, max((len(str(s)) for s in worst["label"]), default=10))
+    for row in worst.itertuples(index=False):
+        label = str(row.label)
+        label = label if len(label) <= width else label[: width - 1] + "…"
+        lines.append(f"  {label:<{width}}  target {row.value:>14,.0f}  estimate {row.estimate:>14,.0f}  {row.rel_error:+8.2%}")
+    lines.append(
+        "abs rel error: median {median_abs_rel_error:.2%}  p90 {p90_abs_rel_error:.2%}  "
+        "p95 {p95_abs_rel_error:.2%}  max {max_abs_rel_error:.2%}".format(**summary)
+    )
+    lines.append(
+        f"weights: {summary['n_nonzero_weights']:,} of {summary['n_weights']:,} nonzero "
+        f"({summary['fraction_zero_weights']:.1%} zero); device {summary['device']}"
+        + (" (CPU fallback)" if summary.get("cpu_fallback") else "")
+    )
+    lines.append(
+        f"matrix {summary['matrix_seconds']:.1f}s{' (cache hit)' if summary['matrix_cache_hit'] else ''}, "
+        f"fit {summary['fit_seconds']:.1f}s ({summary['seconds_per_epoch'] * 1000:.1f} ms/epoch, {summary['epochs']} epochs)"
+    )
+    lines.append(f"outputs: {Path(run_dir).resolve()}")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""The calibration pipeline behind ``python -m calibrate``: check inputs, pick the
+device, build the matrix, fit, write outputs (``summary.json`` last), report.
+
+Cheap checks (files, CDs, target selection, fit settings, GPU presence) all run before
+the policyengine-us import and the matrix build, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import outputs, plots
+from .config import CalibrateConfig, GpuConf, existing_file, l0_config, resolve_cds, target_filter, to_config
+from .errors import CalibrateError
+from .geography import state_of_cd
+
+
+class NoGpuError(CalibrateError):
+    """A GPU profile was chosen but JAX sees no GPU (and CPU fallback is off)."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where the fit runs and how that was decided."""
+
+    profile: str  # gpu profile name
+    requested_platform: str  # platform the profile asked for
+    platform: str  # platform actually used
+    device: str  # JAX device description
+    cpu_fallback: bool  # True when a GPU profile ran on CPU (gpu.allow_cpu_fallback=true)
+
+
+def device_env(gpu: GpuConf) -> dict[str, str | None]:
+    """Environment variables a profile sets before JAX is imported (None = unset)."""
+    env: dict[str, str | None] = {
+        # A CPU profile pins JAX to the CPU; a GPU profile lets JAX pick its best backend and
+        # is then checked (pinning JAX_PLATFORMS=cuda makes JAX crash obscurely without a GPU).
+        "JAX_PLATFORMS": "cpu" if gpu.platform.value == "cpu" else None,
+        "JAX_DEFAULT_MATMUL_PRECISION": gpu.matmul_precision.value,
+        "JAX_ENABLE_X64": "true" if gpu.enable_x64 else "false",
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "true" if gpu.preallocate else "false",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": None if gpu.mem_fraction is None else f"{gpu.mem_fraction:g}",
+    }
+    return env
+
+
+def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
+    """(platform to use, whether it is a CPU fallback) given the platforms JAX reports."""
+    wanted = gpu.platform.value
+    if wanted == "cpu":
+        return "cpu", False
+    if "gpu" in available or wanted in available:
+        return wanted, False
+    if gpu.allow_cpu_fallback:
+        return "cpu", True
+    raise NoGpuError(
+        f"gpu={gpu.name} needs a CUDA GPU but JAX sees only {', '.join(sorted(set(available))) or 'nothing'}; "
+        "choose gpu=cpu, or set gpu.allow_cpu_fallback=true to run on CPU"
+    )
+
+
+def setup_device(gpu: GpuConf) -> DeviceInfo:
+    """Apply the profile's environment (when JAX is not yet imported) and check the device."""
+    if "jax" not in sys.modules:
+        for key, value in device_env(gpu).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    import jax
+
+    available = [d.platform for d in jax.devices()]
+    platform, fallback = choose_platform(gpu, available)
+    devices = jax.devices("cpu") if platform == "cpu" else [d for d in jax.devices() if d.platform != "cpu"]
+    if fallback or platform == "cpu":
+        jax.config.update("jax_default_device", devices[0])
+    return DeviceInfo(gpu.name, gpu.platform.value, platform, str(devices[0].device_kind), fallback)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The checked, resolved inputs of a run (no policyengine/JAX needed to get them)."""
+
+    dataset_path: Path
+    db_path: Path
+    cache_dir: Path | None
+    cds: list[int]
+    target_groups: list[str]
+    target_filter: object  # calibrate.targets.TargetFilter
+
+
+def prepare(cfg: CalibrateConfig) -> RunInputs:
+    """Check files, CDs and the target selection; raises CalibrateError naming the problem."""
+    dataset_path = existing_file(cfg.dataset.path, "dataset.path")
+    db_path = existing_file(cfg.db_path, "db_path")
+    flt = target_filter(cfg.target)
+    cds = resolve_cds(cfg.geo, db_path)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    return RunInputs(dataset_path, db_path, cache_dir, cds, sorted(cfg.target), flt)
+
+
+@dataclass
+class RunSummary:
+    """What ``summary.json`` holds: inputs, sizes, timings, fit quality, provenance."""
+
+    status: str
+    run_dir: str
+    n_targets: int
+    n_dropped_targets: int
+    n_households: int
+    n_cds: int
+    cds: list[int]
+    period: int
+    target_groups: list[str]
+    geo: str
+    dataset: str
+    dataset_path: str
+    dataset_sha256: str
+    db_path: str
+    db_sha256: str
+    matrix_seconds: float
+    matrix_cache_hit: bool
+    matrix_cache_key: str
+    fit_seconds: float
+    compile_seconds: float
+    seconds_per_epoch: float
+    epochs: int
+    final_loss: float
+    mean_abs_rel_error: float
+    median_abs_rel_error: float
+    p90_abs_rel_error: float
+    p95_abs_rel_error: float
+    max_abs_rel_error: float
+    n_weights: int
+    n_nonzero_weights: int
+    fraction_zero_weights: float
+    total_weight: float
+    device: str
+    platform: str
+    gpu_profile: str
+    cpu_fallback: bool
+    seed: int
+    fit_config: dict
+    overrides: list[str]
+    package_versions: dict
+    total_seconds: float
+    publish: str = "disabled"
+    extra: dict = field(default_factory=dict)
+
+
+def hydra_context() -> tuple[Path | None, list[str]]:
+    """(run directory, task overrides) of the current Hydra job, or (None, []) outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, []
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir), list(hc.overrides.task)
+
+
+def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) -> RunSummary:
+    """Run the whole pipeline for a composed config; returns the summary written to ``run_dir``."""
+    start = time.perf_counter()
+    settings = to_config(cfg)
+    hydra_dir, hydra_overrides = hydra_context()
+    run_dir = Path(run_dir or hydra_dir or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
+    overrides = list(overrides) if overrides is not None else hydra_overrides
+
+    inputs = prepare(settings)
+    device = setup_device(settings.gpu)
+    l0 = l0_config(settings.fit)
+
+    from .dataset import file_sha256
+    from .fit import FitDivergedError, fit_l0, initial_weights
+    from .matrix import build_matrix
+    from .pe import package_versions
+
+    matrix = build_matrix(
+        inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,
+        workers=settings.workers, cache_dir=inputs.cache_dir, progress=settings.progress,
+    )
+    cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
+    init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
+    targets = matrix.targets_df["value"].to_numpy(dtype=np.float64)
+    groups = matrix.targets_df["group_id"].to_numpy() if l0.balance_groups else None
+    try:
+        checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
+        if checkpoint is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        result = fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint,
+                        progress=settings.progress)
+    except FitDivergedError as exc:
+        raise CalibrateError(f"fit diverged: {exc} (try a smaller fit.lr)") from None
+
+    weights = np.asarray(result.weights, dtype=np.float64)
+    table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights))
+    outputs.write_npy(run_dir / "weights.npy", weights)
+    outputs.write_csv(run_dir / "targets.csv", table)
+    outputs.write_csv(run_dir / "history.csv", result.history)
+    outputs.write_csv(run_dir / "dropped_targets.csv", matrix.dropped)
+    plots.plot_loss(result.history, run_dir / "loss.png")
+    plots.plot_errors(table, run_dir / "errors.png")
+
+    summary = RunSummary(
+        status="complete",
+        run_dir=str(run_dir.resolve()),
+        n_targets=len(table),
+        n_dropped_targets=len(matrix.dropped),
+        n_households=int(len(matrix.household_ids)),
+        n_cds=len(matrix.cds),
+        cds=[int(c) for c in matrix.cds],
+        period=settings.period,
+        target_groups=inputs.target_groups,
+        geo=settings.geo.name,
+        dataset=settings.dataset.name,
+        dataset_path=str(inputs.dataset_path.resolve()),
+        dataset_sha256=file_sha256(inputs.dataset_path),
+        db_path=str(inputs.db_path.resolve()),
+        db_sha256=file_sha256(inputs.db_path),
+        matrix_seconds=float(matrix.build_seconds),
+        matrix_cache_hit=bool(matrix.cache_hit),
+        matrix_cache_key=str(matrix.cache_key),
+        fit_seconds=float(result.total_seconds),
+        compile_seconds=float(result.compile_seconds),
+        seconds_per_epoch=float(result.seconds_per_epoch),
+        epochs=int(result.epochs),
+        final_loss=float(result.final_loss),
+        **outputs.error_stats(table),
+        **outputs.weight_stats(weights),
+        device=str(result.device or device.device),
+        platform=device.platform,
+        gpu_profile=device.profile,
+        cpu_fallback=device.cpu_fallback,
+        seed=settings.seed,
+        fit_config=asdict(l0),
+        overrides=overrides,
+        package_versions=package_versions(),
+        total_seconds=time.perf_counter() - start,
+        publish="pending" if settings.publish.enabled else "disabled",
+    )
+    outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
+    if settings.publish.enabled:
+        summary = _publish(run_dir, cfg, summary)
+    print(outputs.console_report(table, asdict(summary), run_dir, settings.report_top), flush=True)
+    return summary
+
+
+def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:
+    """Run the publish stage; its outcome is recorded in summary.json (rewritten atomically)."""
+    from .publish import publish_run
+
+    try:
+        publish_run(run_dir, cfg.publish)
+    except Exception as exc:
+        summary.publish = f"failed: {exc}"
+        outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
+        raise CalibrateError(f"publish failed: {exc}") from exc
+    summary.publish = "done"
+    outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
+    return summary
+
+
+def report_failure(exc: Exception, run_dir: Path | None) -> None:
+    """Print one ``error: ...`` line and leave ``error.json`` (never a summary) in the run dir."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if run_dir is not None and run_dir.is_dir():
+        outputs.write_json(run_dir / "error.json", {"status": "failed", "error": message})
