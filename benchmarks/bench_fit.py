@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--groups", help=".npy of target group ids (optional, with --matrix)")
     ap.add_argument("--init", help=".npy of initial weights (optional, with --matrix)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic problem")
+    ap.add_argument("--fit-seed", type=int, default=0, help="seed of both fits (L0Config.seed)")
     ap.add_argument("--no-l0python", action="store_true", help="skip the l0-python baseline")
     ap.add_argument("--gpu-report", action="store_true", help="2,000-epoch timing and bandwidth ratio")
     ap.add_argument("--gpu-epochs", type=int, default=2000, help="epochs for --gpu-report")
@@ -149,9 +150,9 @@ def main(argv=None) -> None:
     X, targets, groups, init, label = load_problem(args)
     print(f"{label}: {X.shape[0]} targets x {X.shape[1]:,} columns, nnz {X.nnz:,}")
     if args.gpu_report:
-        gpu_report(X, targets, groups, init, L0Config(epochs=args.gpu_epochs), args.bandwidth_gbs)
+        gpu_report(X, targets, groups, init, L0Config(epochs=args.gpu_epochs, seed=args.fit_seed), args.bandwidth_gbs)
         return
-    cfg = L0Config(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs)
+    cfg = L0Config(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs, seed=args.fit_seed)
     loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
     res = fit_l0(X, targets, init, cfg, groups, progress=False)
     ours = (res.seconds_per_epoch, res.final_loss, data_loss(X, targets, loss_weights, res.weights))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import h5py
 import numpy as np
@@ -77,13 +77,16 @@ def write_h5(arrays: Mapping[str, np.ndarray], path, period: int = DATASET_PERIO
                 values = np.asarray(arrays[name])
                 if values.dtype.kind in "OU":
                     values = values.astype("S")
-                f.create_dataset(
-                    f"{name}/{period}",
-                    data=values,
-                    compression="gzip" if values.size > 1 else None,
-                    compression_opts=9 if values.size > 1 else None,
-                    shuffle=values.size > 1,
-                )
+                try:
+                    f.create_dataset(
+                        f"{name}/{period}",
+                        data=values,
+                        compression="gzip" if values.size > 1 else None,
+                        compression_opts=9 if values.size > 1 else None,
+                        shuffle=values.size > 1,
+                    )
+                except (TypeError, ValueError) as exc:
+                    raise DatasetError(f"{path}: cannot write variable {name!r}: {exc}") from None
         os.replace(tmp, path)
     finally:
         if tmp.exists():

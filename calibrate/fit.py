@@ -155,9 +155,9 @@ def initial_weights(base_weights, household_state_fips, cd_state_fips, home_stat
     cd_state = np.asarray(cd_state_fips)
     if base.ndim != 1 or hh_state.shape != base.shape:
         raise ValueError(f"base_weights {base.shape} and household_state_fips {hh_state.shape} must be equal 1-D shapes")
-    if not np.all(np.isfinite(base)) or np.any(base <= 0):
-        raise ValueError(f"base_weights must be finite and > 0; first bad index {int(np.flatnonzero(~(base > 0))[0])}"
-                         if np.any(~(base > 0)) else "base_weights must be finite")
+    bad = np.flatnonzero(~np.isfinite(base) | (base <= 0))
+    if bad.size:
+        raise ValueError(f"base_weights must be finite and > 0; bad indices {bad[:10].tolist()}")
     if cd_state.ndim != 1 or cd_state.size == 0:
         raise ValueError("cd_state_fips must be a non-empty 1-D array")
     if not 0 < home_state_share < 1:

@@ -53,8 +53,10 @@ class SparseOps(NamedTuple):
     """X restricted to its active columns, in two scatter-free layouts, on the device.
 
     Forward (X w): nonzeros sorted by row, each row padded with zeros to whole blocks
-    of ``BLOCK`` entries: a gather, a dense (n_blocks, BLOCK) row sum, then a tiny
-    segment sum of block sums into rows. Transposed (X^T g): "slots" - active columns
+    of ``BLOCK`` entries: a gather, a dense (n_blocks, BLOCK) row sum, then the block
+    sums gathered into a zero-padded (n_rows, max blocks per row) matrix and summed by
+    row. No scatter anywhere, so results are bitwise deterministic on GPUs too (XLA's
+    scatter-add uses atomics there). Transposed (X^T g): "slots" - active columns
     are ordered by descending nonzero count, and slot k holds the k-th nonzero of the
     columns that have more than k, i.e. a prefix of the columns: X^T g is a sum of
     zero-padded dense gathers, with no scatter. Scatter-adds were the bottleneck on
@@ -63,7 +65,7 @@ class SparseOps(NamedTuple):
 
     fwd_cols: jax.Array
     fwd_vals: jax.Array
-    block_rows: jax.Array
+    row_blocks: jax.Array  # (n_rows, max blocks per row): block ids, n_blocks = padding
     slot_rows: tuple[jax.Array, ...]
     slot_vals: tuple[jax.Array, ...]
 
@@ -98,7 +100,7 @@ def deterministic_gates(log_alpha: jax.Array, shape: GateShape) -> jax.Array:
 
 def expected_open_gates(log_alpha: jax.Array, shape: GateShape) -> jax.Array:
     """Sum over columns of P(z > 0) = sigmoid(log_alpha - beta*log(-gamma/zeta))."""
-    shift = -shape.beta * np.log(-shape.gamma / shape.zeta)
+    shift = float(-shape.beta * np.log(-shape.gamma / shape.zeta))  # Python float: weakly typed
     return jnp.sum(jax.nn.sigmoid(_clamped(log_alpha) + shift))
 
 
@@ -139,13 +141,16 @@ def epoch_uniforms(key: jax.Array, epoch: jax.Array, column_ids: jax.Array) -> j
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def sparse_matvec(n_rows: int, ops: SparseOps, w: jax.Array) -> jax.Array:
     """X_active @ w (length ``n_rows``); its gradient X_active^T g uses the slot layout."""
-    n_blocks = ops.block_rows.shape[0]
-    products = (ops.fwd_vals * w[ops.fwd_cols]).reshape(n_blocks, -1)
-    # a matrix-vector product with ones is the fastest row sum on CPU (3 ms vs 22-30 ms for
-    # reduce/segment sum, measured); HIGHEST keeps float32 (no TF32) on GPUs
-    ones = jnp.ones(products.shape[1], products.dtype)
-    block_sums = jnp.dot(products, ones, precision=jax.lax.Precision.HIGHEST)
-    return jax.ops.segment_sum(block_sums, ops.block_rows, n_rows, indices_are_sorted=True)
+    products = (ops.fwd_vals * w[ops.fwd_cols]).reshape(-1, BLOCK)
+    block_sums = _row_sums(products)
+    padded = jnp.concatenate([block_sums, jnp.zeros(1, block_sums.dtype)])[ops.row_blocks]
+    return _row_sums(padded)
+
+
+def _row_sums(a: jax.Array) -> jax.Array:
+    """Row sums as a matrix-vector product with ones: the fastest row sum on CPU (3 ms vs
+    22-30 ms for reduce/segment sum, measured); HIGHEST keeps float32 (no TF32) on GPUs."""
+    return jnp.dot(a, jnp.ones(a.shape[1], a.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def transposed_matvec(ops: SparseOps, g: jax.Array, n_cols: int) -> jax.Array:
@@ -202,9 +207,13 @@ def build_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
     fwd_cols = np.zeros(int(blocks_per_row.sum()) * BLOCK, dtype=np.int32)
     fwd_vals = np.zeros(fwd_cols.size, dtype=np.float32)
     fwd_cols[dest], fwd_vals[dest] = cols, vals
+    n_blocks = int(blocks_per_row.sum())
+    row_blocks = np.full((X.shape[0], max(int(blocks_per_row.max(initial=0)), 1)), n_blocks, dtype=np.int32)
+    first_block = np.concatenate([[0], np.cumsum(blocks_per_row)])[:-1]
+    block_row = np.repeat(np.arange(X.shape[0]), blocks_per_row)
+    row_blocks[block_row, np.arange(n_blocks) - first_block[block_row]] = np.arange(n_blocks)
     arrays = {
-        "fwd_cols": fwd_cols, "fwd_vals": fwd_vals,
-        "block_rows": np.repeat(np.arange(X.shape[0], dtype=np.int32), blocks_per_row),
+        "fwd_cols": fwd_cols, "fwd_vals": fwd_vals, "row_blocks": row_blocks,
         "slot_rows": tuple(slot_rows), "slot_vals": tuple(slot_vals),
     }
     return Layout(X.shape[1], active_ids, inactive_ids), arrays

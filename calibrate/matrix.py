@@ -31,7 +31,9 @@ from .stacking import replicate
 from .targets import TargetFilter, TargetSelectionError, all_cds, load_targets
 
 MATRIX_FORMAT_VERSION = 1
-DEFAULT_STATES_PER_STACK = 13  # households x 13 states per simulation keeps a worker under ~4 GB
+# policyengine holds every intermediate variable: ~70 KB per household copy, so a simulation of
+# 60k household copies takes ~4-5 GB. States per simulation = max(1, this // n_households).
+MAX_HOUSEHOLDS_PER_SIMULATION = 60_000
 REQUIRED_DATASET_VARIABLES = ("household_id", "person_id", "person_household_id", "household_weight")
 
 
@@ -251,7 +253,7 @@ def build_matrix(
     states = sorted({state_of_cd(c) for c in cds})
     workers = workers or os.cpu_count() or 1
     if states_per_chunk is None:
-        states_per_chunk = DEFAULT_STATES_PER_STACK if stack else 1
+        states_per_chunk = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // len(arrays["household_id"])) if stack else 1
     values, seconds = compute_state_values(dataset_path, states, targets, period, workers, states_per_chunk, progress, stack)
     n_hh = len(arrays["household_id"])
     X = assemble(targets, cds, values, n_hh)

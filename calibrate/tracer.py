@@ -100,7 +100,8 @@ def load_matrix(path: Path) -> CalibrationMatrix:
         summary = json.loads((path / "summary.json").read_text())
         from . import paths
 
-        path = Path(summary.get("cache_dir", paths.CACHE)) / f"matrix-{summary['cache_key']}.pkl"
+        key = summary.get("matrix_cache_key") or summary.get("cache_key")
+        path = Path(summary.get("cache_dir") or paths.CACHE) / f"matrix-{key}.pkl"
     if not path.is_file():
         raise FileNotFoundError(f"matrix file {path} does not exist")
     with open(path, "rb") as fh:

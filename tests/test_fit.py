@@ -86,6 +86,18 @@ def test_deterministic_per_seed(problem):
     assert not np.array_equal(a.weights, c.weights)
 
 
+def test_same_weights_with_x64_enabled(problem):
+    """The fit pins float32/int32 arrays itself, so it runs under JAX's x64 mode too; only
+    scalar constants (optax's bias correction) are then computed in float64."""
+    X, y, _, groups = problem
+    cfg = dataclasses.replace(FAST, epochs=20)
+    plain = fit_l0(X, y, np.full(X.shape[1], 0.5), cfg, groups, progress=False)
+    with enable_x64(True):
+        wide = fit_l0(X, y, np.full(X.shape[1], 0.5), cfg, groups, progress=False)
+    assert wide.weights.dtype == np.float32
+    np.testing.assert_allclose(plain.weights, wide.weights, rtol=1e-4)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted(problem, tmp_path):
     X, y, _, groups = problem
     init = np.full(X.shape[1], 0.5)
@@ -115,8 +127,10 @@ def test_gradient_matches_finite_differences(problem):
     with enable_x64(True):
         args = [jnp.asarray(a) for a in (coo.row, coo.col, coo.data, y, weights)]
 
+        loss = jax.jit(lambda a, b: relative_loss(a, b, jnp.asarray(u), *args, SHAPE, 1e-3, 1e-4))
+
         def f(lw_, la_):
-            return float(relative_loss(jnp.asarray(lw_), jnp.asarray(la_), jnp.asarray(u), *args, SHAPE, 1e-3, 1e-4))
+            return float(loss(jnp.asarray(lw_), jnp.asarray(la_)))
 
         grads = jax.grad(lambda a, b: relative_loss(a, b, jnp.asarray(u), *args, SHAPE, 1e-3, 1e-4),
                          argnums=(0, 1))(jnp.asarray(lw), jnp.asarray(la))
@@ -141,8 +155,8 @@ def test_split_objective_equals_plain_objective(problem):
     plain_args = [jnp.asarray(coo.row), jnp.asarray(coo.col), jnp.asarray(coo.data, jnp.float32),
                   jnp.asarray(y, jnp.float32), weights, SHAPE, 1e-3, 1e-4]
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    plain_val, (g_lw, g_la) = jax.value_and_grad(
-        lambda a, b: relative_loss(a, b, f32(u), *plain_args), argnums=(0, 1))(f32(lw), f32(la))
+    plain_val, (g_lw, g_la) = jax.jit(jax.value_and_grad(
+        lambda a, b: relative_loss(a, b, f32(u), *plain_args), argnums=(0, 1)))(f32(lw), f32(la))
 
     def split_loss(p):
         gates = hard_concrete_sample(p.active.log_alpha, f32(split_vector(layout, u)[0]), SHAPE)
@@ -150,7 +164,7 @@ def test_split_objective_equals_plain_objective(problem):
 
     (lw_a, lw_i), (la_a, la_i) = split_vector(layout, lw), split_vector(layout, la)
     params = SplitParams(GateParams(f32(lw_a), f32(la_a)), GateParams(f32(lw_i), f32(la_i)))
-    split_val, g = jax.value_and_grad(split_loss)(params)
+    split_val, g = jax.jit(jax.value_and_grad(split_loss))(params)
     assert float(split_val) == pytest.approx(float(plain_val), rel=1e-5)
     np.testing.assert_allclose(np.asarray(g.active.log_weight), np.asarray(g_lw)[layout.active_ids], rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(np.asarray(g.inactive.log_alpha), np.asarray(g_la)[layout.inactive_ids], rtol=1e-5)

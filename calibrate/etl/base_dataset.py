@@ -15,7 +15,14 @@ import numpy as np
 
 from calibrate import paths
 from calibrate.dataset import file_sha256, read_h5, validate_dataset, write_h5
-from calibrate.etl import cps, cps_health, cps_population, cps_sample, cps_sanity, cps_variables
+from calibrate.etl import (
+    cps,
+    cps_health,
+    cps_population,
+    cps_sample,
+    cps_sanity,
+    cps_variables,
+)
 
 DEFAULT_NAME = paths.DEFAULT_DATASET.name
 FIXTURE_NAME = paths.FIXTURE_DATASET.name

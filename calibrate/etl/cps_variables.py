@@ -8,7 +8,7 @@ January 1 of each year). The per-variable ``uprating`` parameters of the PE vari
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd

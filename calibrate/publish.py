@@ -1,0 +1,270 @@
+"""Publish a finished run as local-area policyengine-us datasets, verified by re-simulation.
+
+    python -m calibrate.publish run_dir=outputs/2026-11-26/12-00-00 area=cd:3701,state:37
+    python -m calibrate.publish run_dir=... area=all-cds,all-states verify=sample workers=2
+
+Arguments are plain ``key=value`` pairs (see :data:`CLI_KEYS`); ``area`` takes a comma
+list of ``cd`` / ``all-cds`` (every run CD), ``state`` / ``all-states``, ``national``,
+``cd:3701``, ``state:37`` (or ``state:NC``). Files go to ``<run_dir>/datasets/``
+(``cd_3701.h5``, ``state_37.h5``, ``national.h5`` with ``<name>_households.csv``
+mappings); the verification table to ``<run_dir>/publish/verification.csv`` and a
+summary to ``<run_dir>/publish/publish.json``. Bad input exits with code 2 and one
+``error: ...`` line, before anything is written. See docs/publish.md.
+
+Each file is built, written and (optionally) verified by one job; jobs run in a pool of
+processes forked after policyengine-us is imported in the parent, so the import is paid
+once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import outputs
+from .dataset import read_h5
+from .errors import CalibrateError
+from .publish_inputs import Area, PublishInputError, RunData, load_run, resolve_areas
+from .publish_verify import (
+    DEFAULT_RTOL, VERIFY_COLUMNS, PublishVerificationError, TargetSpec, attach_constraints, mismatch_message,
+    sample_areas, verify_file,
+)
+from .publish_write import BaseLayout, PublishedFile, base_layout, write_area
+
+VERIFY_MODES = ("all", "sample", "none")
+DEFAULT_SAMPLE_SIZE = 6
+CLI_KEYS = ("run_dir", "area", "areas", "verify", "workers", "out_dir", "sample_size", "rtol", "dataset_path", "db_path")
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class PublishResult:
+    """What the publish stage wrote and how verification went."""
+
+    files: list[PublishedFile]
+    verification: pd.DataFrame  # VERIFY_COLUMNS, one row per (file, target)
+    verification_path: Path | None
+    summary_line: str
+    n_verified_files: int
+    n_mismatches: int
+    write_seconds: float  # summed over jobs (CPU time of the writers)
+    verify_seconds: float  # summed over jobs
+    seconds: float  # wall time of the whole stage
+    out_dir: Path = field(default=Path("."))
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """Resolved settings of one publish call."""
+
+    areas: tuple[str, ...]
+    verify: str = "all"
+    workers: int | None = None
+    out_dir: Path | None = None
+    sample_size: int = DEFAULT_SAMPLE_SIZE
+    rtol: float = DEFAULT_RTOL
+    dataset_path: Path | None = None
+    db_path: Path | None = None
+
+
+def _verify_mode(value) -> str:
+    if value is True or value is None:
+        return "all"
+    if value is False:
+        return "none"
+    text = str(value).strip().lower()
+    text = {"true": "all", "false": "none", "yes": "all", "no": "none"}.get(text, text)
+    if text not in VERIFY_MODES:
+        raise PublishInputError(f"verify={value!r}: use one of {', '.join(VERIFY_MODES)}")
+    return text
+
+
+def make_options(cfg_publish=None, **kwargs) -> PublishOptions:
+    """Options from a Hydra ``publish`` node (``areas`` + ``options`` dict) and/or keyword args."""
+    merged: dict = {}
+    if cfg_publish is not None:
+        get = cfg_publish.get if hasattr(cfg_publish, "get") else lambda k, d=None: getattr(cfg_publish, k, d)
+        if get("areas", None) is not None:
+            merged["areas"] = list(get("areas"))
+        merged.update(dict(get("options", None) or {}))
+    merged.update({k: v for k, v in kwargs.items() if v is not None})
+    unknown = sorted(set(merged) - {"areas", "verify", "workers", "out_dir", "sample_size", "rtol", "dataset_path",
+                                     "db_path"})
+    if unknown:
+        raise PublishInputError(f"publish option {unknown[0]!r} is unknown")
+    areas = merged.get("areas") or ()
+    areas = (areas,) if isinstance(areas, str) else tuple(str(a) for a in areas)
+    try:
+        workers = None if merged.get("workers") in (None, "null") else int(merged["workers"])
+        sample_size = int(merged.get("sample_size", DEFAULT_SAMPLE_SIZE))
+        rtol = float(merged.get("rtol", DEFAULT_RTOL))
+    except (TypeError, ValueError) as exc:
+        raise PublishInputError(f"publish option has a bad number: {exc}") from None
+    if workers is not None and workers < 1 or sample_size < 1 or not rtol > 0:
+        raise PublishInputError("publish options: workers and sample_size must be >= 1 and rtol > 0")
+    return PublishOptions(
+        areas=areas, verify=_verify_mode(merged.get("verify", "all")), workers=workers,
+        out_dir=Path(merged["out_dir"]) if merged.get("out_dir") else None, sample_size=sample_size, rtol=rtol,
+        dataset_path=Path(merged["dataset_path"]) if merged.get("dataset_path") else None,
+        db_path=Path(merged["db_path"]) if merged.get("db_path") else None,
+    )
+
+
+@dataclass(frozen=True)
+class _JobContext:
+    """What every job reads (inherited by forked workers, never pickled)."""
+
+    run: RunData
+    layout: BaseLayout
+    spec: TargetSpec | None
+    out_dir: Path
+    rtol: float
+
+
+_CONTEXT: _JobContext | None = None  # set in each worker by _init_worker (fork inherits the parent's objects)
+
+
+def _init_worker(context: _JobContext) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, float]:
+    """Write one area file and, if asked, verify it; returns (file, rows, verify seconds)."""
+    area, verify = args
+    ctx = _CONTEXT
+    published = write_area(ctx.layout, area, ctx.run.weights, ctx.run.cds, ctx.out_dir, ctx.run.period)
+    if not verify:
+        return published, None, 0.0
+    start = time.perf_counter()
+    rows = verify_file(published, area, ctx.spec, ctx.run.period, ctx.rtol)
+    return published, rows, time.perf_counter() - start
+
+
+def _run_jobs(context: _JobContext, jobs: list, workers: int) -> list:
+    if workers <= 1 or len(jobs) <= 1:
+        _init_worker(context)
+        return [_job(j) for j in jobs]
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(context,)) as pool:
+        return list(pool.imap_unordered(_job, jobs, chunksize=1))
+
+
+def _job_cost(area: Area, run: RunData) -> int:
+    index = {cd: i for i, cd in enumerate(run.cds)}
+    return sum(int((run.weights[index[cd]] != 0).sum()) for cd in area.cds)
+
+
+def _summary_line(files: list[PublishedFile], table: pd.DataFrame, verify: str, n_verified: int) -> str:
+    kinds = pd.Series([f.kind for f in files]).value_counts()
+    what = ", ".join(f"{kinds[k]} {k}" for k in ("cd", "state", "national") if k in kinds)
+    counts = table["status"].value_counts() if len(table) else pd.Series(dtype=int)
+    return (
+        f"publish: {len(files)} files ({what}), {sum(f.n_households for f in files):,} households; "
+        f"verify={verify}: {n_verified} files re-simulated, {int(counts.get('ok', 0))} targets match, "
+        f"{int(counts.get('not_comparable', 0))} not comparable, {int(counts.get('mismatch', 0))} mismatches"
+    )
+
+
+def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=None, out_dir=None,
+                sample_size=None, rtol=None, dataset_path=None, db_path=None) -> PublishResult:
+    """Write (and verify) the area files of a finished run; see the module docstring.
+
+    Raises :class:`PublishInputError` before writing anything on bad input, and
+    :class:`PublishVerificationError` (after writing the table) when a file does not
+    reproduce the fit's estimates.
+    """
+    start = time.perf_counter()
+    opts = make_options(cfg_publish, areas=areas, verify=verify, workers=workers, out_dir=out_dir,
+                        sample_size=sample_size, rtol=rtol, dataset_path=dataset_path, db_path=db_path)
+    run = load_run(run_dir, opts.dataset_path, opts.db_path)
+    chosen = resolve_areas(opts.areas, run.cds)
+    verified = (
+        {a.name for a in chosen} if opts.verify == "all"
+        else sample_areas(chosen, opts.sample_size) if opts.verify == "sample" else set()
+    )
+    spec = None
+    if verified:
+        from . import pe
+
+        pe.tax_benefit_system()  # import once here; forked workers inherit it
+        spec = attach_constraints(run.targets, run.db_path, run.cds, run.period)
+    layout = base_layout(read_h5(run.dataset_path, run.period))
+    out = Path(opts.out_dir or run.run_dir / "datasets")
+    context = _JobContext(run, layout, spec, out, opts.rtol)
+    jobs = sorted(((a, a.name in verified) for a in chosen), key=lambda j: -_job_cost(j[0], run))
+    results = _run_jobs(context, jobs, opts.workers or os.cpu_count() or 1)
+
+    order = {a.name: i for i, a in enumerate(chosen)}
+    results.sort(key=lambda r: order[r[0].area])
+    files = [r[0] for r in results]
+    tables = [r[1] for r in results if r[1] is not None]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=VERIFY_COLUMNS)
+    line = _summary_line(files, table, opts.verify, len(tables))
+    publish_dir = run.run_dir / "publish"
+    verification_path = publish_dir / "verification.csv"
+    outputs.write_csv(verification_path, table)
+    n_mismatch = int((table["status"] == "mismatch").sum()) if len(table) else 0
+    result = PublishResult(
+        files=files, verification=table, verification_path=verification_path, summary_line=line,
+        n_verified_files=len(tables), n_mismatches=n_mismatch,
+        write_seconds=sum(f.seconds for f in files), verify_seconds=sum(r[2] for r in results),
+        seconds=time.perf_counter() - start, out_dir=out,
+    )
+    outputs.write_csv(publish_dir / "files.csv", files_table(files))
+    outputs.write_json(publish_dir / "publish.json", {
+        "status": "failed" if n_mismatch else "ok", "summary": line, "verify": opts.verify,
+        "areas": list(opts.areas), "out_dir": str(out), "n_files": len(files), "n_verified_files": len(tables),
+        "n_mismatches": n_mismatch, "write_seconds": result.write_seconds, "verify_seconds": result.verify_seconds,
+        "seconds": result.seconds,
+    })
+    if n_mismatch:
+        raise PublishVerificationError(mismatch_message(table))
+    return result
+
+
+def files_table(files: list[PublishedFile]) -> pd.DataFrame:
+    """One row per written file (area, paths, sizes, total weight)."""
+    return pd.DataFrame([
+        dict(area=f.area, kind=f.kind, path=str(f.path), mapping_path=str(f.mapping_path),
+             n_households=f.n_households, n_persons=f.n_persons, total_weight=f.total_weight)
+        for f in files
+    ])
+
+
+def parse_cli(argv: list[str]) -> tuple[Path, dict]:
+    """``key=value`` arguments -> (run_dir, publish_run keyword arguments)."""
+    args: dict = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in CLI_KEYS:
+            raise PublishInputError(f"argument {item!r}: expected key=value with key in {', '.join(CLI_KEYS)}")
+        args["areas" if key == "area" else key] = value
+    if "run_dir" not in args:
+        raise PublishInputError("run_dir=... is required (a finished calibrate run directory)")
+    run_dir = Path(args.pop("run_dir"))
+    args["areas"] = [a for a in args.get("areas", "cd,state").split(",") if a.strip()]
+    return run_dir, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: prints the summary line; ``error: ...`` and exit code 2 on bad input."""
+    try:
+        run_dir, kwargs = parse_cli(sys.argv[1:] if argv is None else argv)
+        result = publish_run(run_dir, **kwargs)
+    except CalibrateError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    print(result.summary_line)
+    print(f"files: {result.out_dir.resolve()}  verification: {result.verification_path}  ({result.seconds:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
