@@ -102,8 +102,23 @@ def resimulate(path: Path, targets: pd.DataFrame, period: int, n_households: int
         return np.zeros(len(targets)), np.zeros(len(targets))
     sim = pe.microsimulation(path)
     weights = np.asarray(sim.calculate("household_weight", period).values, dtype=np.float64)
-    contributions = household_contributions(sim, targets, period)
+    contributions = household_contributions(sim, targets, period) * geography_mask(sim, targets, period)
     return contributions @ weights, np.abs(contributions) @ weights
+
+
+def geography_mask(sim, targets: pd.DataFrame, period: int) -> np.ndarray:
+    """(n_targets, n_households) 0/1: whether each household lies in each target's geography.
+
+    A file stacks several CDs, so a CD target counts only the households placed in that CD
+    and a state target those in that state (read back from the file, as policyengine sees them).
+    """
+    cd = np.asarray(sim.calculate("congressional_district_geoid", period).values, dtype=np.int64)
+    state = np.asarray(sim.calculate("state_fips", period).values, dtype=np.int64)
+    level = targets["geo_level"].to_numpy()[:, None]
+    geo = targets["geographic_id"].to_numpy(dtype=np.int64)[:, None]
+    inside = (level == "national") | ((level == "state") & (state[None, :] == geo)) | (
+        (level == "district") & (cd[None, :] == geo))
+    return inside.astype(np.float64)
 
 
 def compare(area_name: str, file_name: str, targets: pd.DataFrame, resim: np.ndarray, scale: np.ndarray,

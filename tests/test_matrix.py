@@ -16,8 +16,8 @@ from calibrate.contributions import ConstraintError, parse_constraint_value
 from calibrate.dataset import read_h5
 from calibrate.errors import CalibrateError
 from calibrate.geography import state_of_cd
-from calibrate.matrix import build_matrix, state_contributions
-from calibrate.targets import TargetFilter, all_cds
+from calibrate.matrix import build_matrix, cache_key, state_contributions
+from calibrate.targets import TargetFilter, all_cds, load_targets
 from calibrate.tracer import MatrixTracer
 
 PERIOD = 2024
@@ -102,22 +102,20 @@ def test_every_cell_matches_fresh_simulation(matrix, fresh_sims):
         np.testing.assert_allclose(block, expected, rtol=1e-5, atol=1e-3, err_msg=f"CD {cd}")
 
 
-def test_cross_state_cell_equals_fresh_simulation(matrix, fixture_dataset, tax_benefit_system):
+def test_cross_state_cell_equals_fresh_simulation(matrix, fixture_dataset, fresh_sims):
     """A household from state A placed in a CD of state B: the cell equals a fresh simulation for B."""
     states = read_h5(fixture_dataset, PERIOD, ["state_fips"])["state_fips"]
     t = matrix.targets_df
-    row = int(np.flatnonzero((t.variable == "snap").to_numpy() & (t.geo_level == "national").to_numpy())[0]) \
-        if ((t.variable == "snap") & (t.geo_level == "national")).any() else 0
+    snap_rows = np.flatnonzero((t.variable == "snap").to_numpy() & (t.geo_level == "national").to_numpy())
+    row = int(snap_rows[0]) if len(snap_rows) else 0
     cd = matrix.cds[-1]
     target_state = state_of_cd(cd)
-    dense_row = matrix.X[row].toarray().ravel()
     cd_idx = matrix.cds.index(cd)
-    block = dense_row[cd_idx * matrix.n_households:(cd_idx + 1) * matrix.n_households]
+    block = matrix.X[row].toarray().ravel()[cd_idx * matrix.n_households:(cd_idx + 1) * matrix.n_households]
     movers = np.flatnonzero(states != target_state)
     assert len(movers) > 0
-    sim = pe.microsimulation(fixture_dataset)
-    sim.set_input("state_fips", PERIOD, np.full(len(states), target_state))
-    expected = _expected_row(sim, t.variable[row], t.constraints[row])
+    expected = _expected_row(fresh_sims[target_state], t.variable[row], t.constraints[row])
+    assert np.abs(expected[movers]).sum() > 0
     np.testing.assert_allclose(block[movers], expected[movers], rtol=1e-5, atol=1e-3)
 
 
@@ -129,12 +127,17 @@ def test_state_dependence_is_real(matrix, fresh_sims):
     assert not np.allclose(a, b)
 
 
-def test_stacked_simulation_equals_per_state(fixture_dataset, target_db, fixture_cds, tmp_path):
-    cds = fixture_cds[:1] + fixture_cds[-1:]
-    stacked = build_matrix(fixture_dataset, cds, GROUPS, PERIOD, target_db, workers=1, cache_dir=None, progress=False)
-    plain = build_matrix(fixture_dataset, cds, GROUPS, PERIOD, target_db, workers=1, cache_dir=None, progress=False,
-                         stack=False)
-    assert (stacked.X != plain.X).nnz == 0
+def test_stacked_simulation_equals_per_state(matrix, fixture_dataset):
+    """The stacked (re-indexed) simulation gives exactly the per-state path's values (stack=False)."""
+    t = matrix.targets_df
+    cd_idx = len(matrix.cds) - 1
+    cd = matrix.cds[cd_idx]
+    state = state_of_cd(cd)
+    plain = state_contributions(fixture_dataset, state, t, PERIOD)
+    in_geo = ((t.geo_level == "national") | ((t.geo_level == "state") & (t.geographic_id == state))
+              | ((t.geo_level == "district") & (t.geographic_id == cd))).to_numpy()
+    block = matrix.X[:, cd_idx * matrix.n_households:(cd_idx + 1) * matrix.n_households].toarray()
+    np.testing.assert_array_equal(block[in_geo], plain[in_geo].astype(np.float32))
 
 
 def test_geographic_masks(matrix):
@@ -154,12 +157,11 @@ def test_geographic_masks(matrix):
     assert blocks == set(range(len(matrix.cds)))
 
 
-def test_count_semantics_by_hand(matrix, fixture_dataset, tax_benefit_system):
+def test_count_semantics_by_hand(matrix, fresh_sims):
     """person_count aged 5-9 counts persons in [5, 10); household_count with snap>0 counts households."""
     t = matrix.targets_df
-    sim = pe.microsimulation(fixture_dataset)
     state = state_of_cd(matrix.cds[0])
-    sim.set_input("state_fips", PERIOD, np.full(matrix.n_households, state))
+    sim = fresh_sims[state]
     age = sim.calculate("age", PERIOD).values
     hh_of_person = sim.calculate("person_household_id", PERIOD).values
     ids = matrix.household_ids
@@ -178,16 +180,18 @@ def test_count_semantics_by_hand(matrix, fixture_dataset, tax_benefit_system):
     np.testing.assert_allclose(matrix.X[hh_rows[0], : matrix.n_households].toarray().ravel(), receiving)
 
 
-def test_cache_hit_and_key(fixture_dataset, target_db, fixture_cds, tmp_path, matrix):
-    cds = fixture_cds[:2]
+def test_cache_hit_and_key(fixture_dataset, target_db, fixture_cds, tmp_path):
+    cds = fixture_cds[:1]
     first = build_matrix(fixture_dataset, cds, GROUPS, PERIOD, target_db, workers=1, cache_dir=tmp_path, progress=False)
     second = build_matrix(fixture_dataset, cds, GROUPS, PERIOD, target_db, workers=1, cache_dir=tmp_path, progress=False)
     assert not first.cache_hit and second.cache_hit
     assert (first.X != second.X).nnz == 0
-    assert list(tmp_path.glob("*.tmp")) == []
-    other = build_matrix(fixture_dataset, cds[:1], GROUPS, PERIOD, target_db, workers=1, cache_dir=tmp_path,
-                         progress=False)
-    assert other.cache_key != first.cache_key
+    assert second.targets_df.equals(first.targets_df)
+    assert [p.name for p in tmp_path.iterdir()] == [f"matrix-{first.cache_key}.pkl"]  # no temp files left
+    targets = load_targets(target_db, GROUPS, cds, PERIOD)
+    assert cache_key(fixture_dataset, targets, cds, PERIOD) == first.cache_key
+    assert cache_key(fixture_dataset, targets, fixture_cds[:2], PERIOD) != first.cache_key
+    assert cache_key(fixture_dataset, targets.iloc[1:], cds, PERIOD) != first.cache_key
 
 
 def test_all_zero_rows_are_dropped_and_reported(matrix):
