@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -28,10 +28,10 @@ CONF_DIR = paths.REPO_ROOT / "conf"
 class TargetGroupConf:
     """One named target group (a file under ``conf/target/``). Keys combine with OR."""
 
-    stratum_group_ids: List[int] = field(default_factory=list)  # strata.stratum_group_id values (1 geography, 2 age, ...)
-    variables: List[str] = field(default_factory=list)  # target variable names, e.g. snap
-    target_ids: List[int] = field(default_factory=list)  # explicit targets.target_id values
-    stratum_ids: List[int] = field(default_factory=list)  # explicit strata.stratum_id values
+    stratum_group_ids: list[int] = field(default_factory=list)  # strata.stratum_group_id values (1 geography, 2 age, ...)
+    variables: list[str] = field(default_factory=list)  # target variable names, e.g. snap
+    target_ids: list[int] = field(default_factory=list)  # explicit targets.target_id values
+    stratum_ids: list[int] = field(default_factory=list)  # explicit strata.stratum_id values
 
 
 @dataclass
@@ -40,7 +40,10 @@ class GeoConf:
 
     name: str = "all"  # label of the selection (recorded in the summary)
     cds: Any = "all"  # "all" (every CD in the target DB) or a list of CD geoids, e.g. [3701, 5001]
-    states: List[str] = field(default_factory=list)  # postal codes restricting cds=all, e.g. [NC]
+    states: list[str] = field(default_factory=list)  # postal codes restricting cds=all (ignored for a CD list)
+    # geo levels of the targets kept (national, state, district); empty = automatic: all three
+    # when every CD is stacked, else state and district (national totals are out of reach)
+    levels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,9 +94,9 @@ class ClusterConf:
     """What a remote job must request to get this profile's accelerator."""
 
     num_gpus: int = 0  # GPUs per job (Slurm gpus_per_node, Ray num_gpus)
-    slurm_gres: Optional[str] = None  # Slurm --gres, e.g. gpu:a100:1
-    slurm_constraint: Optional[str] = None  # Slurm --constraint (node feature), e.g. a100
-    ray_accelerator_type: Optional[str] = None  # Ray accelerator_type resource, e.g. A100
+    slurm_gres: str | None = None  # Slurm --gres, e.g. gpu:a100:1
+    slurm_constraint: str | None = None  # Slurm --constraint (node feature), e.g. a100
+    ray_accelerator_type: str | None = None  # Ray accelerator_type resource, e.g. A100
     cpus_per_task: int = 2  # CPU cores per job
     mem_gb: int = 16  # host memory per job in GB
 
@@ -106,7 +109,7 @@ class GpuConf:
     platform: Platform = Platform.cpu  # JAX_PLATFORMS value
     matmul_precision: MatmulPrecision = MatmulPrecision.highest  # JAX_DEFAULT_MATMUL_PRECISION
     enable_x64: bool = False  # JAX_ENABLE_X64 (the fit runs in float32 unless set)
-    mem_fraction: Optional[float] = None  # XLA_PYTHON_CLIENT_MEM_FRACTION (share of GPU memory to take)
+    mem_fraction: float | None = None  # XLA_PYTHON_CLIENT_MEM_FRACTION (share of GPU memory to take)
     preallocate: bool = False  # XLA_PYTHON_CLIENT_PREALLOCATE
     allow_cpu_fallback: bool = False  # run on CPU (recorded) instead of failing when no GPU is found
     cluster: ClusterConf = field(default_factory=ClusterConf)  # accelerator request for cluster launchers
@@ -117,15 +120,15 @@ class PublishConf:
     """Optional publishing stage (``calibrate.publish.publish_run``), off by default."""
 
     enabled: bool = False  # run the publish stage after a successful fit
-    areas: List[str] = field(default_factory=lambda: ["cd", "state"])  # area levels to publish
-    options: Dict[str, Any] = field(default_factory=dict)  # free-form settings for the publish stage
+    areas: list[str] = field(default_factory=lambda: ["cd", "state"])  # area levels to publish
+    options: dict[str, Any] = field(default_factory=dict)  # free-form settings for the publish stage
 
 
 @dataclass
 class CalibrateConfig:
     """Root config of ``python -m calibrate``."""
 
-    target: Dict[str, TargetGroupConf] = field(default_factory=dict)  # selected target groups (OR-ed)
+    target: dict[str, TargetGroupConf] = field(default_factory=dict)  # selected target groups (OR-ed)
     geo: GeoConf = field(default_factory=GeoConf)  # congressional districts to stack into
     dataset: DatasetConf = field(default_factory=DatasetConf)  # base household file
     fit: FitConf = field(default_factory=FitConf)  # L0 fit settings
@@ -134,8 +137,8 @@ class CalibrateConfig:
     period: int = 2024  # target year: the latest target at or before it is used
     seed: int = 0  # random seed (feeds fit.seed)
     db_path: str = MISSING  # SQLite target database
-    cache_dir: Optional[str] = None  # matrix cache directory (null = no cache)
-    workers: Optional[int] = None  # processes for the matrix build (null = one per CPU core)
+    cache_dir: str | None = None  # matrix cache directory (null = no cache)
+    workers: int | None = None  # processes for the matrix build (null = one per CPU core)
     progress: bool = True  # show tqdm progress bars
     report_top: int = 10  # worst targets listed in the console report
 
@@ -178,14 +181,14 @@ def _dict_mode():
     return SCMode.DICT
 
 
-def target_filter(target: Dict[str, TargetGroupConf]):
+def target_filter(target: dict[str, TargetGroupConf]):
     """The union (OR) of the selected target groups; an empty selection is an error."""
     from .targets import TargetFilter
 
     if not target:
         raise CalibrateError("no target group selected (choose e.g. target=snap or target=[snap,age])")
     filters = []
-    for name, group in target.items():
+    for group in target.values():
         flt = TargetFilter(
             stratum_group_ids=tuple(group.stratum_group_ids),
             variables=tuple(group.variables),
@@ -224,13 +227,9 @@ def resolve_cds(geo: GeoConf, db_path) -> list[int]:
         unknown = [s for s in geo.states if str(s).upper() not in STATE_FIPS]
         if unknown:
             raise CalibrateError(f"geo.states: unknown state {unknown[0]!r} (valid: {' '.join(sorted(STATE_FIPS))})")
-        wanted = {STATE_FIPS[str(s).upper()] for s in geo.states}
-        outside = [c for c in cds if state_of_cd(c) not in wanted]
-        if outside and not (isinstance(geo.cds, str)):
-            raise CalibrateError(
-                f"geo.cds: CD {outside[0]} is not in geo.states {list(geo.states)} (set geo.states=[] to list any CD)"
-            )
-        cds = [c for c in cds if state_of_cd(c) in wanted]
+        if isinstance(geo.cds, str):  # states restrict cds=all; an explicit CD list is taken as given
+            wanted = {STATE_FIPS[str(s).upper()] for s in geo.states}
+            cds = [c for c in cds if state_of_cd(c) in wanted]
     if not cds:
         raise CalibrateError(f"geo {geo.name!r} selects no congressional district")
     known = set(valid)
@@ -243,6 +242,19 @@ def resolve_cds(geo: GeoConf, db_path) -> list[int]:
     if len(set(cds)) != len(cds):
         raise CalibrateError("geo.cds: a CD is listed twice")
     return cds
+
+
+def resolve_levels(geo: GeoConf, cds: list[int], db_path) -> list[str]:
+    """The target geo levels a run keeps (``geo.levels``, or automatic when empty)."""
+    from .targets import GEO_LEVELS, all_cds
+
+    bad = [lvl for lvl in geo.levels if lvl not in GEO_LEVELS]
+    if bad:
+        raise CalibrateError(f"geo.levels: unknown level {bad[0]!r} (valid: {', '.join(GEO_LEVELS)})")
+    if geo.levels:
+        return [lvl for lvl in GEO_LEVELS if lvl in geo.levels]
+    every_cd = set(cds) == set(all_cds(Path(db_path)))
+    return list(GEO_LEVELS) if every_cd else [lvl for lvl in GEO_LEVELS if lvl != "national"]
 
 
 def l0_config(fit: FitConf):

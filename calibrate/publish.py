@@ -57,6 +57,7 @@ class PublishResult:
     verify_seconds: float  # summed over jobs
     seconds: float  # wall time of the whole stage
     out_dir: Path = field(default=Path("."))
+    verify_seconds_by_file: dict = field(default_factory=dict)  # area name -> re-simulation seconds
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
         n_verified_files=len(tables), n_mismatches=n_mismatch,
         write_seconds=sum(f.seconds for f in files), verify_seconds=sum(r[2] for r in results),
         seconds=time.perf_counter() - start, out_dir=out,
+        verify_seconds_by_file={r[0].area: r[2] for r in results if r[1] is not None},
     )
     outputs.write_csv(publish_dir / "files.csv", files_table(files))
     outputs.write_json(publish_dir / "publish.json", {

@@ -7,16 +7,26 @@ the policyengine-us import and the matrix build, so bad input fails in seconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import outputs, plots
-from .config import CalibrateConfig, GpuConf, existing_file, l0_config, resolve_cds, target_filter, to_config
+from .config import (
+    CalibrateConfig,
+    GpuConf,
+    existing_file,
+    l0_config,
+    resolve_cds,
+    resolve_levels,
+    target_filter,
+    to_config,
+)
 from .errors import CalibrateError
 from .geography import state_of_cd
 
@@ -67,6 +77,7 @@ def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
 
 def setup_device(gpu: GpuConf) -> DeviceInfo:
     """Apply the profile's environment (when JAX is not yet imported) and check the device."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "backend 'tpu'" chatter
     if "jax" not in sys.modules:
         for key, value in device_env(gpu).items():
             if value is None:
@@ -91,6 +102,7 @@ class RunInputs:
     db_path: Path
     cache_dir: Path | None
     cds: list[int]
+    levels: list[str]
     target_groups: list[str]
     target_filter: object  # calibrate.targets.TargetFilter
 
@@ -101,8 +113,22 @@ def prepare(cfg: CalibrateConfig) -> RunInputs:
     db_path = existing_file(cfg.db_path, "db_path")
     flt = target_filter(cfg.target)
     cds = resolve_cds(cfg.geo, db_path)
+    levels = resolve_levels(cfg.geo, cds, db_path)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    return RunInputs(dataset_path, db_path, cache_dir, cds, sorted(cfg.target), flt)
+    return RunInputs(dataset_path, db_path, cache_dir, cds, levels, sorted(cfg.target), flt)
+
+
+def keep_levels(matrix, levels: list[str]):
+    """The matrix restricted to targets at the given geo levels (rows of X and targets_df)."""
+    keep = matrix.targets_df["geo_level"].isin(levels).to_numpy()
+    if keep.all():
+        return matrix, 0
+    if not keep.any():
+        found = sorted(set(matrix.targets_df["geo_level"]))
+        raise CalibrateError(f"geo.levels={levels} keeps none of the selected targets (their levels: {found})")
+    rows = np.flatnonzero(keep)
+    subset = replace(matrix, X=matrix.X[rows], targets_df=matrix.targets_df.iloc[rows].reset_index(drop=True))
+    return subset, int((~keep).sum())
 
 
 @dataclass
@@ -113,6 +139,8 @@ class RunSummary:
     run_dir: str
     n_targets: int
     n_dropped_targets: int
+    n_excluded_by_level: int
+    geo_levels: list[str]
     n_households: int
     n_cds: int
     cds: list[int]
@@ -150,8 +178,7 @@ class RunSummary:
     overrides: list[str]
     package_versions: dict
     total_seconds: float
-    publish: str = "disabled"
-    extra: dict = field(default_factory=dict)
+    publish: str = "disabled"  # disabled | pending | done | failed: <reason>
 
 
 def hydra_context() -> tuple[Path | None, list[str]]:
@@ -176,43 +203,70 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     device = setup_device(settings.gpu)
     l0 = l0_config(settings.fit)
 
-    from .dataset import file_sha256
-    from .fit import FitDivergedError, fit_l0, initial_weights
     from .matrix import build_matrix
-    from .pe import package_versions
 
     matrix = build_matrix(
         inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,
         workers=settings.workers, cache_dir=inputs.cache_dir, progress=settings.progress,
     )
+    matrix, n_other_levels = keep_levels(matrix, inputs.levels)
+    result = fit_stage(matrix, l0, run_dir, settings.progress)
+    weights = np.asarray(result.weights, dtype=np.float64)
+    table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights))
+    write_outputs(run_dir, weights, table, result.history, matrix.dropped)
+
+    summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
+    summary.n_excluded_by_level = n_other_levels
+    summary.publish = "pending" if settings.publish.enabled else "disabled"
+    summary.total_seconds = time.perf_counter() - start
+    outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
+    if settings.publish.enabled:
+        summary = _publish(run_dir, cfg, summary)
+    print(outputs.console_report(table, asdict(summary), run_dir, settings.report_top), flush=True)
+    return summary
+
+
+def fit_stage(matrix, l0, run_dir: Path, progress: bool):
+    """Initial weights from the base weights, then the L0 fit (divergence -> CalibrateError)."""
+    from .fit import FitDivergedError, fit_l0, initial_weights
+
     cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
     init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
     targets = matrix.targets_df["value"].to_numpy(dtype=np.float64)
     groups = matrix.targets_df["group_id"].to_numpy() if l0.balance_groups else None
+    checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
+    if checkpoint is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
-        if checkpoint is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        result = fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint,
-                        progress=settings.progress)
+        return fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint, progress=progress)
     except FitDivergedError as exc:
         raise CalibrateError(f"fit diverged: {exc} (try a smaller fit.lr)") from None
 
-    weights = np.asarray(result.weights, dtype=np.float64)
-    table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights))
+
+def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped) -> None:
+    """Every run file except summary.json, each written atomically."""
     outputs.write_npy(run_dir / "weights.npy", weights)
     outputs.write_csv(run_dir / "targets.csv", table)
-    outputs.write_csv(run_dir / "history.csv", result.history)
-    outputs.write_csv(run_dir / "dropped_targets.csv", matrix.dropped)
-    plots.plot_loss(result.history, run_dir / "loss.png")
+    outputs.write_csv(run_dir / "history.csv", history)
+    outputs.write_csv(run_dir / "dropped_targets.csv", dropped)
+    plots.plot_loss(history, run_dir / "loss.png")
     plots.plot_errors(table, run_dir / "errors.png")
 
-    summary = RunSummary(
+
+def make_summary(settings: CalibrateConfig, inputs: RunInputs, device: DeviceInfo, matrix, result, table, weights,
+                 run_dir: Path, overrides: list[str]) -> RunSummary:
+    """The run's summary figures and provenance."""
+    from .dataset import file_sha256
+    from .pe import package_versions
+
+    return RunSummary(
         status="complete",
         run_dir=str(run_dir.resolve()),
         n_targets=len(table),
         n_dropped_targets=len(matrix.dropped),
-        n_households=int(len(matrix.household_ids)),
+        n_excluded_by_level=0,
+        geo_levels=inputs.levels,
+        n_households=len(matrix.household_ids),
         n_cds=len(matrix.cds),
         cds=[int(c) for c in matrix.cds],
         period=settings.period,
@@ -238,17 +292,11 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
         gpu_profile=device.profile,
         cpu_fallback=device.cpu_fallback,
         seed=settings.seed,
-        fit_config=asdict(l0),
+        fit_config=asdict(result.config),
         overrides=overrides,
         package_versions=package_versions(),
-        total_seconds=time.perf_counter() - start,
-        publish="pending" if settings.publish.enabled else "disabled",
+        total_seconds=0.0,
     )
-    outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
-    if settings.publish.enabled:
-        summary = _publish(run_dir, cfg, summary)
-    print(outputs.console_report(table, asdict(summary), run_dir, settings.report_top), flush=True)
-    return summary
 
 
 def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:

@@ -1,7 +1,9 @@
 """End-to-end: ``python -m calibrate`` as a subprocess on the fixture, checked independently.
 
 Subprocesses that reach the matrix build pay the policyengine-us import (~50 s), so
-there are two: one single run and one 2-job multirun (joblib launcher, 2 workers).
+there are two: one single run and one 2-job multirun (basic launcher: one process, one
+import; the joblib launcher runs the same jobs in parallel processes, each paying the
+import, and is checked by composition in test_config.py).
 The single run's outputs are checked against a matrix rebuilt in this process without
 the cache (a fresh simulation) and against figures recomputed from its own files.
 Bad-input runs fail before any heavy import and take a few seconds each.
@@ -20,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 
 from calibrate import paths
-from calibrate.config import CONF_DIR, to_config, target_filter
+from calibrate.config import CONF_DIR, target_filter, to_config
 
 CDS = [1101, 3701, 3702, 5001]  # DC, NC-01, NC-02, VT: three fixture states incl. one-district ones
 CD_ARG = "geo.cds=[" + ",".join(map(str, CDS)) + "]"
@@ -36,7 +37,7 @@ def _calibrate(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, "-m", "calibrate", *args], cwd=paths.REPO_ROOT, env=env,
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
@@ -77,6 +78,12 @@ def rebuilt(single_run, fixture_dataset, target_db):
                         cache_dir=None, progress=False)
 
 
+def _sub_national(m):
+    """(targets_df, X) without national targets: a CD subset keeps state and district levels."""
+    keep = (m.targets_df.geo_level != "national").to_numpy()
+    return m.targets_df[keep].reset_index(drop=True), m.X[np.flatnonzero(keep)]
+
+
 def test_run_dir_contents(single_run):
     run_dir, proc = single_run
     for name in ("weights.npy", "targets.csv", "summary.json", "history.csv", "loss.png", "errors.png",
@@ -94,16 +101,18 @@ def test_estimates_match_rebuilt_matrix(single_run, rebuilt):
     table = pd.read_csv(run_dir / "targets.csv")
     assert weights.shape == (len(CDS) * rebuilt.n_households,)
     assert np.all(weights >= 0)
-    assert list(table.target_id) == list(rebuilt.targets_df.target_id)
-    np.testing.assert_allclose(table.value, rebuilt.targets_df.value)
-    estimate = rebuilt.X.astype(np.float64) @ weights
+    targets_df, X = _sub_national(rebuilt)
+    assert list(table.target_id) == list(targets_df.target_id)
+    assert set(table.geo_level) == {"state", "district"}
+    np.testing.assert_allclose(table.value, targets_df.value)
+    estimate = X.astype(np.float64) @ weights
     np.testing.assert_allclose(table.estimate, estimate, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(table.rel_error, (estimate - table.value) / (table.value + 1), rtol=1e-5, atol=1e-9)
     # the fit improved on its starting point
     from calibrate.fit import initial_weights
 
     init = initial_weights(rebuilt.household_weights, rebuilt.household_state_fips, np.array([c // 100 for c in CDS]))
-    init_err = np.abs((rebuilt.X.astype(np.float64) @ init - table.value) / (table.value + 1))
+    init_err = np.abs((X.astype(np.float64) @ init - table.value) / (table.value + 1))
     assert np.median(table.abs_rel_error) < np.median(init_err)
 
 
@@ -115,7 +124,9 @@ def test_summary_matches_outputs(single_run, rebuilt, jax_sees_gpu):
     history = pd.read_csv(run_dir / "history.csv")
     err = np.sort(np.abs(table.estimate - table.value) / (table.value + 1))
     assert summary["status"] == "complete"
-    assert summary["n_targets"] == len(table) == rebuilt.X.shape[0]
+    n_national = int((rebuilt.targets_df.geo_level == "national").sum())
+    assert summary["n_targets"] == len(table) == rebuilt.X.shape[0] - n_national
+    assert summary["n_excluded_by_level"] == n_national > 0 and summary["geo_levels"] == ["state", "district"]
     assert summary["n_dropped_targets"] == len(rebuilt.dropped)
     assert summary["n_households"] == rebuilt.n_households and summary["cds"] == CDS and summary["n_cds"] == 4
     assert summary["median_abs_rel_error"] == pytest.approx(np.median(err), rel=1e-6)
@@ -134,19 +145,27 @@ def test_summary_matches_outputs(single_run, rebuilt, jax_sees_gpu):
 
 
 def test_multirun_writes_sweep_table(single_run, work):
+    """4 jobs (epochs x lr); the two with lr=-1 fail on bad input, the sweep goes on and exits 2."""
     sweep_dir = work / "sweep"
     proc = _calibrate(
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "dataset=fixture", CD_ARG, TARGETS,
-        "fit.epochs=10,20", f"hydra.sweep.dir={sweep_dir}", f"cache_dir={work / 'cache'}", "workers=1",
-        "progress=false",
+        "-m", "hydra/launcher=basic", "dataset=fixture", CD_ARG, TARGETS, "fit.epochs=10,20", "fit.lr=0.15,-1",
+        f"hydra.sweep.dir={sweep_dir}", f"cache_dir={work / 'cache'}", "workers=1", "progress=false",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 of 4 sweep jobs did not complete" in proc.stderr
     table = pd.read_csv(sweep_dir / "sweep.csv")
-    assert len(table) == 2 and sorted(table["fit.epochs"]) == [10, 20]
+    assert len(table) == 4 and sorted(table["job"]) == [0, 1, 2, 3]
+    assert sorted(zip(table["fit.epochs"], table["fit.lr"])) == [(10, -1), (10, 0.15), (20, -1), (20, 0.15)]
     for _, row in table.iterrows():
-        summary = json.loads((Path(row["job_dir"]) / "summary.json").read_text())
+        job_dir = Path(row["job_dir"])
+        if row["fit.lr"] < 0:
+            assert row["status"] == "failed" and "lr" in row["error"]
+            assert not (job_dir / "summary.json").exists()
+            continue
+        summary = json.loads((job_dir / "summary.json").read_text())
         assert row["status"] == "complete" and summary["epochs"] == row["fit.epochs"]
         assert row["median_abs_rel_error"] == pytest.approx(summary["median_abs_rel_error"])
+        assert row["p95_abs_rel_error"] == pytest.approx(summary["p95_abs_rel_error"])
         assert summary["matrix_cache_hit"]  # the single run filled the cache
 
 
@@ -177,7 +196,7 @@ def test_new_target_yaml_is_picked_up(work, fixture_dataset, target_db):
         (["geo.cds=[3701,9999]"], 2, ["9999", "valid"]),
         (["dataset.path=/no/such/file.h5"], 2, ["dataset.path", "/no/such/file.h5"]),
         (["target=[]"], 2, ["no target group"]),
-        (["geo=nc", "geo.cds=[5001]"], 2, ["5001", "geo.states"]),
+        (["geo=all", "geo.states=[NC,XX]"], 2, ["XX", "geo.states"]),
         (["fit.lr=-1"], 2, ["lr"]),
         (["target=snapp"], 1, ["snapp", "snap+health"]),
         (["fit.epoch=3"], 1, ["fit.epoch"]),
@@ -198,7 +217,7 @@ def test_bad_input_fails_cleanly(args, code, needles, work, target_db):
 def test_gpu_profile_needs_a_gpu(work, target_db, jax_sees_gpu):
     """gpu=a100 without fallback: refused on a machine where JAX sees no GPU, run on it otherwise."""
     run_dir = work / "gpu-profile"
-    proc = _calibrate("dataset=fixture", "geo=tiny", "target=national", "fit.epochs=2", "gpu=a100",
+    proc = _calibrate("dataset=fixture", "geo=tiny", "target=snap", "fit.epochs=2", "gpu=a100",
                       f"hydra.run.dir={run_dir}", f"cache_dir={work / 'cache'}", "workers=1", timeout=600)
     if jax_sees_gpu:
         assert proc.returncode == 0, proc.stderr[-2000:]

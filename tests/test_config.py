@@ -23,7 +23,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from calibrate import outputs, paths, sweep
-from calibrate.config import CONF_DIR, CalibrateConfig, FitConf, GpuConf, resolve_cds, target_filter, to_config
+from calibrate.config import (
+    CONF_DIR,
+    CalibrateConfig,
+    FitConf,
+    GpuConf,
+    resolve_cds,
+    resolve_levels,
+    target_filter,
+    to_config,
+)
 from calibrate.errors import CalibrateError
 from calibrate.run import NoGpuError, choose_platform, device_env, setup_device
 
@@ -257,6 +266,21 @@ def test_unknown_cd_is_named(cds, needle, target_db):
     assert "\n" not in str(info.value)
 
 
+def test_geo_levels(target_db):
+    every = resolve_cds(to_config(_compose(["geo=all"])).geo, target_db)
+    assert resolve_levels(to_config(_compose(["geo=all"])).geo, every, target_db) == ["national", "state", "district"]
+    nc = to_config(_compose(["geo=nc"])).geo
+    assert resolve_levels(nc, resolve_cds(nc, target_db), target_db) == ["state", "district"]
+    listed = to_config(_compose(["geo.cds=[3701,5001]", "geo.levels=[district]"])).geo
+    assert resolve_levels(listed, [3701, 5001], target_db) == ["district"]
+    with pytest.raises(CalibrateError, match="'county'"):
+        resolve_levels(to_config(_compose(["geo.levels=[county]"])).geo, [3701], target_db)
+
+
+def test_explicit_cd_list_wins_over_geo_states(target_db):
+    assert resolve_cds(to_config(_compose(["geo=nc", "geo.cds=[5001,3701]"])).geo, target_db) == [5001, 3701]
+
+
 def test_unknown_state_is_named(target_db):
     geo = to_config(_compose(["geo=nc", "geo.states=[NX]"])).geo
     with pytest.raises(CalibrateError, match="NX"):
@@ -309,10 +333,9 @@ def test_relative_errors_and_stats_against_brute_force():
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError):
-        with outputs.atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), outputs.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     outputs.write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
@@ -339,7 +362,7 @@ def test_sweep_table_rows(tmp_path):
 def test_schema_types():
     cfg = to_config(_compose())
     assert isinstance(cfg, CalibrateConfig) and isinstance(cfg.gpu, GpuConf)
-    assert cfg.period == 2024 and cfg.workers is None
+    assert cfg.period == 2024 and cfg.workers is None and cfg.geo.name == "nc"
     assert Path(cfg.db_path) == paths.TARGET_DB and Path(cfg.cache_dir) == paths.CACHE
     assert cfg.publish.enabled is False and cfg.publish.areas == ["cd", "state"]
     assert OmegaConf.is_config(_compose())

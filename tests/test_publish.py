@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from calibrate import outputs, pe
-from calibrate.dataset import file_sha256, read_h5
+from calibrate.dataset import file_sha256, read_h5, write_h5
 from calibrate.errors import CalibrateError
 from calibrate.geography import state_of_cd
 from calibrate.matrix import build_matrix
@@ -34,9 +34,22 @@ ENTITIES = ("tax_unit", "spm_unit", "family", "marital_unit")
 
 
 @pytest.fixture(scope="session")
-def pub_matrix(fixture_dataset, target_db, tmp_path_factory, tax_benefit_system):
+def pub_dataset(fixture_dataset, tmp_path_factory):
+    """The fixture plus ``weeks_unemployed`` for its unemployment-compensation recipients.
+
+    Without weeks, policyengine-us treats every recipient as receiving all 12 months and the
+    person-id hash that places the months has no effect; with them, it does (and feeds SNAP).
+    """
+    data = read_h5(fixture_dataset, PERIOD)
+    recipient = data["unemployment_compensation"] > 0
+    data["weeks_unemployed"] = np.where(recipient, 4 + 3 * (np.arange(len(recipient)) % 12), 0).astype(np.float64)
+    return write_h5(data, tmp_path_factory.mktemp("pub_data") / "fixture_weeks.h5", PERIOD)
+
+
+@pytest.fixture(scope="session")
+def pub_matrix(pub_dataset, target_db, tmp_path_factory, tax_benefit_system):
     cache = tmp_path_factory.mktemp("pub_cache")
-    return build_matrix(fixture_dataset, CDS, TARGETS, PERIOD, target_db, workers=2, cache_dir=cache, progress=False)
+    return build_matrix(pub_dataset, CDS, TARGETS, PERIOD, target_db, workers=2, cache_dir=cache, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +77,14 @@ def write_run(run_dir, matrix, weights, dataset, db):
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory, pub_matrix, pub_weights, fixture_dataset, target_db):
-    return write_run(tmp_path_factory.mktemp("run"), pub_matrix, pub_weights, fixture_dataset, target_db)
+def run_dir(tmp_path_factory, pub_matrix, pub_weights, pub_dataset, target_db):
+    return write_run(tmp_path_factory.mktemp("run"), pub_matrix, pub_weights, pub_dataset, target_db)
 
 
 @pytest.fixture(scope="session")
 def published(run_dir):
-    return publish_run(run_dir, areas=["cd", "state", "national"], verify="all", workers=2)
+    """Every file written; a sample re-simulated (a CD, a state, the nation) to keep the test short."""
+    return publish_run(run_dir, areas=["cd", "state", "national"], verify="sample", sample_size=3, workers=2)
 
 
 def _file(published, name):
@@ -84,7 +98,9 @@ def _area_columns(matrix, cds):
 
 def test_resimulated_totals_equal_x_dot_w(published, pub_matrix, pub_weights):
     table = published.verification
-    assert set(table.file) == {f"{f.area}.h5" for f in published.files} and len(published.files) == 5 + 4 + 1
+    assert len(published.files) == 5 + 4 + 1 and published.n_verified_files == 3
+    kinds = table.drop_duplicates("file").area.str.partition("_")[0].value_counts()
+    assert kinds.to_dict() == {"cd": 1, "state": 1, "national": 1}
     assert (table.status != "mismatch").all()
     w = pub_weights.astype(np.float64)
     row_of = {t: i for i, t in enumerate(pub_matrix.targets_df.target_id)}
@@ -173,24 +189,42 @@ def test_state_file_is_union_of_its_cd_files(published):
 
 
 def _household_snap(sim):
-    return np.asarray(sim.calculate("snap", PERIOD, map_to="household").values, dtype=np.float64)
+    return np.asarray(sim.calculate("snap", PERIOD, map_to="household", use_weights=False), dtype=np.float64)
 
 
-def test_snap_of_reindexed_households_equals_original(published, fixture_dataset, tmp_path):
-    f = _file(published, "cd_3701")
+def _uc_months(sim):
+    """(n_persons, 12) whether each person receives unemployment compensation in each month."""
+    return np.stack([np.asarray(sim.calculate("is_receiving_unemployment_compensation", f"{PERIOD}-{m:02d}",
+                                              use_weights=False)) for m in range(1, 13)], axis=1)
+
+
+def _person_keys(data, household_ids):
+    """(original household id, rank of the person within the household) of each person."""
+    row = pd.Index(data["household_id"]).get_indexer(data["person_household_id"])
+    return list(zip(household_ids[row], pd.Series(row).groupby(row).cumcount()))
+
+
+def test_snap_of_reindexed_households_equals_original(published, pub_dataset, tmp_path):
+    f = _file(published, "state_37")
     mapping = pd.read_csv(f.mapping_path)
-    base = pe.microsimulation(fixture_dataset)
+    base = pe.microsimulation(pub_dataset)
     base.set_input("state_fips", PERIOD, np.full(base.populations["household"].count, 37))
-    base_snap = pd.Series(_household_snap(base), index=read_h5(fixture_dataset, PERIOD, ["household_id"])["household_id"])
-    expected = base_snap.loc[mapping.original_household_id].to_numpy()
-    np.testing.assert_allclose(_household_snap(pe.microsimulation(f.path)), expected, rtol=1e-6)
-    # control: sequential person ids (hash classes not kept) change SNAP somewhere, so the check can fail
-    data = read_h5(f.path, PERIOD)
-    data["person_id"] = np.arange(len(data["person_id"]), dtype=np.int64)
-    from calibrate.dataset import write_h5
+    base_data = read_h5(pub_dataset, PERIOD)
+    expected = pd.Series(_household_snap(base), index=base_data["household_id"]).loc[mapping.original_household_id]
+    assert (expected > 0).sum() > 10
+    sim = pe.microsimulation(f.path)
+    np.testing.assert_allclose(_household_snap(sim), expected.to_numpy(), rtol=1e-6)
 
-    shuffled = write_h5(data, tmp_path / "sequential_ids.h5", PERIOD)
-    assert not np.allclose(_household_snap(pe.microsimulation(shuffled)), expected, rtol=1e-6)
+    # the mechanism: each person's months of unemployment compensation (hashed from person_id) are kept
+    data = read_h5(f.path, PERIOD)
+    base_months = dict(zip(_person_keys(base_data, base_data["household_id"]), _uc_months(base)))
+    expected_months = np.stack([base_months[k] for k in _person_keys(data, mapping.original_household_id.to_numpy())])
+    assert 0 < expected_months.sum() < expected_months.size
+    np.testing.assert_array_equal(_uc_months(sim), expected_months)
+    # control: sequential person ids (hash classes not kept) move those months, so the check can fail
+    data["person_id"] = np.arange(len(data["person_id"]), dtype=np.int64)
+    sequential = write_h5(data, tmp_path / "sequential_ids.h5", PERIOD)
+    assert (_uc_months(pe.microsimulation(sequential)) != expected_months).any()
 
 
 def test_tampered_estimate_fails_with_listed_mismatch(run_dir, tmp_path):
