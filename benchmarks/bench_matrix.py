@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--naive-cds", type=int, default=2, help="CDs timed for the per-CD baseline (0 skips it)")
     p.add_argument("--naive-states", type=int, default=1, help="states timed for the per-state baseline")
     p.add_argument("--cds", default="all", help="'all' or a comma list of CD geoids")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="keep the built matrix here (default: a temporary folder); must not hold it yet")
     a = p.parse_args()
 
     t0 = time.perf_counter()
@@ -47,10 +49,13 @@ def main() -> None:
     import_s = time.perf_counter() - t0
     cds = all_cds(paths.TARGET_DB) if a.cds == "all" else [int(c) for c in a.cds.split(",")]
     flt = TargetFilter(stratum_group_ids=tuple(int(g) for g in a.groups.split(",")))
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = a.cache_dir or Path(tmp)
         t = time.perf_counter()
         m = build_matrix(a.dataset, cds, flt, 2024, workers=a.workers, cache_dir=Path(cache))
         cold = time.perf_counter() - t
+        if m.cache_hit:
+            sys.exit(f"{cache} already holds this matrix: a cold build needs an empty cache")
         t = time.perf_counter()
         warm_m = build_matrix(a.dataset, cds, flt, 2024, workers=a.workers, cache_dir=Path(cache), progress=False)
         warm = time.perf_counter() - t

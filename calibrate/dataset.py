@@ -17,6 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import CalibrateError
+
 DATASET_PERIOD = 2024
 # Variables every calibration input needs: entity ids, links, weights and geography.
 ENTITY_KEYS = ("household", "tax_unit", "spm_unit", "family", "marital_unit")
@@ -29,7 +31,7 @@ REQUIRED_VARIABLES = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(CalibrateError):
     """A dataset file that is missing, unreadable or lacks a required variable."""
 
 

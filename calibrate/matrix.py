@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import pickle
 import tempfile
@@ -144,25 +146,29 @@ def compute_state_values(
     jobs = [(dataset_path, chunk, targets, period, stack) for chunk in _chunks(states, workers, states_per_chunk)]
     values, seconds = {}, {}
     bar = tqdm(total=len(states), desc="matrix: states", unit="state", disable=not progress)
+    pool = None
     if workers <= 1 or len(jobs) == 1:
         results = map(_state_values, jobs)
-        pool = None
     else:
         pe.tax_benefit_system()  # import once in the parent; forked workers inherit it
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        pool = ctx.Pool(min(workers, len(jobs)))
-        results = pool.imap(_state_values, jobs)
+        # a worker killed (e.g. out of memory) raises BrokenProcessPool instead of hanging
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx)
+        results = pool.map(_state_values, jobs)
     try:
         for chunk, chunk_values, secs in results:
             for state, v in zip(chunk, chunk_values):
                 values[state] = v
                 seconds[state] = secs / len(chunk)
             bar.update(len(chunk))
+    except BrokenProcessPool as exc:
+        raise CalibrateError(
+            f"a matrix worker died ({exc}); likely out of memory: use fewer workers or a smaller dataset"
+        ) from exc
     finally:
         bar.close()
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
     return values, seconds
 
 
@@ -259,7 +265,6 @@ def build_matrix(
         raise CalibrateError(f"dataset file {dataset_path} does not exist")
     cds = _check_cds(list(cds), Path(db_path))
     targets = load_targets(Path(db_path), target_filter, cds, period)
-    check_variables(targets)
     arrays = _read_dataset(dataset_path, period)
     missing = [v for v in REQUIRED_DATASET_VARIABLES if v not in arrays]
     if missing:
@@ -274,6 +279,7 @@ def build_matrix(
         cached.build_seconds = time.perf_counter() - start
         return cached
 
+    check_variables(targets)  # imports policyengine-us: only on a cache miss
     states = sorted({state_of_cd(c) for c in cds})
     workers = workers or os.cpu_count() or 1
     if states_per_chunk is None:

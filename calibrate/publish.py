@@ -149,12 +149,21 @@ def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, f
 
 
 def _run_jobs(context: _JobContext, jobs: list, workers: int) -> list:
+    """Run ``jobs`` (largest first) here or in a fork pool.
+
+    With a pool, the last verifying job (the smallest) runs first in this process: policyengine's
+    first simulation in a process pays a one-off warm-up (~7 s here) that forked workers then
+    inherit instead of each paying it again.
+    """
+    _init_worker(context)
     if workers <= 1 or len(jobs) <= 1:
-        _init_worker(context)
         return [_job(j) for j in jobs]
+    verifying = [i for i, (_, verify) in enumerate(jobs) if verify]
+    first = [jobs.pop(verifying[-1])] if verifying else []
+    results = [_job(j) for j in first]
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(context,)) as pool:
-        return list(pool.imap_unordered(_job, jobs, chunksize=1))
+        return results + list(pool.imap_unordered(_job, jobs, chunksize=1))
 
 
 def _job_cost(area: Area, run: RunData) -> int:
