@@ -110,24 +110,31 @@ def part_verify(work: Path, state: str, keep: float, workers: int):
     serial_wall = time.perf_counter() - start
     per_file = {f.area: f for f in pooled.files}
     rows = pooled.verification.groupby("file").size()
+    pooled_cd = [pooled.verify_cpu_seconds_by_file[f"cd_{c}"] for c in cds[: len(sample)]]
+    serial_cd = [serial.verify_cpu_seconds_by_file[f"cd_{c}"] for c in cds[: len(sample)]]
     print(f"verify: {len(pooled.files)} files in {pooled_wall:.1f} s wall on {workers} workers "
-          f"({pooled.verify_seconds:.1f} s verification summed over jobs); {len(sample)} CD files serially: "
-          f"{serial_wall:.1f} s -> pooled/serial per-file wall ratio "
-          f"{(pooled_wall / len(pooled.files)) / (serial_wall / len(sample)):.2f}")
+          f"({sum(pooled.verify_cpu_seconds_by_file.values()):.1f} CPU s of re-simulation); load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"baseline: the same {len(sample)} CD files verified serially in this (warm) process: {serial_wall:.1f} s wall, "
+          f"{sum(serial_cd):.1f} CPU s vs {sum(pooled_cd):.1f} CPU s in the forked workers "
+          f"(ratio {sum(pooled_cd) / sum(serial_cd):.2f}: forked workers inherit the parent's warm state); "
+          f"pooled wall per file {pooled_wall / len(pooled.files):.1f} s vs serial {serial_wall / len(sample):.1f} s")
     return pooled, per_file, rows
 
 
 def extrapolate(files_full, pooled, workers: int) -> None:
-    secs = pooled.verify_seconds_by_file
+    """Fit CPU seconds per verified file as a + b * households; sum over the full write's files."""
+    secs = pooled.verify_cpu_seconds_by_file
     n = np.array([f.n_households for f in pooled.files], dtype=np.float64)
     t = np.array([secs[f.area] for f in pooled.files])
     b, a = np.polyfit(n, t, 1) if len(set(n)) > 1 else (0.0, float(t.mean()))
     total_n = np.array([f.n_households for f in files_full], dtype=np.float64)
     cpu = float(np.sum(a + b * total_n))
-    print(f"verify model: {a:.2f} s + {b * 1000:.2f} ms x households per file (fitted on {len(n)} files, "
-          f"{int(n.min())}-{int(n.max())} households)")
-    print(f"verify extrapolated to the {len(files_full)} files of the full write: {cpu:.0f} CPU s, "
-          f"~{cpu / workers / 60:.1f} min wall on {workers} workers, ~{cpu / 16 / 60:.1f} min on 16")
+    print(f"verify model: {a:.2f} CPU s + {b * 1000:.2f} ms x households per file (fitted on {len(n)} files, "
+          f"{int(n.min())}-{int(n.max())} households; CPU time, so load from other processes does not inflate it)")
+    print(f"verify extrapolated to the {len(files_full)} files of the full write: {cpu:.0f} CPU s = "
+          f"~{cpu / workers / 60:.1f} min wall on {workers} free cores, ~{cpu / 16 / 60:.1f} min on 16 "
+          f"(estimate, not measured)")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ every CD block, a state target the blocks of its CDs, a CD target its own block.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -35,8 +36,10 @@ from .targets import TargetFilter, TargetSelectionError, all_cds, load_targets
 MATRIX_FORMAT_VERSION = 1
 # States per simulation = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_households). Measured on the
 # default 12k-household file (3 states, 1 process): stacked in one simulation 73 s and 3.4 GB peak,
-# one simulation per state 100 s. 48k household copies keeps a worker near 4 GB.
-MAX_HOUSEHOLDS_PER_SIMULATION = 48_000
+# one simulation per state 100 s. Forked workers are reused and policyengine's caches grow, so a
+# 4-state stack per worker reached ~10 GB in the all-CD build (2 workers, 24 GB: one was killed);
+# 24k household copies (2 states of the default file) keeps a worker's peak near 5 GB.
+MAX_HOUSEHOLDS_PER_SIMULATION = 24_000
 REQUIRED_DATASET_VARIABLES = ("household_id", "person_id", "person_household_id", "household_weight")
 
 
@@ -99,7 +102,18 @@ def state_contributions(dataset_path: Path, state: int, targets: pd.DataFrame, p
     sim = pe.microsimulation(dataset_path)
     n_hh = sim.populations["household"].count
     sim.set_input("state_fips", period, np.full(n_hh, state, dtype=np.int64))
-    return household_contributions(sim, targets, period)
+    try:
+        return household_contributions(sim, targets, period)
+    finally:
+        release(sim)
+
+
+def release(sim) -> None:
+    """Free a finished simulation now: the shared tax-benefit system keeps a reference to the
+    last one, which would otherwise double a worker's peak memory when the next one starts."""
+    if getattr(sim.tax_benefit_system, "simulation", None) is sim:
+        sim.tax_benefit_system.simulation = None
+    gc.collect()
 
 
 def stacked_state_contributions(arrays: dict, states: list[int], targets: pd.DataFrame, period: int) -> np.ndarray:
@@ -114,7 +128,12 @@ def stacked_state_contributions(arrays: dict, states: list[int], targets: pd.Dat
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stacked.h5"
         write_h5(stacked, path, period)
-        values = household_contributions(pe.microsimulation(path), targets, period)
+        sim = pe.microsimulation(path)
+        try:
+            values = household_contributions(sim, targets, period)
+        finally:
+            release(sim)
+            del sim
     return values.reshape(len(targets), len(states), n_hh).transpose(1, 0, 2)
 
 

@@ -32,8 +32,14 @@ from .dataset import read_h5
 from .errors import CalibrateError
 from .publish_inputs import Area, PublishInputError, RunData, load_run, resolve_areas
 from .publish_verify import (
-    DEFAULT_RTOL, VERIFY_COLUMNS, PublishVerificationError, TargetSpec, attach_constraints, mismatch_message,
-    sample_areas, verify_file,
+    DEFAULT_RTOL,
+    VERIFY_COLUMNS,
+    PublishVerificationError,
+    TargetSpec,
+    attach_constraints,
+    mismatch_message,
+    sample_areas,
+    verify_file,
 )
 from .publish_write import BaseLayout, PublishedFile, base_layout, write_area
 
@@ -53,11 +59,12 @@ class PublishResult:
     summary_line: str
     n_verified_files: int
     n_mismatches: int
-    write_seconds: float  # summed over jobs (CPU time of the writers)
-    verify_seconds: float  # summed over jobs
+    write_seconds: float  # build + write wall seconds, summed over jobs
+    verify_seconds: float  # re-simulation wall seconds, summed over jobs
     seconds: float  # wall time of the whole stage
     out_dir: Path = field(default=Path("."))
-    verify_seconds_by_file: dict = field(default_factory=dict)  # area name -> re-simulation seconds
+    verify_seconds_by_file: dict = field(default_factory=dict)  # area name -> re-simulation wall seconds
+    verify_cpu_seconds_by_file: dict = field(default_factory=dict)  # area name -> re-simulation CPU seconds
 
 
 @dataclass(frozen=True)
@@ -136,16 +143,16 @@ def _init_worker(context: _JobContext) -> None:
     _CONTEXT = context
 
 
-def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, float]:
-    """Write one area file and, if asked, verify it; returns (file, rows, verify seconds)."""
+def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, tuple[float, float]]:
+    """Write one area file and, if asked, verify it; returns (file, rows, (verify wall s, verify CPU s))."""
     area, verify = args
     ctx = _CONTEXT
     published = write_area(ctx.layout, area, ctx.run.weights, ctx.run.cds, ctx.out_dir, ctx.run.period)
     if not verify:
-        return published, None, 0.0
-    start = time.perf_counter()
+        return published, None, (0.0, 0.0)
+    start, cpu = time.perf_counter(), time.process_time()
     rows = verify_file(published, area, ctx.spec, ctx.run.period, ctx.rtol)
-    return published, rows, time.perf_counter() - start
+    return published, rows, (time.perf_counter() - start, time.process_time() - cpu)
 
 
 def _run_jobs(context: _JobContext, jobs: list, workers: int) -> list:
@@ -224,9 +231,10 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
     result = PublishResult(
         files=files, verification=table, verification_path=verification_path, summary_line=line,
         n_verified_files=len(tables), n_mismatches=n_mismatch,
-        write_seconds=sum(f.seconds for f in files), verify_seconds=sum(r[2] for r in results),
+        write_seconds=sum(f.seconds for f in files), verify_seconds=sum(r[2][0] for r in results),
         seconds=time.perf_counter() - start, out_dir=out,
-        verify_seconds_by_file={r[0].area: r[2] for r in results if r[1] is not None},
+        verify_seconds_by_file={r[0].area: r[2][0] for r in results if r[1] is not None},
+        verify_cpu_seconds_by_file={r[0].area: r[2][1] for r in results if r[1] is not None},
     )
     outputs.write_csv(publish_dir / "files.csv", files_table(files))
     outputs.write_json(publish_dir / "publish.json", {
@@ -243,8 +251,8 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
 def files_table(files: list[PublishedFile]) -> pd.DataFrame:
     """One row per written file (area, paths, sizes, total weight)."""
     return pd.DataFrame([
-        dict(area=f.area, kind=f.kind, path=str(f.path), mapping_path=str(f.mapping_path),
-             n_households=f.n_households, n_persons=f.n_persons, total_weight=f.total_weight)
+        {"area": f.area, "kind": f.kind, "path": str(f.path), "mapping_path": str(f.mapping_path),
+         "n_households": f.n_households, "n_persons": f.n_persons, "total_weight": f.total_weight}
         for f in files
     ])
 

@@ -2,8 +2,9 @@
 
 For every target the area must reproduce (:meth:`Area.target_mask`), the file is loaded
 with ``Microsimulation(dataset=path)`` and the total recomputed as
-Σ household_weight × contribution (contributions by :func:`household_contributions`,
-the matrix's own definition). The fit's estimate of such a target is the run's
+Σ household_weight × contribution over the households of the target's geography
+(contributions by :func:`household_contributions`, the matrix's own definition; the
+geography is each household's CD / state as read back from the file). The fit's estimate of such a target is the run's
 ``targets.csv`` estimate: a CD target's estimate only reads its CD's column block, a
 state target's only its CDs' blocks, and a national file holds every run CD.
 
@@ -72,6 +73,8 @@ def attach_constraints(targets: pd.DataFrame, db_path: Path | None, cds, period:
     if db_path is None or not Path(db_path).is_file():
         raise CalibrateError(f"target database {db_path} (summary.json db_path) does not exist; pass db_path=")
     ids = tuple(int(t) for t in targets["target_id"])
+    if not ids:
+        return TargetSpec(targets.assign(constraints=[]))
     db = load_targets(Path(db_path), TargetFilter(target_ids=ids), list(cds), period).set_index("target_id")
     missing = [t for t in ids if t not in db.index]
     if missing:
@@ -97,28 +100,56 @@ def comparability(variable: str, constraints) -> str:
 
 
 def resimulate(path: Path, targets: pd.DataFrame, period: int, n_households: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ w·c, Σ w·|c|) per target row from a fresh simulation of ``path``."""
+    """(Σ w·c, Σ w·|c|) per target row from a fresh simulation of ``path``.
+
+    Contributions are computed once per distinct (variable, constraints) and summed over
+    the households of each target's geography, as read back from the file (a file stacks
+    several CDs: a CD target counts only the households placed in that CD).
+    """
     if n_households == 0 or len(targets) == 0:
         return np.zeros(len(targets)), np.zeros(len(targets))
+    keys = list(zip(targets["variable"], targets["constraints"]))
+    unique = list(dict.fromkeys(keys))
+    key_index = {k: i for i, k in enumerate(unique)}
+    distinct = pd.DataFrame({"variable": [k[0] for k in unique], "constraints": [k[1] for k in unique]})
     sim = pe.microsimulation(path)
-    weights = np.asarray(sim.calculate("household_weight", period).values, dtype=np.float64)
-    contributions = household_contributions(sim, targets, period) * geography_mask(sim, targets, period)
-    return contributions @ weights, np.abs(contributions) @ weights
+    try:
+        weights = np.asarray(sim.calculate("household_weight", period, use_weights=False), dtype=np.float64)
+        contributions = household_contributions(sim, distinct, period)
+        cd = np.asarray(sim.calculate("congressional_district_geoid", period, use_weights=False), dtype=np.int64)
+        state = np.asarray(sim.calculate("state_fips", period, use_weights=False), dtype=np.int64)
+    finally:
+        _release(sim)
+    rows = np.array([key_index[k] for k in keys])
+    out = []
+    for values in (contributions * weights, np.abs(contributions) * weights):
+        out.append(geography_sums(values, rows, targets, cd, state))
+    return out[0], out[1]
 
 
-def geography_mask(sim, targets: pd.DataFrame, period: int) -> np.ndarray:
-    """(n_targets, n_households) 0/1: whether each household lies in each target's geography.
+def _release(sim) -> None:
+    """Drop the tax-benefit system's reference to a finished simulation, so a worker holds
+    one file's simulation at a time (policyengine-core keeps the last one otherwise)."""
+    if getattr(sim.tax_benefit_system, "simulation", None) is sim:
+        sim.tax_benefit_system.simulation = None
 
-    A file stacks several CDs, so a CD target counts only the households placed in that CD
-    and a state target those in that state (read back from the file, as policyengine sees them).
-    """
-    cd = np.asarray(sim.calculate("congressional_district_geoid", period).values, dtype=np.int64)
-    state = np.asarray(sim.calculate("state_fips", period).values, dtype=np.int64)
-    level = targets["geo_level"].to_numpy()[:, None]
-    geo = targets["geographic_id"].to_numpy(dtype=np.int64)[:, None]
-    inside = (level == "national") | ((level == "state") & (state[None, :] == geo)) | (
-        (level == "district") & (cd[None, :] == geo))
-    return inside.astype(np.float64)
+
+def geography_sums(values: np.ndarray, rows: np.ndarray, targets: pd.DataFrame, cd: np.ndarray,
+                   state: np.ndarray) -> np.ndarray:
+    """For each target: Σ over the households of its geography of ``values[rows[target]]``."""
+    level = targets["geo_level"].to_numpy()
+    geo = targets["geographic_id"].to_numpy(dtype=np.int64)
+    out = values[rows].sum(axis=1)  # national
+    for name, codes in (("district", cd), ("state", state)):
+        pick = np.flatnonzero(level == name)
+        if len(pick) == 0:
+            continue
+        labels, inverse = np.unique(codes, return_inverse=True)
+        sums = np.stack([np.bincount(inverse, weights=v, minlength=len(labels)) for v in values], axis=0)
+        col = np.searchsorted(labels, geo[pick])
+        found = (col < len(labels)) & (labels[np.minimum(col, len(labels) - 1)] == geo[pick])
+        out[pick] = np.where(found, sums[rows[pick], np.minimum(col, len(labels) - 1)], 0.0)
+    return out
 
 
 def compare(area_name: str, file_name: str, targets: pd.DataFrame, resim: np.ndarray, scale: np.ndarray,

@@ -299,3 +299,17 @@ def test_cli_parsing_and_error_exit(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "CD 9999" in err
     _assert_nothing_written(run)
+
+
+def test_hydra_publish_node_with_options(run_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"enabled": True, "areas": ["cd:5001"], "options": {"verify": "none", "workers": 1,
+                                                                                 "out_dir": str(tmp_path / "out")}})
+    run = _copy_run(run_dir, tmp_path)
+    result = publish_run(run, node)
+    assert [f.path for f in result.files] == [tmp_path / "out" / "cd_5001.h5"] and result.n_verified_files == 0
+    assert len(result.verification) == 0
+    bad = OmegaConf.create({"areas": ["cd"], "options": {"verfy": "all"}})
+    with pytest.raises(PublishInputError, match="'verfy'"):
+        publish_run(run, bad)
