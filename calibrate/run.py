@@ -304,12 +304,13 @@ def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:
     from .publish import publish_run
 
     try:
-        publish_run(run_dir, cfg.publish)
+        result = publish_run(run_dir, cfg.publish)
     except Exception as exc:
         summary.publish = f"failed: {exc}"
         outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
         raise CalibrateError(f"publish failed: {exc}") from exc
-    summary.publish = "done"
+    summary.publish = f"done: {result.summary_line}"
+    print(f"publish: {result.summary_line}", flush=True)
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
     return summary
 
