@@ -25,9 +25,10 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `calibrate`
 
-from calibrate.fit import L0Config, fit_l0, initial_weights  # noqa: E402
-from calibrate.fit_model import target_loss_weights  # noqa: E402
 from synthetic import SyntheticSpec, make_problem  # noqa: E402
+
+from calibrate.fit import L0Config, fit_l0, initial_weights  # noqa: E402
+from calibrate.fit.model import target_loss_weights  # noqa: E402
 
 
 def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str]:

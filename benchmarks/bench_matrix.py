@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from calibrate import paths, pe  # noqa: E402
-from calibrate.geography import state_of_cd  # noqa: E402
+from calibrate.core import paths, pe  # noqa: E402
 from calibrate.matrix import build_matrix, state_contributions  # noqa: E402
 from calibrate.targets import TargetFilter, all_cds, load_targets  # noqa: E402
+from calibrate.targets.geography import state_of_cd  # noqa: E402
 
 
 def peak_gb() -> float:
@@ -86,7 +86,7 @@ def main() -> None:
             n = sim.populations["household"].count
             sim.set_input("state_fips", 2024, [state_of_cd(cd)] * n)
             sim.set_input("congressional_district_geoid", 2024, [cd] * n)
-            from calibrate.contributions import household_contributions
+            from calibrate.matrix.contributions import household_contributions
 
             household_contributions(sim, targets, 2024)
         per_cd = (time.perf_counter() - t) / a.naive_cds

@@ -33,12 +33,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `calibrate`
 
-from calibrate import outputs, paths, pe  # noqa: E402
-from calibrate.dataset import file_sha256, read_h5  # noqa: E402
+from calibrate import outputs  # noqa: E402
+from calibrate.core import paths, pe
+from calibrate.core.dataset import file_sha256, read_h5  # noqa: E402
 from calibrate.fit import initial_weights  # noqa: E402
-from calibrate.geography import STATE_FIPS, state_of_cd  # noqa: E402
 from calibrate.publish import publish_run  # noqa: E402
 from calibrate.targets import TargetFilter, all_cds  # noqa: E402
+from calibrate.targets.geography import STATE_FIPS, state_of_cd  # noqa: E402
 
 DEFAULT_GROUPS = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7))  # conf/config.yaml's default target groups
 PERIOD = 2024

@@ -13,9 +13,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .config import CONF_DIR
-from .errors import CalibrateError
-from .run import hydra_context, report_failure, run
+from calibrate.app.config import CONF_DIR
+from calibrate.app.run import hydra_context, report_failure, run
+from calibrate.core.errors import CalibrateError
 
 EXIT_BAD_INPUT = 2
 

@@ -6,12 +6,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
-from calibrate import paths
+from calibrate.core import paths
 
 
 @pytest.fixture(scope="session")
 def tax_benefit_system():
-    from calibrate import pe
+    from calibrate.core import pe
 
     return pe.tax_benefit_system()
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate import paths
-from calibrate.dataset import (
+from calibrate.core import paths
+from calibrate.core.dataset import (
     DatasetError,
     file_sha256,
     read_h5,
@@ -39,14 +39,14 @@ def arrays():
 
 @pytest.fixture(scope="session")
 def tbs():
-    from calibrate import pe
+    from calibrate.core import pe
 
     return pe.tax_benefit_system()
 
 
 @pytest.fixture(scope="session")
 def fixture_sim(tbs):
-    from calibrate import pe
+    from calibrate.core import pe
 
     return pe.microsimulation(paths.FIXTURE_DATASET)
 
@@ -88,7 +88,7 @@ def test_policyengine_computes_fixture(fixture_sim, arrays, source):
 def test_policyengine_loads_default_file(arrays):
     """Loading and cheap variables only: SNAP over the 12k households is checked on the
     fixture here and totalled over this file by the build's sanity figures."""
-    from calibrate import pe
+    from calibrate.core import pe
 
     a = arrays["default"]
     sim = pe.microsimulation(paths.DEFAULT_DATASET)

@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from calibrate import paths
-from calibrate.config import CONF_DIR, target_filter, to_config
+from calibrate.app.config import CONF_DIR, target_filter, to_config
+from calibrate.core import paths
 
 CDS = [1101, 3701, 3702, 5001]  # DC, NC-01, NC-02, VT: three fixture states incl. one-district ones
 CD_ARG = "geo.cds=[" + ",".join(map(str, CDS)) + "]"

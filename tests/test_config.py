@@ -22,8 +22,9 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from calibrate import outputs, paths, sweep
-from calibrate.config import (
+from calibrate import outputs
+from calibrate.app import sweep
+from calibrate.app.config import (
     CONF_DIR,
     CalibrateConfig,
     FitConf,
@@ -33,8 +34,9 @@ from calibrate.config import (
     target_filter,
     to_config,
 )
-from calibrate.errors import CalibrateError
-from calibrate.run import NoGpuError, choose_platform, device_env, setup_device
+from calibrate.app.device import NoGpuError, choose_platform, device_env, setup_device
+from calibrate.core import paths
+from calibrate.core.errors import CalibrateError
 
 
 def _options(group: str) -> list[str]:
@@ -184,7 +186,7 @@ def test_ray_launcher_config_requests_the_profile_accelerator():
 def test_local_launchers_compose(launcher):
     cfg = _compose([f"hydra/launcher={launcher}"], hydra_cfg=True)
     assert get_class(cfg.hydra.launcher._target_).__name__.lower().startswith(launcher)
-    assert cfg.hydra.callbacks.sweep_table._target_ == "calibrate.sweep.SweepTableCallback"
+    assert cfg.hydra.callbacks.sweep_table._target_ == "calibrate.app.sweep.SweepTableCallback"
 
 
 # ----------------------------------------------------------------------------- rejection
@@ -242,7 +244,7 @@ def test_every_geo_option_resolves_against_the_db(name, target_db):
     raw = _yaml("geo", name)
     if raw["cds"] == "all":
         states = {s for s in raw.get("states", [])}
-        from calibrate.geography import STATE_FIPS
+        from calibrate.targets.geography import STATE_FIPS
 
         fips = {STATE_FIPS[s] for s in states}
         assert cds == [c for c in db if not fips or c // 100 in fips]

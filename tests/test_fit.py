@@ -19,13 +19,13 @@ from calibrate.fit import (
     initial_weights,
     validate_config,
 )
-from calibrate.fit_model import (
+from calibrate.fit.model import (
     GateParams,
     GateShape,
     SplitParams,
     build_layout,
-    device_ops,
     deterministic_gates,
+    device_ops,
     hard_concrete_sample,
     relative_loss,
     split_objective,

@@ -11,14 +11,14 @@ import sqlite3
 import numpy as np
 import pytest
 
-from calibrate import pe
-from calibrate.contributions import ConstraintError, parse_constraint_value
-from calibrate.dataset import read_h5
-from calibrate.errors import CalibrateError
-from calibrate.geography import state_of_cd
+from calibrate.core import pe
+from calibrate.core.dataset import read_h5
+from calibrate.core.errors import CalibrateError
 from calibrate.matrix import build_matrix, cache_key, state_contributions
+from calibrate.matrix.contributions import ConstraintError, parse_constraint_value
+from calibrate.matrix.tracer import MatrixTracer
 from calibrate.targets import TargetFilter, all_cds, load_targets
-from calibrate.tracer import MatrixTracer
+from calibrate.targets.geography import state_of_cd
 
 PERIOD = 2024
 GROUPS = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7))

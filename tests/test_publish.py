@@ -16,15 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate import outputs, pe
-from calibrate.dataset import file_sha256, read_h5, write_h5
-from calibrate.errors import CalibrateError
-from calibrate.geography import state_of_cd
+from calibrate import outputs
+from calibrate.core import pe
+from calibrate.core.dataset import file_sha256, read_h5, write_h5
+from calibrate.core.errors import CalibrateError
 from calibrate.matrix import build_matrix
 from calibrate.publish import main, parse_cli, publish_run
-from calibrate.publish_inputs import PublishInputError
-from calibrate.publish_verify import PublishVerificationError
+from calibrate.publish.inputs import PublishInputError
+from calibrate.publish.verify import PublishVerificationError
 from calibrate.targets import TargetFilter
+from calibrate.targets.geography import state_of_cd
 
 PERIOD = 2024
 CDS = [1101, 3701, 3702, 5001, 5601]  # DC, two NC districts, VT, WY

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import openpyxl
 import pytest
+from conftest_targets_db import cbo_value_from_yaml, cheap_facts, rebuilt_db, static_facts  # noqa: F401
 
-from calibrate import paths
+from calibrate.core import paths
 from calibrate.etl.target_sources import SourceError
 from calibrate.etl.targets_db import TargetDbError, build_target_db, definition_hash, policyengine_facts
-
-from conftest_targets_db import cbo_value_from_yaml, cheap_facts, rebuilt_db, static_facts  # noqa: F401
 
 TABLES = ("sources", "strata", "stratum_constraints", "targets")
 SOURCES = paths.SOURCES

@@ -5,7 +5,8 @@ Deterministic: the same sources give the same target database and datasets.
 
 import argparse
 
-from .. import paths
+from calibrate.core import paths
+
 from .base_dataset import build_datasets
 from .targets_db import build_target_db
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate import paths
-from calibrate.dataset import file_sha256, read_h5, validate_dataset, write_h5
+from calibrate.core import paths
+from calibrate.core.dataset import file_sha256, read_h5, validate_dataset, write_h5
 from calibrate.etl import (
     cps,
     cps_health,
@@ -86,7 +86,7 @@ def _vs(label: str, ours: float, published: float, source: str) -> str:
 
 def cpi_parameter():
     """policyengine-us's CPI-U parameter (a callable of an ISO date)."""
-    from calibrate import pe
+    from calibrate.core import pe
 
     return pe.tax_benefit_system().parameters.get_child(cps_variables.CPI_PARAMETER)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from calibrate.geography import N_CDS, GeographyError, cd_geoid
+from calibrate.targets.geography import N_CDS, GeographyError, cd_geoid
 
 from .target_sources import (
     SourceError,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibrate.geography import FIPS_STATE
+from calibrate.targets.geography import FIPS_STATE
 
 CPS_FILE = Path("microdata") / "taxcalc_cps.csv.gz"
 HOUSEHOLD_KEY = ("FLPDYR", "fips", "h_seq")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from calibrate.etl.cps import SourceDataError
-from calibrate.geography import FIPS_STATE
+from calibrate.targets.geography import FIPS_STATE
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def read_national_figures(sources: Path) -> NationalFigures:
 
 def simulate_figures(path, period: int = 2024) -> SimulatedFigures:
     """Run policyengine-us over ``path`` and total the key programs (weighted)."""
-    from calibrate import pe
+    from calibrate.core import pe
 
     sim = pe.microsimulation(path)
 

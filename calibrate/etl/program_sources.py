@@ -27,7 +27,6 @@ from .target_sources import (
     state_fips_of,
 )
 
-
 # --- USDA SNAP ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

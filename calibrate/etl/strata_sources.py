@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calibrate.geography import FIPS_STATE
+from calibrate.targets.geography import FIPS_STATE
 
 from . import census_sources as census
 from . import program_sources as programs

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from calibrate.geography import FIPS_STATE, GeographyError, state_fips_from_code
+from calibrate.targets.geography import FIPS_STATE, GeographyError, state_fips_from_code
 
 
 class SourceError(ValueError):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from calibrate import paths
-from calibrate.geography import FIPS_STATE
+from calibrate.core import paths
+from calibrate.targets.geography import FIPS_STATE
 
 from .strata_sources import CBO_VARIABLES, CBO_YEAR, GROUPS, TargetPlan, build_plan, read_sources
 from .target_sources import OPERATIONS, Constraint, Finding, SourceError
@@ -45,7 +45,7 @@ class ModelFacts:
 
 def policyengine_facts() -> ModelFacts:
     """The real facts, read from the installed policyengine-us (imported once, lazily)."""
-    from calibrate import pe
+    from calibrate.core import pe
 
     def cbo_value(parameter: str, year: int) -> float:
         cbo = pe.tax_benefit_system().parameters.calibration.gov.cbo

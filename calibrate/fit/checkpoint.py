@@ -1,7 +1,7 @@
 """Atomic, fingerprinted checkpoints of the L0 fit (npz: params, optimiser state, key, epoch).
 
 A checkpoint stores a SHA-256 fingerprint of the problem (X, targets, initial weights,
-groups and every config field that changes the optimisation path). Resuming with a
+per-target loss weights and every config field that changes the optimisation path). Resuming with a
 different problem raises ``CheckpointMismatchError`` instead of silently continuing.
 """
 
@@ -41,17 +41,18 @@ def problem_fingerprint(
     X: sp.csr_matrix,
     targets: np.ndarray,
     init_weights: np.ndarray,
-    groups: np.ndarray | None,
+    loss_weights: np.ndarray | None,
     config: object,
 ) -> str:
-    """SHA-256 over X (canonical CSR), targets, initial weights, groups and path-relevant config."""
+    """SHA-256 over X (canonical CSR), targets, initial weights, per-target loss weights and
+    path-relevant config."""
     digest = hashlib.sha256()
     digest.update(np.asarray(X.shape, dtype=np.int64).tobytes())
     for part in (X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data.astype(np.float64)):
         digest.update(np.ascontiguousarray(part).tobytes())
     digest.update(np.ascontiguousarray(targets, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(init_weights, dtype=np.float64).tobytes())
-    digest.update(b"no-groups" if groups is None else np.ascontiguousarray(groups, dtype=np.int64).tobytes())
+    digest.update(b"no-weights" if loss_weights is None else np.ascontiguousarray(loss_weights, np.float64).tobytes())
     relevant = [
         (f.name, value)
         for f, value in zip(fields(config), astuple(config))

@@ -13,12 +13,12 @@ import gc
 import hashlib
 import json
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 import os
 import pickle
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import paths, pe
-from .contributions import check_variables, household_contributions
-from .errors import CalibrateError
-from .geography import state_of_cd
-from .stacking import replicate
-from .targets import TargetFilter, TargetSelectionError, all_cds, load_targets
+from calibrate.core import paths, pe
+from calibrate.core.errors import CalibrateError
+from calibrate.matrix.contributions import check_variables, household_contributions
+from calibrate.matrix.stacking import replicate
+from calibrate.targets import TargetFilter, TargetSelectionError, all_cds, load_targets
+from calibrate.targets.geography import state_of_cd
 
 MATRIX_FORMAT_VERSION = 1
 # States per simulation = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_households). Measured on the
@@ -73,7 +73,7 @@ class CalibrationMatrix:
 
 
 def _read_dataset(dataset_path: Path, period: int) -> dict[str, np.ndarray]:
-    from .dataset import read_h5
+    from calibrate.core.dataset import read_h5
 
     return read_h5(dataset_path, period)
 
@@ -120,7 +120,7 @@ def stacked_state_contributions(arrays: dict, states: list[int], targets: pd.Dat
     """Contributions (n_states, n_targets, n_hh) from ONE simulation holding a copy of the
     households per state (see :mod:`calibrate.stacking`); equal to :func:`state_contributions`
     per state, at a fraction of the cost (policyengine's per-simulation overhead is paid once)."""
-    from .dataset import write_h5
+    from calibrate.core.dataset import write_h5
 
     n_hh = len(arrays["household_id"])
     stacked = replicate(arrays, len(states))
@@ -142,7 +142,7 @@ def _state_values(args) -> tuple[list[int], np.ndarray, float]:
     dataset_path, states, targets, period, stack = args
     start = time.perf_counter()
     if stack:
-        from .dataset import read_h5
+        from calibrate.core.dataset import read_h5
 
         values = stacked_state_contributions(read_h5(dataset_path, period), states, targets, period)
     else:
@@ -237,7 +237,7 @@ def assemble(targets: pd.DataFrame, cds: list[int], state_values: dict[int, np.n
 
 
 def cache_key(dataset_path: Path, targets: pd.DataFrame, cds: list[int], period: int) -> str:
-    from .dataset import file_sha256
+    from calibrate.core.dataset import file_sha256
 
     rows = targets[["target_id", "variable", "period", "value", "geo_level", "geographic_id"]].astype(str).values.tolist()
     constraints = [[(c.variable, c.operation, c.value) for c in cons] for cons in targets.constraints]

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dataset import file_sha256, read_h5
-from .errors import CalibrateError
-from .geography import FIPS_STATE, GeographyError, state_fips_from_code, state_of_cd
+from calibrate.core.dataset import file_sha256, read_h5
+from calibrate.core.errors import CalibrateError
+from calibrate.targets.geography import FIPS_STATE, GeographyError, state_fips_from_code, state_of_cd
 
 RUN_FILES = ("summary.json", "weights.npy", "targets.csv")
 SUMMARY_KEYS = ("dataset_path", "dataset_sha256", "cds", "period", "n_households")

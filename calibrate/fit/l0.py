@@ -19,14 +19,14 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from calibrate.fit_checkpoint import (
+from calibrate.fit.checkpoint import (
     Checkpoint,
     CheckpointMismatchError,
     load_checkpoint,
     problem_fingerprint,
     save_checkpoint,
 )
-from calibrate.fit_loop import (
+from calibrate.fit.loop import (
     DeviceProblem,
     Hyper,
     TrainState,
@@ -36,11 +36,11 @@ from calibrate.fit_loop import (
     make_evaluator,
     make_weights_fn,
 )
-from calibrate.fit_model import (  # noqa: F401  (re-exported pure functions for tests)
+from calibrate.fit.model import (  # noqa: F401  (re-exported pure functions for tests)
     GateShape,
     build_layout,
-    device_ops,
     deterministic_gates,
+    device_ops,
     expected_open_gates,
     hard_concrete_sample,
     join_vector,
@@ -173,7 +173,7 @@ def initial_weights(base_weights, household_state_fips, cd_state_fips, home_stat
     return (share * base[None, :]).ravel()
 
 
-def _validate_inputs(X, targets, init_weights, groups, checkpoint_path):
+def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_weights=None):
     """Clear errors for bad inputs, before any expensive work; returns canonical arrays."""
     if not sp.issparse(X):
         raise ValueError(f"X must be a scipy.sparse matrix, got {type(X).__name__}")
@@ -201,13 +201,25 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path):
         if groups.shape != (m,):
             raise ValueError(f"groups must hold one group id per target ({m}), got shape {groups.shape}")
         groups = np.unique(groups, return_inverse=True)[1].astype(np.int64)  # ids -> codes 0..G-1
+    if loss_weights is not None:
+        if groups is not None:
+            raise ValueError("pass either groups or loss_weights, not both")
+        loss_weights = np.asarray(loss_weights, dtype=np.float64)
+        if loss_weights.shape != (m,):
+            raise ValueError(f"loss_weights must hold one weight per target ({m}), got shape {loss_weights.shape}")
+        bad = np.flatnonzero(~np.isfinite(loss_weights) | (loss_weights < 0))
+        if bad.size:
+            raise ValueError(f"loss_weights must be finite and >= 0; bad target indices {bad[:10].tolist()}")
+        if loss_weights.sum() <= 0:
+            raise ValueError("loss_weights are all zero: no target is in the loss")
     if checkpoint_path is not None and not Path(checkpoint_path).parent.is_dir():
         raise ValueError(f"checkpoint_path {checkpoint_path}: folder does not exist")
-    return X, targets, init_weights, groups
+    return X, targets, init_weights, groups, loss_weights
 
 
-def _history_row(epoch: int, ev) -> dict:
-    abs_err = np.abs(np.asarray(ev.rel_errors, dtype=np.float64))
+def _history_row(epoch: int, ev, in_loss: np.ndarray) -> dict:
+    """One history row; error figures over the targets in the loss (weight > 0)."""
+    abs_err = np.abs(np.asarray(ev.rel_errors, dtype=np.float64))[in_loss]
     return {
         "epoch": epoch, "loss": float(ev.loss), "data_loss": float(ev.data_loss),
         "mean_abs_rel_error": abs_err.mean(), "median_abs_rel_error": np.median(abs_err),
@@ -244,14 +256,26 @@ def fit_l0(
     groups: np.ndarray | None = None,
     checkpoint_path: Path | None = None,
     progress: bool = True,
+    loss_weights: np.ndarray | None = None,
 ) -> FitResult:
-    """Fit sparse non-negative weights w with X @ w ~ targets (see module docstring)."""
+    """Fit sparse non-negative weights w with X @ w ~ targets (see module docstring).
+
+    The data loss is sum_i lw_i * rel_err_i**2 with per-target weights ``lw`` summing to 1:
+    given explicitly by ``loss_weights`` (zeros allowed: such targets are estimated and
+    reported, not fitted), else from ``groups`` / ``config.balance_groups``.
+    """
     t_start = time.perf_counter()
     validate_config(config)
-    X, targets, init_weights, groups = _validate_inputs(X, targets, init_weights, groups, checkpoint_path)
+    X, targets, init_weights, groups, loss_weights = _validate_inputs(
+        X, targets, init_weights, groups, checkpoint_path, loss_weights)
     cfg = config
     hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l0, cfg.lambda_l2)
-    fingerprint = problem_fingerprint(X, targets, init_weights, groups, cfg) if checkpoint_path else ""
+    if loss_weights is None:
+        loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
+    else:
+        loss_weights = loss_weights / loss_weights.sum()
+    in_loss = loss_weights > 0
+    fingerprint = problem_fingerprint(X, targets, init_weights, loss_weights, cfg) if checkpoint_path else ""
     checkpoint = None
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         checkpoint = load_checkpoint(Path(checkpoint_path), fingerprint)
@@ -262,7 +286,7 @@ def fit_l0(
     problem = DeviceProblem(
         ops=device_ops(host_ops),
         targets=jnp.asarray(targets, jnp.float32),
-        loss_weights=jnp.asarray(target_loss_weights(groups, X.shape[0], cfg.balance_groups), jnp.float32),
+        loss_weights=jnp.asarray(loss_weights, jnp.float32),
         noise_ids=jnp.asarray(layout.active_ids.astype(np.uint32)),
     )
     key = jax.random.key(cfg.seed)
@@ -280,7 +304,7 @@ def fit_l0(
     compile_seconds = time.perf_counter() - t_compile
 
     if epoch == 0:
-        history.append(_history_row(0, jax.device_get(evaluate(state.params, problem))))
+        history.append(_history_row(0, jax.device_get(evaluate(state.params, problem)), in_loss))
     start_epoch, train_seconds = epoch, 0.0
     with tqdm(total=cfg.epochs, initial=epoch, disable=not progress, unit="epoch", desc="L0 fit") as bar:
         while epoch < cfg.epochs:
@@ -293,7 +317,7 @@ def fit_l0(
             ev, divergence = jax.device_get((evaluate(state.params, problem), state.divergence))
             _raise_if_diverged(divergence, ev, epoch)
             if epoch % cfg.log_every == 0 or epoch == cfg.epochs:
-                history.append(_history_row(epoch, ev))
+                history.append(_history_row(epoch, ev, in_loss))
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", active=history[-1]["n_active"])
             if checkpoint_path is not None and cfg.checkpoint_every > 0 and (
                 epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs

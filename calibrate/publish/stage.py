@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import outputs
-from .dataset import read_h5
-from .errors import CalibrateError
-from .publish_inputs import Area, PublishInputError, RunData, load_run, resolve_areas
-from .publish_verify import (
+from calibrate import outputs
+from calibrate.core.dataset import read_h5
+from calibrate.core.errors import CalibrateError
+from calibrate.publish.inputs import Area, PublishInputError, RunData, load_run, resolve_areas
+from calibrate.publish.verify import (
     DEFAULT_RTOL,
     VERIFY_COLUMNS,
     PublishVerificationError,
@@ -41,7 +41,7 @@ from .publish_verify import (
     sample_areas,
     verify_file,
 )
-from .publish_write import BaseLayout, PublishedFile, base_layout, write_area
+from calibrate.publish.write import BaseLayout, PublishedFile, base_layout, write_area
 
 VERIFY_MODES = ("all", "sample", "none")
 DEFAULT_SAMPLE_SIZE = 6
@@ -208,7 +208,7 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
     )
     spec = None
     if verified:
-        from . import pe
+        from calibrate.core import pe
 
         pe.tax_benefit_system()  # import once here; forked workers inherit it
         spec = attach_constraints(run.targets, run.db_path, run.cds, run.period)
@@ -284,6 +284,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"files: {result.out_dir.resolve()}  verification: {result.verification_path}  ({result.seconds:.1f}s)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

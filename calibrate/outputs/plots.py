@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .outputs import atomic_path, group_errors
+from calibrate.outputs.tables import atomic_path, group_errors
 
 
 def _pyplot():

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import outputs, pe
-from .dataset import write_h5
-from .errors import CalibrateError
-from .geography import state_of_cd
-from .stacking import class_preserving_ids
+from calibrate import outputs
+from calibrate.core import pe
+from calibrate.core.dataset import write_h5
+from calibrate.core.errors import CalibrateError
+from calibrate.matrix.stacking import class_preserving_ids
+from calibrate.targets.geography import state_of_cd
 
 GROUP_ENTITIES = ("tax_unit", "spm_unit", "family", "marital_unit")
 WEIGHT_INPUTS_ALWAYS = ("family_weight",)  # policyengine-us inputs (no formula) that default to 0

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from calibrate.fit_model import (
+from calibrate.fit.model import (
     GateParams,
     GateShape,
     Layout,

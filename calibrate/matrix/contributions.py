@@ -20,8 +20,8 @@ from enum import Enum
 import numpy as np
 import pandas as pd
 
-from . import pe
-from .errors import CalibrateError
+from calibrate.core import pe
+from calibrate.core.errors import CalibrateError
 
 _OPS = {
     "==": operator.eq,

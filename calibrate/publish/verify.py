@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import pe
-from .contributions import household_contributions
-from .errors import CalibrateError
-from .targets import TargetFilter, load_targets
+from calibrate.core import pe
+from calibrate.core.errors import CalibrateError
+from calibrate.matrix.contributions import household_contributions
+from calibrate.targets import TargetFilter, load_targets
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6

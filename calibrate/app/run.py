@@ -7,8 +7,6 @@ the policyengine-us import and the matrix build, so bad input fails in seconds.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -16,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import outputs, plots
-from .config import (
+from calibrate import outputs
+from calibrate.app.config import (
     CalibrateConfig,
-    GpuConf,
     existing_file,
     l0_config,
     resolve_cds,
@@ -27,71 +24,10 @@ from .config import (
     target_filter,
     to_config,
 )
-from .errors import CalibrateError
-from .geography import state_of_cd
-
-
-class NoGpuError(CalibrateError):
-    """A GPU profile was chosen but JAX sees no GPU (and CPU fallback is off)."""
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """Where the fit runs and how that was decided."""
-
-    profile: str  # gpu profile name
-    requested_platform: str  # platform the profile asked for
-    platform: str  # platform actually used
-    device: str  # JAX device description
-    cpu_fallback: bool  # True when a GPU profile ran on CPU (gpu.allow_cpu_fallback=true)
-
-
-def device_env(gpu: GpuConf) -> dict[str, str | None]:
-    """Environment variables a profile sets before JAX is imported (None = unset)."""
-    env: dict[str, str | None] = {
-        # A CPU profile pins JAX to the CPU; a GPU profile lets JAX pick its best backend and
-        # is then checked (pinning JAX_PLATFORMS=cuda makes JAX crash obscurely without a GPU).
-        "JAX_PLATFORMS": "cpu" if gpu.platform.value == "cpu" else None,
-        "JAX_DEFAULT_MATMUL_PRECISION": gpu.matmul_precision.value,
-        "JAX_ENABLE_X64": "true" if gpu.enable_x64 else "false",
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "true" if gpu.preallocate else "false",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION": None if gpu.mem_fraction is None else f"{gpu.mem_fraction:g}",
-    }
-    return env
-
-
-def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
-    """(platform to use, whether it is a CPU fallback) given the platforms JAX reports."""
-    wanted = gpu.platform.value
-    if wanted == "cpu":
-        return "cpu", False
-    if "gpu" in available or wanted in available:
-        return wanted, False
-    if gpu.allow_cpu_fallback:
-        return "cpu", True
-    raise NoGpuError(
-        f"gpu={gpu.name} needs a CUDA GPU but JAX sees only {', '.join(sorted(set(available))) or 'nothing'}; "
-        "choose gpu=cpu, or set gpu.allow_cpu_fallback=true to run on CPU"
-    )
-
-
-def setup_device(gpu: GpuConf) -> DeviceInfo:
-    """Apply the profile's environment (when JAX is not yet imported) and check the device."""
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "backend 'tpu'" chatter
-    if "jax" not in sys.modules:
-        for key, value in device_env(gpu).items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    import jax
-
-    available = [d.platform for d in jax.devices()]
-    platform, fallback = choose_platform(gpu, available)
-    devices = jax.devices("cpu") if platform == "cpu" else [d for d in jax.devices() if d.platform != "cpu"]
-    if fallback or platform == "cpu":
-        jax.config.update("jax_default_device", devices[0])
-    return DeviceInfo(gpu.name, gpu.platform.value, platform, str(devices[0].device_kind), fallback)
+from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
+from calibrate.core.errors import CalibrateError
+from calibrate.outputs import plots
+from calibrate.targets.geography import state_of_cd
 
 
 @dataclass(frozen=True)
@@ -203,7 +139,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     device = setup_device(settings.gpu)
     l0 = l0_config(settings.fit)
 
-    from .matrix import build_matrix
+    from calibrate.matrix import build_matrix
 
     matrix = build_matrix(
         inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,
@@ -228,7 +164,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
 def fit_stage(matrix, l0, run_dir: Path, progress: bool):
     """Initial weights from the base weights, then the L0 fit (divergence -> CalibrateError)."""
-    from .fit import FitDivergedError, fit_l0, initial_weights
+    from calibrate.fit import FitDivergedError, fit_l0, initial_weights
 
     cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
     init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
@@ -256,8 +192,8 @@ def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped) -
 def make_summary(settings: CalibrateConfig, inputs: RunInputs, device: DeviceInfo, matrix, result, table, weights,
                  run_dir: Path, overrides: list[str]) -> RunSummary:
     """The run's summary figures and provenance."""
-    from .dataset import file_sha256
-    from .pe import package_versions
+    from calibrate.core.dataset import file_sha256
+    from calibrate.core.pe import package_versions
 
     return RunSummary(
         status="complete",
@@ -301,7 +237,7 @@ def make_summary(settings: CalibrateConfig, inputs: RunInputs, device: DeviceInf
 
 def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:
     """Run the publish stage; its outcome is recorded in summary.json (rewritten atomically)."""
-    from .publish import publish_run
+    from calibrate.publish import publish_run
 
     try:
         result = publish_run(run_dir, cfg.publish)

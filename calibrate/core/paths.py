@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STORAGE = REPO_ROOT / "storage"
 SOURCES = STORAGE / "sources"
 TARGET_DB = STORAGE / "policy_data.db"

@@ -15,8 +15,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from .errors import CalibrateError
-from .geography import FIPS_STATE, cd_label, state_of_cd
+from calibrate.core.errors import CalibrateError
+from calibrate.targets.geography import FIPS_STATE, cd_label, state_of_cd
 
 GEO_VARIABLES = ("state_fips", "congressional_district_geoid")
 OPERATIONS = ("==", "!=", ">", ">=", "<", "<=")

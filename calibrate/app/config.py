@@ -17,8 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from . import paths
-from .errors import CalibrateError
+from calibrate.core import paths
+from calibrate.core.errors import CalibrateError
 
 SCHEMA_NAME = "calibrate_schema"
 CONF_DIR = paths.REPO_ROOT / "conf"
@@ -183,7 +183,7 @@ def _dict_mode():
 
 def target_filter(target: dict[str, TargetGroupConf]):
     """The union (OR) of the selected target groups; an empty selection is an error."""
-    from .targets import TargetFilter
+    from calibrate.targets import TargetFilter
 
     if not target:
         raise CalibrateError("no target group selected (choose e.g. target=snap or target=[snap,age])")
@@ -213,8 +213,8 @@ def _cd_list(value) -> list[int]:
 
 def resolve_cds(geo: GeoConf, db_path) -> list[int]:
     """The CD geoids a geo config selects, checked against the target database."""
-    from .geography import STATE_FIPS, state_of_cd
-    from .targets import all_cds
+    from calibrate.targets import all_cds
+    from calibrate.targets.geography import STATE_FIPS, state_of_cd
 
     valid = all_cds(Path(db_path))
     if isinstance(geo.cds, str) and geo.cds.strip().lower() == "all":
@@ -246,7 +246,7 @@ def resolve_cds(geo: GeoConf, db_path) -> list[int]:
 
 def resolve_levels(geo: GeoConf, cds: list[int], db_path) -> list[str]:
     """The target geo levels a run keeps (``geo.levels``, or automatic when empty)."""
-    from .targets import GEO_LEVELS, all_cds
+    from calibrate.targets import GEO_LEVELS, all_cds
 
     bad = [lvl for lvl in geo.levels if lvl not in GEO_LEVELS]
     if bad:
@@ -261,7 +261,7 @@ def l0_config(fit: FitConf):
     """The fit stage's ``L0Config`` from the fit section (validated by the fit module)."""
     from dataclasses import asdict
 
-    from .fit import L0Config, validate_config
+    from calibrate.fit import L0Config, validate_config
 
     config = L0Config(**asdict(fit))
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from .outputs import SUMMARY_FILE, write_csv
+from calibrate.outputs.tables import SUMMARY_FILE, write_csv
 
 SWEEP_FILE = "sweep.csv"
 ID_COLUMNS = ["job", "job_dir", "status", "overrides", "error"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import CalibrateError
+from calibrate.core.errors import CalibrateError
 
 DATASET_PERIOD = 2024
 # Variables every calibration input needs: entity ids, links, weights and geography.

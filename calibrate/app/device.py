@@ -1,0 +1,75 @@
+"""Device selection for the fit: apply a ``gpu`` profile's JAX environment and check that
+the accelerator it asks for exists (or fall back to CPU when the profile allows it)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from calibrate.app.config import GpuConf
+from calibrate.core.errors import CalibrateError
+
+
+class NoGpuError(CalibrateError):
+    """A GPU profile was chosen but JAX sees no GPU (and CPU fallback is off)."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where the fit runs and how that was decided."""
+
+    profile: str  # gpu profile name
+    requested_platform: str  # platform the profile asked for
+    platform: str  # platform actually used
+    device: str  # JAX device description
+    cpu_fallback: bool  # True when a GPU profile ran on CPU (gpu.allow_cpu_fallback=true)
+
+
+def device_env(gpu: GpuConf) -> dict[str, str | None]:
+    """Environment variables a profile sets before JAX is imported (None = unset)."""
+    env: dict[str, str | None] = {
+        # A CPU profile pins JAX to the CPU; a GPU profile lets JAX pick its best backend and
+        # is then checked (pinning JAX_PLATFORMS=cuda makes JAX crash obscurely without a GPU).
+        "JAX_PLATFORMS": "cpu" if gpu.platform.value == "cpu" else None,
+        "JAX_DEFAULT_MATMUL_PRECISION": gpu.matmul_precision.value,
+        "JAX_ENABLE_X64": "true" if gpu.enable_x64 else "false",
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "true" if gpu.preallocate else "false",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": None if gpu.mem_fraction is None else f"{gpu.mem_fraction:g}",
+    }
+    return env
+
+
+def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
+    """(platform to use, whether it is a CPU fallback) given the platforms JAX reports."""
+    wanted = gpu.platform.value
+    if wanted == "cpu":
+        return "cpu", False
+    if "gpu" in available or wanted in available:
+        return wanted, False
+    if gpu.allow_cpu_fallback:
+        return "cpu", True
+    raise NoGpuError(
+        f"gpu={gpu.name} needs a CUDA GPU but JAX sees only {', '.join(sorted(set(available))) or 'nothing'}; "
+        "choose gpu=cpu, or set gpu.allow_cpu_fallback=true to run on CPU"
+    )
+
+
+def setup_device(gpu: GpuConf) -> DeviceInfo:
+    """Apply the profile's environment (when JAX is not yet imported) and check the device."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "backend 'tpu'" chatter
+    if "jax" not in sys.modules:
+        for key, value in device_env(gpu).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    import jax
+
+    available = [d.platform for d in jax.devices()]
+    platform, fallback = choose_platform(gpu, available)
+    devices = jax.devices("cpu") if platform == "cpu" else [d for d in jax.devices() if d.platform != "cpu"]
+    if fallback or platform == "cpu":
+        jax.config.update("jax_default_device", devices[0])
+    return DeviceInfo(gpu.name, gpu.platform.value, platform, str(devices[0].device_kind), fallback)

@@ -1,0 +1,135 @@
+"""MatrixTracer: find your way around a built calibration matrix.
+
+    python -m calibrate.tracer storage/cache/matrix-<key>.pkl structure
+    python -m calibrate.tracer <matrix.pkl | run_dir> row 12
+    python -m calibrate.tracer <matrix.pkl | run_dir> column 120345
+    python -m calibrate.tracer <matrix.pkl | run_dir> cell 12 120345
+    python -m calibrate.tracer <matrix.pkl | run_dir> household 4711
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from calibrate.matrix.build import CalibrationMatrix
+from calibrate.targets.geography import cd_label
+
+
+class MatrixTracer:
+    """Readable views of rows, columns, cells and households of a :class:`CalibrationMatrix`."""
+
+    def __init__(self, matrix: CalibrationMatrix):
+        self.m = matrix
+        self.X = matrix.X.tocsr()
+        self.n_hh = matrix.n_households
+        self._hh_pos = {int(h): i for i, h in enumerate(matrix.household_ids)}
+
+    def structure(self) -> str:
+        X, t = self.X, self.m.targets_df
+        n_cells = X.shape[0] * X.shape[1]
+        lines = [
+            f"X: {X.shape[0]} targets x {X.shape[1]} columns ({len(self.m.cds)} CDs x {self.n_hh} households)",
+            f"nnz: {X.nnz:,}  density: {X.nnz / max(n_cells, 1):.3e}  sparsity: {1 - X.nnz / max(n_cells, 1):.6f}",
+            f"dropped all-zero targets: {len(self.m.dropped)}",
+            "CD column ranges:",
+        ]
+        for i, cd in enumerate(self.m.cds[:5]):
+            lines.append(f"  {cd_label(cd):>6} ({cd}): columns {i * self.n_hh}-{(i + 1) * self.n_hh - 1}")
+        if len(self.m.cds) > 5:
+            i = len(self.m.cds) - 1
+            lines.append(f"  ... {len(self.m.cds) - 6} more ...")
+            lines.append(f"  {cd_label(self.m.cds[i]):>6} ({self.m.cds[i]}): columns {i * self.n_hh}-{(i + 1) * self.n_hh - 1}")
+        lines.append("row groups (geo level, variable): rows")
+        groups = t.reset_index().groupby(["geo_level", "variable"], sort=False)["index"].agg(["min", "max", "count"])
+        for (level, variable), g in groups.iterrows():
+            lines.append(f"  {level:<9} {variable:<45} rows {g['min']}-{g['max']} ({g['count']})")
+        return "\n".join(lines)
+
+    def print_matrix_structure(self) -> None:
+        print(self.structure())
+
+    def get_row_info(self, row: int) -> dict:
+        r = self.m.targets_df.iloc[int(row)]
+        info = {k: r[k] for k in ("target_id", "stratum_id", "stratum_group_id", "variable", "period", "value",
+                                  "geo_level", "geographic_id", "label")}
+        info["row"] = int(row)
+        info["nnz"] = int(self.X.indptr[row + 1] - self.X.indptr[row])
+        return info
+
+    def get_column_info(self, col: int) -> dict:
+        col = int(col)
+        if not 0 <= col < self.X.shape[1]:
+            raise IndexError(f"column {col} outside 0..{self.X.shape[1] - 1}")
+        cd_idx, hh_idx = divmod(col, self.n_hh)
+        cd = self.m.cds[cd_idx]
+        return {"column": col, "cd": cd, "cd_label": cd_label(cd), "cd_index": cd_idx,
+                "household_index": hh_idx, "household_id": int(self.m.household_ids[hh_idx])}
+
+    def lookup_matrix_cell(self, row: int, col: int) -> dict:
+        return {"value": float(self.X[int(row), int(col)]), "target": self.get_row_info(row),
+                "column": self.get_column_info(col)}
+
+    def trace_household(self, household_id: int) -> pd.DataFrame:
+        """Every (target, CD) a household contributes to, with the value."""
+        if int(household_id) not in self._hh_pos:
+            raise KeyError(f"household id {household_id} is not in the matrix")
+        hh = self._hh_pos[int(household_id)]
+        cols = np.arange(len(self.m.cds)) * self.n_hh + hh
+        sub = self.X[:, cols].tocoo()
+        t = self.m.targets_df
+        return pd.DataFrame({
+            "row": sub.row,
+            "label": t.label.to_numpy()[sub.row],
+            "cd": np.asarray(self.m.cds)[sub.col],
+            "column": cols[sub.col],
+            "value": sub.data,
+        }).sort_values(["row", "cd"]).reset_index(drop=True)
+
+
+def load_matrix(path: Path) -> CalibrationMatrix:
+    """A cached matrix pickle, or the one a run directory's summary.json names."""
+    path = Path(path)
+    if path.is_dir():
+        summary = json.loads((path / "summary.json").read_text())
+        from calibrate.core import paths
+
+        key = summary.get("matrix_cache_key") or summary.get("cache_key")
+        path = Path(summary.get("cache_dir") or paths.CACHE) / f"matrix-{key}.pkl"
+    if not path.is_file():
+        raise FileNotFoundError(f"matrix file {path} does not exist")
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m calibrate.tracer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("matrix", type=Path, help="cached matrix .pkl or a run directory")
+    p.add_argument("what", choices=["structure", "row", "column", "cell", "household"])
+    p.add_argument("args", nargs="*", type=int)
+    a = p.parse_args(argv)
+    try:
+        tracer = MatrixTracer(load_matrix(a.matrix))
+        with pd.option_context("display.width", 160, "display.max_rows", 200):
+            if a.what == "structure":
+                tracer.print_matrix_structure()
+            elif a.what == "row":
+                print(pd.Series(tracer.get_row_info(a.args[0])).to_string())
+            elif a.what == "column":
+                print(pd.Series(tracer.get_column_info(a.args[0])).to_string())
+            elif a.what == "cell":
+                print(json.dumps(tracer.lookup_matrix_cell(*a.args[:2]), indent=2, default=str))
+            else:
+                print(tracer.trace_household(a.args[0]).to_string())
+    except (FileNotFoundError, KeyError, IndexError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
