@@ -8,14 +8,8 @@ loss), ``loop`` the jitted epoch loop, ``checkpoint`` atomic resumable state.
 """
 
 from calibrate.fit.checkpoint import CheckpointMismatchError
-from calibrate.fit.l0 import (
-    FitDivergedError,
-    FitResult,
-    L0Config,
-    fit_l0,
-    initial_weights,
-    validate_config,
-)
+from calibrate.fit.config import L0Config, validate_config
+from calibrate.fit.l0 import FitDivergedError, FitResult, fit_l0, initial_weights
 from calibrate.fit.model import relative_loss
 
 __all__ = [

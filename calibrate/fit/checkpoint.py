@@ -35,6 +35,7 @@ class Checkpoint:
     opt_leaves: list[np.ndarray]
     key_data: np.ndarray
     history: dict[str, np.ndarray]
+    lambdas: np.ndarray | None = None  # per-group L0 weights (sparsity controller state)
 
 
 def problem_fingerprint(
@@ -43,6 +44,8 @@ def problem_fingerprint(
     init_weights: np.ndarray,
     loss_weights: np.ndarray | None,
     config: object,
+    tolerances: np.ndarray | None = None,
+    column_groups: np.ndarray | None = None,
 ) -> str:
     """SHA-256 over X (canonical CSR), targets, initial weights, per-target loss weights and
     path-relevant config."""
@@ -53,6 +56,9 @@ def problem_fingerprint(
     digest.update(np.ascontiguousarray(targets, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(init_weights, dtype=np.float64).tobytes())
     digest.update(b"no-weights" if loss_weights is None else np.ascontiguousarray(loss_weights, np.float64).tobytes())
+    for name, extra in (("tolerances", tolerances), ("column_groups", column_groups)):
+        if extra is not None:
+            digest.update(name.encode() + np.ascontiguousarray(extra).tobytes())
     relevant = [
         (f.name, value)
         for f, value in zip(fields(config), astuple(config))
@@ -72,6 +78,8 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "n_params": np.array(len(checkpoint.param_leaves)),
         "n_opt": np.array(len(checkpoint.opt_leaves)),
     }
+    if checkpoint.lambdas is not None:
+        arrays["lambdas"] = checkpoint.lambdas
     arrays.update({f"param_{i}": leaf for i, leaf in enumerate(checkpoint.param_leaves)})
     arrays.update({f"opt_{i}": leaf for i, leaf in enumerate(checkpoint.opt_leaves)})
     arrays.update({f"history_{name}": values for name, values in checkpoint.history.items()})
@@ -104,4 +112,44 @@ def load_checkpoint(path: Path, expected_fingerprint: str) -> Checkpoint:
             history={
                 name[len("history_"):]: data[name] for name in data.files if name.startswith("history_")
             },
+            lambdas=data["lambdas"] if "lambdas" in data.files else None,
         )
+
+
+def to_checkpoint(state, key, epoch: int, history: list[dict], fingerprint: str, columns: list[str]) -> Checkpoint:
+    """A :class:`Checkpoint` of a fit's ``TrainState`` (host copies of every array)."""
+    import jax
+    import pandas as pd
+
+    frame = pd.DataFrame(history, columns=columns)
+    return Checkpoint(
+        fingerprint=fingerprint,
+        epoch=epoch,
+        param_leaves=[np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)],
+        opt_leaves=[np.asarray(x) for x in jax.tree_util.tree_leaves(state.opt_state)],
+        key_data=np.asarray(jax.random.key_data(key)),
+        history={c: frame[c].to_numpy() for c in columns},
+        lambdas=np.asarray(state.lambdas),
+    )
+
+
+def restore_state(fresh, checkpoint: Checkpoint):
+    """(state, key, epoch, history) from a checkpoint, using ``fresh`` for the tree structures."""
+    import jax
+    import jax.numpy as jnp
+    import pandas as pd
+
+    def rebuild(template, leaves):
+        treedef = jax.tree_util.tree_structure(template)
+        old = jax.tree_util.tree_leaves(template)
+        if len(old) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(old, leaves)):
+            raise CheckpointMismatchError("checkpoint arrays do not match this problem's parameter shapes")
+        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x, dtype=jnp.asarray(o).dtype)
+                                                      for o, x in zip(old, leaves)])
+
+    params = rebuild(fresh.params, checkpoint.param_leaves)
+    opt_state = rebuild(fresh.opt_state, checkpoint.opt_leaves)
+    lambdas = fresh.lambdas if checkpoint.lambdas is None else jnp.asarray(checkpoint.lambdas, jnp.float32)
+    key = jax.random.wrap_key_data(jnp.asarray(checkpoint.key_data))
+    history = pd.DataFrame(checkpoint.history).to_dict("records")
+    return type(fresh)(params, opt_state, fresh.divergence, lambdas), key, checkpoint.epoch, history

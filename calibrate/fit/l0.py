@@ -3,13 +3,14 @@
 Public API: ``L0Config``, ``validate_config``, ``initial_weights``, ``fit_l0`` ->
 ``FitResult``, ``FitDivergedError``. Pure numerical core: knows nothing about
 policyengine, Hydra or project files. The model matches l0-python 0.6.2's
-``SparseCalibrationWeights`` (see ``calibrate.fit_model``); docs/fit.md has details.
+``SparseCalibrationWeights`` (see ``calibrate.fit.model``); the sparsity controller is
+``calibrate.fit.sparsity``; docs/fit.md has details.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -20,33 +21,25 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from calibrate.fit.checkpoint import (
-    Checkpoint,
     CheckpointMismatchError,
     load_checkpoint,
     problem_fingerprint,
+    restore_state,
     save_checkpoint,
+    to_checkpoint,
 )
+from calibrate.fit.config import L0Config, validate_config
 from calibrate.fit.loop import (
     DeviceProblem,
     Hyper,
-    TrainState,
     initial_params,
     initial_state,
     make_chunk_runner,
     make_evaluator,
     make_weights_fn,
 )
-from calibrate.fit.model import (  # noqa: F401  (re-exported pure functions for tests)
-    GateShape,
-    build_layout,
-    deterministic_gates,
-    device_ops,
-    expected_open_gates,
-    hard_concrete_sample,
-    join_vector,
-    relative_loss,
-    target_loss_weights,
-)
+from calibrate.fit.model import GateShape, build_layout, device_ops, join_vector, relative_loss, target_loss_weights
+from calibrate.fit.sparsity import GroupIndex, SparsitySchedule, build_group_index
 
 __all__ = [
     "CheckpointMismatchError", "FitDivergedError", "FitResult", "L0Config", "fit_l0",
@@ -55,62 +48,9 @@ __all__ = [
 
 HISTORY_COLUMNS = [
     "epoch", "loss", "data_loss", "mean_abs_rel_error", "median_abs_rel_error",
-    "p90_abs_rel_error", "p95_abs_rel_error", "max_abs_rel_error", "n_active",
+    "p90_abs_rel_error", "p95_abs_rel_error", "max_abs_rel_error", "n_active", "open_share_min",
+    "open_share_max", "lambda_median",
 ]
-
-
-@dataclass(frozen=True)
-class L0Config:
-    """Hyperparameters of the fit (defaults as used for the CD calibration)."""
-
-    epochs: int = 2000
-    lr: float = 0.15
-    beta: float = 0.35
-    gamma: float = -0.1
-    zeta: float = 1.1
-    init_keep_prob: float = 0.999
-    lambda_l0: float = 1e-8
-    lambda_l2: float = 1e-12
-    jitter: float = 0.01
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 0  # 0 = off
-    balance_groups: bool = True
-    chunk_epochs: int = 50
-
-
-_RULES = {
-    "epochs": (lambda v: v >= 1, "must be an integer >= 1"),
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "beta": (lambda v: v > 0, "must be > 0"),
-    "gamma": (lambda v: v < 0, "must be < 0"),
-    "zeta": (lambda v: v > 1, "must be > 1"),
-    "init_keep_prob": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-    "lambda_l0": (lambda v: v >= 0, "must be >= 0"),
-    "lambda_l2": (lambda v: v >= 0, "must be >= 0"),
-    "jitter": (lambda v: v >= 0, "must be >= 0"),
-    "seed": (lambda v: v >= 0, "must be an integer >= 0"),
-    "log_every": (lambda v: v >= 1, "must be an integer >= 1"),
-    "checkpoint_every": (lambda v: v >= 0, "must be an integer >= 0 (0 = off)"),
-    "balance_groups": (lambda v: True, "must be a bool"),
-    "chunk_epochs": (lambda v: v >= 1, "must be an integer >= 1"),
-}
-_INTEGER_FIELDS = {"epochs", "seed", "log_every", "checkpoint_every", "chunk_epochs"}
-
-
-def validate_config(config: L0Config) -> None:
-    """Raise ValueError naming the first bad key and its value."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        check, rule = _RULES[f.name]
-        if f.name == "balance_groups":
-            ok = isinstance(value, (bool, np.bool_))
-        elif f.name in _INTEGER_FIELDS:
-            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and check(value)
-        else:
-            ok = isinstance(value, (int, float, np.number)) and bool(np.isfinite(value)) and check(value)
-        if not ok:
-            raise ValueError(f"L0Config.{f.name}={value!r} {rule}")
 
 
 class FitDivergedError(RuntimeError):
@@ -139,6 +79,7 @@ class FitResult:
     total_seconds: float
     device: str
     config: L0Config
+    lambdas: np.ndarray  # final L0 weight of each column group
 
 
 def initial_weights(base_weights, household_state_fips, cd_state_fips, home_state_share: float = 0.9) -> np.ndarray:
@@ -173,11 +114,28 @@ def initial_weights(base_weights, household_state_fips, cd_state_fips, home_stat
     return (share * base[None, :]).ravel()
 
 
-def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_weights=None):
-    """Clear errors for bad inputs, before any expensive work; returns canonical arrays."""
+def _per_target(values, m: int, name: str, default: float) -> np.ndarray:
+    """A finite, non-negative per-target array (``default`` everywhere when None)."""
+    if values is None:
+        return np.full(m, default)
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (m,):
+        raise ValueError(f"{name} must hold one value per target ({m}), got shape {values.shape}")
+    bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+    if bad.size:
+        raise ValueError(f"{name} must be finite and >= 0; bad target indices {bad[:10].tolist()}")
+    return values
+
+
+def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_weights=None, tolerances=None,
+                     column_groups=None):
+    """Clear errors for bad inputs, before any expensive work; returns canonical arrays.
+
+    X is kept in float32 (the precision of the fit) to bound memory on large problems.
+    """
     if not sp.issparse(X):
         raise ValueError(f"X must be a scipy.sparse matrix, got {type(X).__name__}")
-    X = sp.csr_matrix(X, dtype=np.float64, copy=True)
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
     X.sum_duplicates()
     X.eliminate_zeros()
     X.sort_indices()
@@ -204,20 +162,20 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_wei
     if loss_weights is not None:
         if groups is not None:
             raise ValueError("pass either groups or loss_weights, not both")
-        loss_weights = np.asarray(loss_weights, dtype=np.float64)
-        if loss_weights.shape != (m,):
-            raise ValueError(f"loss_weights must hold one weight per target ({m}), got shape {loss_weights.shape}")
-        bad = np.flatnonzero(~np.isfinite(loss_weights) | (loss_weights < 0))
-        if bad.size:
-            raise ValueError(f"loss_weights must be finite and >= 0; bad target indices {bad[:10].tolist()}")
+        loss_weights = _per_target(loss_weights, m, "loss_weights", 0.0)
         if loss_weights.sum() <= 0:
             raise ValueError("loss_weights are all zero: no target is in the loss")
+    tolerances = _per_target(tolerances, m, "tolerances", 0.0)
+    if column_groups is not None:
+        column_groups = np.asarray(column_groups)
+        if column_groups.shape != (n,):
+            raise ValueError(f"column_groups must hold one group id per column ({n}), got shape {column_groups.shape}")
     if checkpoint_path is not None and not Path(checkpoint_path).parent.is_dir():
         raise ValueError(f"checkpoint_path {checkpoint_path}: folder does not exist")
-    return X, targets, init_weights, groups, loss_weights
+    return X, targets, init_weights, groups, loss_weights, tolerances, column_groups
 
 
-def _history_row(epoch: int, ev, in_loss: np.ndarray) -> dict:
+def _history_row(epoch: int, ev, in_loss: np.ndarray, lambdas) -> dict:
     """One history row; error figures over the targets in the loss (weight > 0)."""
     abs_err = np.abs(np.asarray(ev.rel_errors, dtype=np.float64))[in_loss]
     return {
@@ -225,6 +183,8 @@ def _history_row(epoch: int, ev, in_loss: np.ndarray) -> dict:
         "mean_abs_rel_error": abs_err.mean(), "median_abs_rel_error": np.median(abs_err),
         "p90_abs_rel_error": np.quantile(abs_err, 0.9), "p95_abs_rel_error": np.quantile(abs_err, 0.95),
         "max_abs_rel_error": abs_err.max(), "n_active": int(ev.n_active),
+        "open_share_min": float(np.min(ev.open_shares)), "open_share_max": float(np.max(ev.open_shares)),
+        "lambda_median": float(np.median(lambdas)),
     }
 
 
@@ -248,6 +208,13 @@ def _next_stop(epoch: int, cfg: L0Config) -> int:
     return min(stops)
 
 
+def _schedule(cfg: L0Config) -> SparsitySchedule:
+    """The controller's static settings (target share -1: off)."""
+    share = -1.0 if cfg.target_active_share is None else float(cfg.target_active_share)
+    ramp = max(1, int(round(cfg.sparsity_ramp * (cfg.epochs - cfg.polish_epochs))))
+    return SparsitySchedule(share, ramp, float(cfg.sparsity_gain), int(cfg.epochs - cfg.polish_epochs))
+
+
 def fit_l0(
     X: sp.csr_matrix,
     targets: np.ndarray,
@@ -257,25 +224,33 @@ def fit_l0(
     checkpoint_path: Path | None = None,
     progress: bool = True,
     loss_weights: np.ndarray | None = None,
+    tolerances: np.ndarray | None = None,
+    column_groups: np.ndarray | None = None,
 ) -> FitResult:
     """Fit sparse non-negative weights w with X @ w ~ targets (see module docstring).
 
-    The data loss is sum_i lw_i * rel_err_i**2 with per-target weights ``lw`` summing to 1:
-    given explicitly by ``loss_weights`` (zeros allowed: such targets are estimated and
+    The data loss is sum_i lw_i * e_i**2 with e_i the relative error of target i beyond
+    its tolerance band (``tolerances``, relative, default 0) and per-target weights ``lw``
+    summing to 1: given by ``loss_weights`` (zeros allowed: such targets are estimated and
     reported, not fitted), else from ``groups`` / ``config.balance_groups``.
+    ``column_groups`` (one id per column, e.g. the CD of each stacked column) are the
+    groups whose open share ``config.target_active_share`` controls (default: one group).
     """
     t_start = time.perf_counter()
     validate_config(config)
-    X, targets, init_weights, groups, loss_weights = _validate_inputs(
-        X, targets, init_weights, groups, checkpoint_path, loss_weights)
+    X_caller = X  # estimates are reported in the caller's precision
+    X, targets, init_weights, groups, loss_weights, tolerances, column_groups = _validate_inputs(
+        X, targets, init_weights, groups, checkpoint_path, loss_weights, tolerances, column_groups)
     cfg = config
-    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l0, cfg.lambda_l2)
+    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, _schedule(cfg))
     if loss_weights is None:
         loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
     else:
         loss_weights = loss_weights / loss_weights.sum()
     in_loss = loss_weights > 0
-    fingerprint = problem_fingerprint(X, targets, init_weights, loss_weights, cfg) if checkpoint_path else ""
+    fingerprint = ""
+    if checkpoint_path:
+        fingerprint = problem_fingerprint(X, targets, init_weights, loss_weights, cfg, tolerances, column_groups)
     checkpoint = None
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         checkpoint = load_checkpoint(Path(checkpoint_path), fingerprint)
@@ -283,28 +258,42 @@ def fit_l0(
             raise ValueError(f"checkpoint {checkpoint_path} is at epoch {checkpoint.epoch}, beyond epochs={cfg.epochs}")
 
     layout, host_ops = build_layout(X)
+    group_arrays = build_group_index(layout, column_groups)
     problem = DeviceProblem(
         ops=device_ops(host_ops),
         targets=jnp.asarray(targets, jnp.float32),
         loss_weights=jnp.asarray(loss_weights, jnp.float32),
+        tolerances=jnp.asarray(tolerances, jnp.float32),
         noise_ids=jnp.asarray(layout.active_ids.astype(np.uint32)),
+        groups=GroupIndex(**{k: jnp.asarray(v) for k, v in group_arrays.items()}),
+        lambda_scale=jnp.asarray(1.0, jnp.float32),
     )
+    del host_ops
     key = jax.random.key(cfg.seed)
+    controlled = cfg.target_active_share is not None
+    n_groups = group_arrays["sizes"].size
     state = initial_state(initial_params(layout, init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed),
-                          hyper, X.shape[0])
-    history: list[dict] = []
-    epoch = 0
-    if checkpoint is not None:
-        state, key, epoch, history = _restore(state, checkpoint)
+                          hyper, X.shape[0], np.full(n_groups, 0.0 if controlled else cfg.lambda_l0))
 
     t_compile = time.perf_counter()
     run_chunk = make_chunk_runner(hyper).lower(state, 0, 1, key, problem).compile()
-    evaluate = make_evaluator(hyper).lower(state.params, problem).compile()
+    evaluate = make_evaluator(hyper).lower(state.params, state.lambdas, problem).compile()
     weights_fn = make_weights_fn(hyper.shape).lower(state.params).compile()
     compile_seconds = time.perf_counter() - t_compile
+    if controlled:  # the controller's lambda scale: initial data loss per column (fresh state, also on resume)
+        data_loss0 = float(jax.device_get(evaluate(state.params, state.lambdas, problem).data_loss))
+        problem = problem._replace(lambda_scale=jnp.asarray(max(data_loss0, 1e-30) / X.shape[1], jnp.float32))
+    history: list[dict] = []
+    epoch = 0
+    if checkpoint is not None:
+        state, key, epoch, history = restore_state(state, checkpoint)
+
+    def evaluation():
+        return jax.device_get((evaluate(state.params, state.lambdas, problem), state.divergence, state.lambdas))
 
     if epoch == 0:
-        history.append(_history_row(0, jax.device_get(evaluate(state.params, problem)), in_loss))
+        ev, _, lambdas = evaluation()
+        history.append(_history_row(0, ev, in_loss, lambdas))
     start_epoch, train_seconds = epoch, 0.0
     with tqdm(total=cfg.epochs, initial=epoch, disable=not progress, unit="epoch", desc="L0 fit") as bar:
         while epoch < cfg.epochs:
@@ -314,23 +303,24 @@ def fit_l0(
             train_seconds += time.perf_counter() - t0
             bar.update(stop - epoch)
             epoch = stop
-            ev, divergence = jax.device_get((evaluate(state.params, problem), state.divergence))
+            ev, divergence, lambdas = evaluation()
             _raise_if_diverged(divergence, ev, epoch)
             if epoch % cfg.log_every == 0 or epoch == cfg.epochs:
-                history.append(_history_row(epoch, ev, in_loss))
+                history.append(_history_row(epoch, ev, in_loss, lambdas))
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", active=history[-1]["n_active"])
             if checkpoint_path is not None and cfg.checkpoint_every > 0 and (
                 epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
             ):
-                save_checkpoint(Path(checkpoint_path), _to_checkpoint(state, key, epoch, history, fingerprint))
+                save_checkpoint(Path(checkpoint_path), to_checkpoint(state, key, epoch, history, fingerprint,
+                                                                     HISTORY_COLUMNS))
 
-    final, divergence = jax.device_get((evaluate(state.params, problem), state.divergence))
+    final, divergence, lambdas = evaluation()
     _raise_if_diverged(divergence, final, epoch)
     weights = join_vector(layout, *(np.asarray(w, np.float32) for w in weights_fn(state.params)))
     device = jax.devices()[0]
     return FitResult(
         weights=weights,
-        estimates=X @ weights.astype(np.float64),
+        estimates=np.asarray(X_caller @ weights.astype(np.float64)).ravel(),
         history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
         sparsity=float(np.mean(weights == 0)),
         final_loss=float(final.loss),
@@ -340,33 +330,5 @@ def fit_l0(
         total_seconds=time.perf_counter() - t_start,
         device=f"{device.platform}:{device.device_kind}",
         config=cfg,
+        lambdas=np.asarray(lambdas, np.float64),
     )
-
-
-def _to_checkpoint(state: TrainState, key, epoch: int, history: list[dict], fingerprint: str) -> Checkpoint:
-    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    return Checkpoint(
-        fingerprint=fingerprint,
-        epoch=epoch,
-        param_leaves=[np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)],
-        opt_leaves=[np.asarray(x) for x in jax.tree_util.tree_leaves(state.opt_state)],
-        key_data=np.asarray(jax.random.key_data(key)),
-        history={c: frame[c].to_numpy() for c in HISTORY_COLUMNS},
-    )
-
-
-def _restore(fresh: TrainState, checkpoint: Checkpoint):
-    """(state, key, epoch, history) from a checkpoint, using ``fresh`` for the tree structures."""
-    def rebuild(template, leaves):
-        treedef = jax.tree_util.tree_structure(template)
-        old = jax.tree_util.tree_leaves(template)
-        if len(old) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(old, leaves)):
-            raise CheckpointMismatchError("checkpoint arrays do not match this problem's parameter shapes")
-        return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x, dtype=jnp.asarray(o).dtype)
-                                                      for o, x in zip(old, leaves)])
-
-    params = rebuild(fresh.params, checkpoint.param_leaves)
-    opt_state = rebuild(fresh.opt_state, checkpoint.opt_leaves)
-    key = jax.random.wrap_key_data(jnp.asarray(checkpoint.key_data))
-    history = pd.DataFrame(checkpoint.history).to_dict("records")
-    return TrainState(params, opt_state, fresh.divergence), key, checkpoint.epoch, history

@@ -3,6 +3,9 @@
 A chunk runs epochs ``[start, stop)`` in one ``lax.fori_loop`` with traced bounds, so
 every chunk length reuses one compiled program. Epoch noise is derived from
 ``fold_in(key, epoch)``: results do not depend on where chunks (or resumes) split.
+An epoch is one Adam step on the objective with sampled gates, then (when a sparsity
+target is set) one controller step on the per-group L0 weights; in the final "polish"
+epochs the gates are deterministic and frozen and only the weights move.
 """
 
 from __future__ import annotations
@@ -19,15 +22,24 @@ from jax import lax
 from calibrate.fit.model import (
     GateParams,
     GateShape,
+    L0Weights,
     Layout,
     SparseOps,
     SplitParams,
     deterministic_gates,
     epoch_uniforms,
+    excess_errors,
     hard_concrete_sample,
     relative_errors,
     split_objective,
     split_vector,
+)
+from calibrate.fit.sparsity import (
+    GroupIndex,
+    SparsitySchedule,
+    controlled_lambdas,
+    group_open_shares,
+    scheduled_share,
 )
 
 
@@ -44,6 +56,7 @@ class TrainState(NamedTuple):
     params: SplitParams
     opt_state: optax.OptState
     divergence: Divergence
+    lambdas: jax.Array  # (n_groups,) L0 weight of each column group (moves only under sparsity control)
 
 
 class DeviceProblem(NamedTuple):
@@ -52,7 +65,10 @@ class DeviceProblem(NamedTuple):
     ops: SparseOps
     targets: jax.Array
     loss_weights: jax.Array
+    tolerances: jax.Array  # relative tolerance band per target (0 = none)
     noise_ids: jax.Array  # uint32 original column ids of the active columns
+    groups: GroupIndex
+    lambda_scale: jax.Array  # scale of the controlled L0 weights (initial data loss per column)
 
 
 class Hyper(NamedTuple):
@@ -60,8 +76,8 @@ class Hyper(NamedTuple):
 
     shape: GateShape
     lr: float
-    lambda_l0: float
     lambda_l2: float
+    schedule: SparsitySchedule  # target_share <= 0: lambdas stay fixed
 
 
 class Evaluation(NamedTuple):
@@ -72,6 +88,7 @@ class Evaluation(NamedTuple):
     rel_errors: jax.Array
     n_active: jax.Array
     finite: jax.Array
+    open_shares: jax.Array  # expected share of open gates per column group
 
 
 def optimizer(hyper: Hyper) -> optax.GradientTransformation:
@@ -97,41 +114,63 @@ def initial_params(layout: Layout, init_weights: np.ndarray, init_keep_prob: flo
     return SplitParams(GateParams(as32(lw_a), as32(la_a)), GateParams(as32(lw_i), as32(la_i)))
 
 
-def initial_state(params: SplitParams, hyper: Hyper, n_targets: int) -> TrainState:
-    """Fresh optimiser state (zeros shaped by ``optax``'s init) and no divergence.
+def initial_state(params: SplitParams, hyper: Hyper, n_targets: int, lambdas: np.ndarray) -> TrainState:
+    """Fresh optimiser state (zeros shaped by ``optax``'s init), no divergence, initial lambdas.
 
     Built from host zeros, so no device program has to be compiled for it.
     """
     shapes = jax.eval_shape(optimizer(hyper).init, params)
     opt_state = jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
     divergence = Divergence(jax.device_put(np.array(-1, np.int32)), jax.device_put(np.zeros(n_targets, np.float32)))
-    return TrainState(params, opt_state, divergence)
+    return TrainState(params, opt_state, divergence, jax.device_put(np.asarray(lambdas, np.float32)))
+
+
+def column_lambdas(lambdas: jax.Array, groups: GroupIndex) -> L0Weights:
+    """Each column's L0 weight: its group's lambda."""
+    return L0Weights(lambdas[groups.active], lambdas[groups.inactive])
+
+
+def _freeze_gates(new: SplitParams, old: SplitParams, frozen: jax.Array) -> SplitParams:
+    """``new`` with the old log_alpha values where ``frozen`` (polish epochs)."""
+    return SplitParams(*(GateParams(n.log_weight, jnp.where(frozen, o.log_alpha, n.log_alpha))
+                         for n, o in zip(new, old)))
 
 
 @lru_cache(maxsize=8)
 def make_chunk_runner(hyper: Hyper):
     """Cached jit(run(state, start, stop, key, problem) -> state) running epochs [start, stop)."""
     opt = optimizer(hyper)
+    schedule = hyper.schedule
+    controlled = schedule.target_share > 0
 
     def run(state: TrainState, start, stop, key, problem: DeviceProblem) -> TrainState:
-        def objective(params, gates):
-            return split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights,
-                                   hyper.shape, hyper.lambda_l0, hyper.lambda_l2)
-
-        def loss_of_params(params, u):
-            return objective(params, hard_concrete_sample(params.active.log_alpha, u, hyper.shape))
+        def loss_of_params(params, u, lambdas, polish):
+            alpha = params.active.log_alpha
+            gates = jnp.where(polish, deterministic_gates(alpha, hyper.shape),
+                              hard_concrete_sample(alpha, u, hyper.shape))
+            return split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights, hyper.shape,
+                                   column_lambdas(lambdas, problem.groups), hyper.lambda_l2, problem.tolerances)
 
         def epoch_step(epoch, st: TrainState) -> TrainState:
+            polish = epoch >= schedule.polish_start
             u = epoch_uniforms(key, epoch, problem.noise_ids)
-            (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(st.params, u)
+            (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
+                st.params, u, st.lambdas, polish)
             updates, opt_state = opt.update(grads, st.opt_state, st.params)
-            params = optax.apply_updates(st.params, updates)
+            params = _freeze_gates(optax.apply_updates(st.params, updates), st.params, polish)
+            lambdas = st.lambdas
+            if controlled:
+                shares = group_open_shares(params.active.log_alpha, params.inactive.log_alpha, problem.groups,
+                                           hyper.shape)
+                stepped = controlled_lambdas(shares, scheduled_share(epoch + 1, schedule), schedule.gain,
+                                             problem.lambda_scale)
+                lambdas = jnp.where(polish, lambdas, stepped)
             first = jnp.logical_and(~jnp.isfinite(loss), st.divergence.epoch < 0)
             divergence = Divergence(
                 jnp.where(first, (epoch + 1).astype(jnp.int32), st.divergence.epoch),
                 jnp.where(first, relative_errors(estimates, problem.targets), st.divergence.rel_errors),
             )
-            return TrainState(params, opt_state, divergence)
+            return TrainState(params, opt_state, divergence, lambdas)
 
         return lax.fori_loop(start, stop, epoch_step, state)
 
@@ -140,19 +179,21 @@ def make_chunk_runner(hyper: Hyper):
 
 @lru_cache(maxsize=8)
 def make_evaluator(hyper: Hyper):
-    """Cached jit(evaluate(params, problem) -> Evaluation) with deterministic gates."""
+    """Cached jit(evaluate(params, lambdas, problem) -> Evaluation) with deterministic gates."""
 
-    def evaluate(params: SplitParams, problem: DeviceProblem) -> Evaluation:
+    def evaluate(params: SplitParams, lambdas: jax.Array, problem: DeviceProblem) -> Evaluation:
         gates = deterministic_gates(params.active.log_alpha, hyper.shape)
         loss, estimates = split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights,
-                                          hyper.shape, hyper.lambda_l0, hyper.lambda_l2)
+                                          hyper.shape, column_lambdas(lambdas, problem.groups), hyper.lambda_l2,
+                                          problem.tolerances)
         rel = relative_errors(estimates, problem.targets)
-        data_loss = jnp.sum(problem.loss_weights * rel**2)
+        data_loss = jnp.sum(problem.loss_weights * excess_errors(rel, problem.tolerances) ** 2)
         open_active = jnp.sum(jnp.exp(params.active.log_weight) * gates > 0)
         inactive_gates = deterministic_gates(params.inactive.log_alpha, hyper.shape)
         open_inactive = jnp.sum(jnp.exp(params.inactive.log_weight) * inactive_gates > 0)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
-        return Evaluation(loss, data_loss, rel, open_active + open_inactive, finite)
+        shares = group_open_shares(params.active.log_alpha, params.inactive.log_alpha, problem.groups, hyper.shape)
+        return Evaluation(loss, data_loss, rel, open_active + open_inactive, finite, shares)
 
     return jax.jit(evaluate)
 

@@ -253,13 +253,45 @@ def relative_errors(estimates: jax.Array, targets: jax.Array) -> jax.Array:
     return (estimates - targets) / (targets + 1.0)
 
 
-def penalties(params: SplitParams, shape: GateShape, lambda_l0: float, lambda_l2: float) -> jax.Array:
-    """lambda_l0 * expected open gates + lambda_l2 * sum exp(log_w)^2, over all columns."""
-    l0 = expected_open_gates(params.active.log_alpha, shape) + expected_open_gates(
-        params.inactive.log_alpha, shape
-    )
+def excess_errors(rel: jax.Array, tolerances: jax.Array | None) -> jax.Array:
+    """Relative errors beyond each target's tolerance band: sign(r) * max(|r| - tol, 0).
+
+    A target inside its tolerance costs nothing; outside it the loss grows as usual from
+    the band's edge. ``None`` (no tolerances) returns ``rel`` unchanged.
+    """
+    if tolerances is None:
+        return rel
+    return jnp.sign(rel) * jnp.maximum(jnp.abs(rel) - tolerances, 0.0)
+
+
+class L0Weights(NamedTuple):
+    """Per-column L0 penalty weights (scalars or arrays shaped like the active/inactive parts)."""
+
+    active: jax.Array | float
+    inactive: jax.Array | float
+
+
+def _as_l0_weights(lambda_l0) -> L0Weights:
+    return lambda_l0 if isinstance(lambda_l0, L0Weights) else L0Weights(lambda_l0, lambda_l0)
+
+
+def open_probabilities(log_alpha: jax.Array, shape: GateShape) -> jax.Array:
+    """P(z > 0) = sigmoid(log_alpha - beta*log(-gamma/zeta)) per column."""
+    shift = float(-shape.beta * np.log(-shape.gamma / shape.zeta))
+    return jax.nn.sigmoid(_clamped(log_alpha) + shift)
+
+
+def penalties(params: SplitParams, shape: GateShape, lambda_l0, lambda_l2: float) -> jax.Array:
+    """sum_j lambda_j * P(z_j > 0) + lambda_l2 * sum exp(log_w)^2, over all columns.
+
+    ``lambda_l0`` is one number for every column or an :class:`L0Weights` of per-column
+    weights (the sparsity controller gives each column group its own lambda).
+    """
+    lam = _as_l0_weights(lambda_l0)
+    l0 = jnp.sum(lam.active * open_probabilities(params.active.log_alpha, shape)) + jnp.sum(
+        lam.inactive * open_probabilities(params.inactive.log_alpha, shape))
     l2 = l2_penalty(params.active.log_weight) + l2_penalty(params.inactive.log_weight)
-    return lambda_l0 * l0 + lambda_l2 * l2
+    return l0 + lambda_l2 * l2
 
 
 def split_objective(
@@ -269,13 +301,14 @@ def split_objective(
     targets: jax.Array,
     loss_weights: jax.Array,
     shape: GateShape,
-    lambda_l0: float,
+    lambda_l0,
     lambda_l2: float,
+    tolerances: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(objective, estimates) for given active-column gates (stochastic or deterministic)."""
     w = jnp.exp(params.active.log_weight) * gates
     estimates = sparse_matvec(targets.shape[0], ops, w)
-    data = jnp.sum(loss_weights * relative_errors(estimates, targets) ** 2)
+    data = jnp.sum(loss_weights * excess_errors(relative_errors(estimates, targets), tolerances) ** 2)
     return data + penalties(params, shape, lambda_l0, lambda_l2), estimates
 
 
@@ -289,14 +322,16 @@ def relative_loss(
     targets: jax.Array,
     loss_weights: jax.Array,
     shape: GateShape,
-    lambda_l0: float,
+    lambda_l0,
     lambda_l2: float,
+    tolerances: jax.Array | None = None,
 ) -> jax.Array:
     """Plain full-vector objective (reference for tests): X given as COO, gates from
-    uniforms ``u`` (or deterministic when ``u`` is None)."""
+    uniforms ``u`` (or deterministic when ``u`` is None); ``lambda_l0`` a number or one
+    weight per column."""
     gates = deterministic_gates(log_alpha, shape) if u is None else hard_concrete_sample(log_alpha, u, shape)
     w = jnp.exp(log_weight) * gates
     estimates = jax.ops.segment_sum(vals * w[cols], rows, targets.shape[0])
-    data = jnp.sum(loss_weights * relative_errors(estimates, targets) ** 2)
-    pen = lambda_l0 * expected_open_gates(log_alpha, shape) + lambda_l2 * l2_penalty(log_weight)
+    data = jnp.sum(loss_weights * excess_errors(relative_errors(estimates, targets), tolerances) ** 2)
+    pen = jnp.sum(lambda_l0 * open_probabilities(log_alpha, shape)) + lambda_l2 * l2_penalty(log_weight)
     return data + pen
