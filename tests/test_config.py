@@ -182,6 +182,85 @@ def test_ray_launcher_config_requests_the_profile_accelerator():
     assert launcher.ray.remote.accelerator_type == _yaml("gpu", "a100-80gb")["cluster"]["ray_accelerator_type"]
 
 
+# Modal's GPU type names (modal.com/docs/guide/gpu: T4, L4, A10, L40S, A100 = 40 GB, A100-80GB, H100, ...)
+MODAL_GPU = {"cpu": None, "t4": "T4", "a10": "A10", "a100": "A100", "a100-80gb": "A100-80GB", "h100": "H100"}
+
+
+@pytest.mark.filterwarnings("ignore:'hydra/launcher/modal' is validated against ConfigStore schema")
+@pytest.mark.parametrize("gpu", sorted(MODAL_GPU))
+def test_modal_launcher_requests_the_profile_gpu(gpu):
+    from hydra_plugins.hydra_modal_launcher._modal_app import build_function_kwargs, build_image_spec
+    from hydra_plugins.hydra_modal_launcher.config import ModalLauncherConf
+
+    launcher = _compose(["hydra/launcher=modal", f"gpu={gpu}"], hydra_cfg=True).hydra.launcher
+    assert get_class(launcher._target_).__name__ == "ModalLauncher"  # the plugin is installed and found
+    plain = OmegaConf.to_container(launcher, resolve=True)
+    typed = OmegaConf.merge(OmegaConf.structured(ModalLauncherConf), plain)  # every key known and well typed
+    assert set(plain) == set(OmegaConf.to_container(OmegaConf.structured(ModalLauncherConf)))
+    kwargs = build_function_kwargs(typed.function, typed.parallelism)  # what the plugin passes to app.function
+    assert kwargs.get("gpu") == MODAL_GPU[gpu]
+    assert kwargs["cpu"] == _yaml("gpu", gpu)["cluster"]["cpus_per_task"]
+    image = build_image_spec(typed.image)
+    assert Path(image["pip_pyproject"]) == paths.REPO_ROOT / "pyproject.toml" and image["pip_pyproject_extras"] == ["gpu"]
+    mount = typed.image.local_dirs[0]
+    assert Path(mount.local_path) == paths.REPO_ROOT and mount.remote_path == "/root"
+    assert (Path(mount.local_path) / "storage" / "policy_data.db").is_file() and "storage/cache" in mount.ignore
+
+
+def test_modal_launcher_dry_run_launches_through_the_plugin(tmp_path):
+    """The real plugin resolves both jobs, pickles the launcher and logs the Modal spec (dry_run: no network)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "calibrate", "-m", "hydra/launcher=modal", "gpu=a100", "hydra.launcher.dry_run=true",
+         "seed=0,1", f"hydra.sweep.dir={tmp_path}"],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "launching 2 jobs" in out and "'gpu': 'A100'" in out and "'pip_pyproject_extras': ['gpu']" in out
+    for job in ("0", "1"):  # the plugin's local stubs, with the job's overrides
+        assert yaml.safe_load((tmp_path / job / ".hydra" / "overrides.yaml").read_text()) == ["gpu=a100", f"seed={job}"]
+    assert not (tmp_path / "sweep.csv").exists()  # outputs live on the Modal volume, not here
+
+
+def test_tune_sweeper_config():
+    cfg = _compose(["hydra/sweeper=tune", "seed=5"], hydra_cfg=True)
+    sweeper = cfg.hydra.sweeper
+    assert get_class(sweeper._target_).__name__ == "OptunaSweeper"
+    raw = _yaml("hydra/sweeper", "tune")
+    assert dict(sweeper.params) == raw["params"] and set(raw["params"]) == {"fit.lr", "fit.lambda_l0", "fit.epochs"}
+    assert sweeper.n_trials == raw["n_trials"] and sweeper.direction == "minimize"
+    assert sweeper.max_failure_rate == 1.0 and sweeper.sampler.seed == 5
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+
+
+@pytest.mark.parametrize("name", _options("holdout"))
+def test_every_holdout_option(name, target_db):
+    from calibrate.app.config import holdout_spec
+
+    cfg = to_config(_compose([f"holdout={name}", "seed=9"]))
+    raw = _yaml("holdout", name)
+    assert cfg.holdout.name == name == raw["name"] and cfg.holdout.seed == 9
+    spec = holdout_spec(cfg.holdout, ["state", "district"])
+    assert spec.share == raw["share"] and list(spec.levels) == raw["levels"]
+    assert list(spec.stratum_group_ids) == raw["stratum_group_ids"] and list(spec.variables) == raw["variables"]
+    assert spec.enabled == (name != "none")
+
+
+def test_holdout_is_off_by_default_and_checked_early():
+    from calibrate.app.config import holdout_spec
+
+    assert not holdout_spec(to_config(_compose()).holdout, ["state", "district"]).enabled
+    with pytest.raises(CalibrateError, match="'national' is not among this run's geo levels"):
+        holdout_spec(to_config(_compose(["holdout.levels=[national]"])).holdout, ["state", "district"])
+    with pytest.raises(CalibrateError, match="holdout.share"):
+        holdout_spec(to_config(_compose(["holdout.share=1.5"])).holdout, ["state", "district"])
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="share"):
+        _compose(["holdout.share=most"])
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_local_launchers_compose(launcher):
     cfg = _compose([f"hydra/launcher={launcher}"], hydra_cfg=True)
@@ -349,7 +428,9 @@ def test_sweep_table_rows(tmp_path):
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"fit.epochs={epochs}", "seed=1"]))
         if status == "complete":
-            (d / "summary.json").write_text(json.dumps({"status": "complete", "median_abs_rel_error": 0.5, "cds": [1]}))
+            split_errors = {"train": {"state": {"n": 3, "median": 0.1}}, "holdout": {"all": {"n": 2, "p95": 0.7}}}
+            (d / "summary.json").write_text(json.dumps({"status": "complete", "median_abs_rel_error": 0.5, "cds": [1],
+                                                        "split_errors": split_errors}))
         elif status == "failed":
             (d / "error.json").write_text(json.dumps({"status": "failed", "error": "bad"}))
     (tmp_path / "not-a-job").mkdir()
@@ -359,6 +440,8 @@ def test_sweep_table_rows(tmp_path):
     assert list(table["fit.epochs"]) == ["5", "10", "20"]
     assert table.loc[0, "median_abs_rel_error"] == 0.5 and table.loc[1, "error"] == "bad"
     assert "cds" not in table.columns  # lists stay in each job's summary.json
+    assert table.loc[0, "train_state_median"] == 0.1 and table.loc[0, "holdout_all_p95"] == 0.7  # nested -> flat
+    assert table.loc[0, "holdout_all_n"] == 2 and "split_errors" not in table.columns
 
 
 def test_schema_types():
