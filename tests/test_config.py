@@ -186,7 +186,7 @@ def test_ray_launcher_config_requests_the_profile_accelerator():
 MODAL_GPU = {"cpu": None, "t4": "T4", "a10": "A10", "a100": "A100", "a100-80gb": "A100-80GB", "h100": "H100"}
 
 
-@pytest.mark.filterwarnings("ignore:'hydra/launcher/modal' is validated against ConfigStore schema")
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/modal' is validated against ConfigStore schema:UserWarning")
 @pytest.mark.parametrize("gpu", sorted(MODAL_GPU))
 def test_modal_launcher_requests_the_profile_gpu(gpu):
     from hydra_plugins.hydra_modal_launcher._modal_app import build_function_kwargs, build_image_spec
