@@ -46,7 +46,8 @@ def split_errors(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
         in_split = split == name
         if not in_split.any():
             continue
-        out[name] = {lvl: _stats(err[in_split & (levels == lvl)]) for lvl in order if (in_split & (levels == lvl)).any()}
+        masks = {lvl: in_split & (levels == lvl) for lvl in order}
+        out[name] = {lvl: _stats(err[mask]) for lvl, mask in masks.items() if mask.any()}
         out[name][ALL] = _stats(err[in_split])
     return out
 
