@@ -22,9 +22,14 @@ EXIT_BAD_INPUT = 2
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """One calibration job; returns the median absolute relative error (for sweepers)."""
+    """One calibration job; returns its score for sweepers (None when it failed on bad input).
+
+    The score (``summary.json`` ``score``, :func:`calibrate.outputs.evaluation.tuning_score`) is
+    the worst geo level's median absolute relative error over the holdout targets, or over
+    the training targets when nothing is held out.
+    """
     try:
-        return run(cfg).median_abs_rel_error
+        return run(cfg).score
     except CalibrateError as exc:
         run_dir, _ = hydra_context()
         report_failure(exc, run_dir)

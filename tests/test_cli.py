@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,11 +146,11 @@ def test_summary_matches_outputs(single_run, rebuilt, jax_sees_gpu):
 
 
 def test_multirun_writes_sweep_table(single_run, work):
-    """4 jobs (epochs x lr); the two with lr=-1 fail on bad input, the sweep goes on and exits 2."""
+    """4 jobs (epochs x lr) with a holdout; the two with lr=-1 fail on bad input, the sweep goes on and exits 2."""
     sweep_dir = work / "sweep"
     proc = _calibrate(
         "-m", "hydra/launcher=basic", "dataset=fixture", CD_ARG, TARGETS, "fit.epochs=10,20", "fit.lr=0.15,-1",
-        f"hydra.sweep.dir={sweep_dir}", f"cache_dir={work / 'cache'}", "workers=1", "progress=false",
+        "holdout=random", f"hydra.sweep.dir={sweep_dir}", f"cache_dir={work / 'cache'}", "workers=1", "progress=false",
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "2 of 4 sweep jobs did not complete" in proc.stderr
@@ -167,6 +168,89 @@ def test_multirun_writes_sweep_table(single_run, work):
         assert row["median_abs_rel_error"] == pytest.approx(summary["median_abs_rel_error"])
         assert row["p95_abs_rel_error"] == pytest.approx(summary["p95_abs_rel_error"])
         assert summary["matrix_cache_hit"]  # the single run filled the cache
+        for level, stats in _split_errors(pd.read_csv(job_dir / "targets.csv"), "holdout").items():
+            assert row[f"holdout_{level}_median"] == pytest.approx(stats["median"])
+            assert row[f"holdout_{level}_n"] == stats["n"] > 0
+    _check_sweep_picture(sweep_dir, table)
+
+
+def _split_errors(targets: pd.DataFrame, split: str) -> dict:
+    """Per-level (and all) n / median / p95 / max of one split, recomputed from a run's targets.csv."""
+    rows = targets[targets.split == split]
+    out = {}
+    for level, err in [*rows.groupby("geo_level").abs_rel_error, ("all", rows.abs_rel_error)]:
+        err = np.sort(err.to_numpy())
+        out[level] = {"n": len(err), "median": float(np.median(err)), "p95": float(np.percentile(err, 95)),
+                      "max": float(err[-1])}
+    return out
+
+
+def _check_sweep_picture(sweep_dir: Path, table: pd.DataFrame) -> None:
+    """sweep.png exists and its points (redrawn from the job directories) are sweep.csv's figures."""
+    from calibrate.app.sweep import sweep_table
+    from calibrate.outputs.plots import plot_sweep
+
+    assert (sweep_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = plot_sweep(sweep_table(sweep_dir), sweep_dir / "redrawn.png")
+    done = table[table.status == "complete"]
+    assert drawn["not_complete"] == [str(j) for j in table.loc[table.status != "complete", "job"]]
+    for x in ("fraction_zero_weights", "total_seconds"):
+        for y in ("train_all_median", "holdout_all_median"):
+            jobs, points = drawn[(x, y)]
+            assert jobs == [str(j) for j in done["job"]]
+            np.testing.assert_allclose(points, done[[x, y]].to_numpy(dtype=float), rtol=1e-12)
+
+
+def _interval(text: str) -> tuple[float, float]:
+    """Bounds of a Hydra sweep string such as 'tag(log, interval(0.02, 0.5))'."""
+    low, high = re.search(r"interval\(([^,]+),([^)]+)\)", text).groups()
+    return float(low), float(high)
+
+
+def test_optuna_study(single_run, work):
+    """3 Optuna trials (hydra/sweeper=tune) minimising the holdout score; one trial draws an invalid jitter.
+
+    The failed trial is recorded, the study finishes, and its best value is the least score
+    recomputed from the trials' own targets.csv (worst level's holdout median).
+    """
+    import yaml
+
+    sweep_dir = work / "tune"
+    proc = _calibrate(
+        "-m", "hydra/sweeper=tune", "hydra.sweeper.n_trials=3", "dataset=fixture", CD_ARG, TARGETS, "holdout=random",
+        "seed=1", "fit.epochs=int(interval(10,30))", "fit.jitter=choice(0.01,-1)", f"hydra.sweep.dir={sweep_dir}",
+        f"cache_dir={work / 'cache'}", "workers=1", "progress=false",
+    )
+    assert proc.returncode == 2 and "1 of 3 sweep jobs did not complete" in proc.stderr, proc.stderr[-3000:]
+    result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    space = yaml.safe_load((CONF_DIR / "hydra" / "sweeper" / "tune.yaml").read_text())["params"]
+    best = result["best_params"]
+    assert set(best) == {"fit.lr", "fit.lambda_l0", "fit.epochs", "fit.jitter"}
+    for key in ("fit.lr", "fit.lambda_l0"):
+        low, high = _interval(space[key])
+        assert low <= best[key] <= high, key
+    assert 10 <= best["fit.epochs"] <= 30 and isinstance(best["fit.epochs"], int) and best["fit.jitter"] == 0.01
+    table = pd.read_csv(sweep_dir / "sweep.csv")
+    scores, splits = {}, []
+    for _, row in table.iterrows():
+        job_dir = Path(row["job_dir"])
+        if row["fit.jitter"] < 0:
+            assert row["status"] == "failed" and "jitter" in row["error"]
+            continue
+        summary = json.loads((job_dir / "summary.json").read_text())
+        targets = pd.read_csv(job_dir / "targets.csv")
+        holdout = _split_errors(targets, "holdout")
+        for split, expected in (("holdout", holdout), ("train", _split_errors(targets, "train"))):
+            assert sorted(summary["split_errors"][split]) == sorted(expected)
+            for level, stats in expected.items():
+                assert summary["split_errors"][split][level] == pytest.approx(stats), (split, level)
+        scores[row["job"]] = max(stats["median"] for level, stats in holdout.items() if level != "all")
+        assert summary["score"] == pytest.approx(scores[row["job"]]) and row["score"] == pytest.approx(summary["score"])
+        splits.append(list(targets.split))
+    assert len(scores) == 2 and splits[0] == splits[1]  # same seed, same holdout in every trial
+    assert result["best_value"] == pytest.approx(min(scores.values()))
+    best_row = table.loc[table.job == min(scores, key=scores.get)].iloc[0]
+    assert best_row["fit.lr"] == pytest.approx(best["fit.lr"]) and best_row["fit.epochs"] == best["fit.epochs"]
 
 
 def test_new_target_yaml_is_picked_up(work, fixture_dataset, target_db):

@@ -349,7 +349,9 @@ def test_sweep_table_rows(tmp_path):
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"fit.epochs={epochs}", "seed=1"]))
         if status == "complete":
-            (d / "summary.json").write_text(json.dumps({"status": "complete", "median_abs_rel_error": 0.5, "cds": [1]}))
+            split_errors = {"train": {"state": {"n": 3, "median": 0.1}}, "holdout": {"all": {"n": 2, "p95": 0.7}}}
+            (d / "summary.json").write_text(json.dumps({"status": "complete", "median_abs_rel_error": 0.5, "cds": [1],
+                                                        "split_errors": split_errors}))
         elif status == "failed":
             (d / "error.json").write_text(json.dumps({"status": "failed", "error": "bad"}))
     (tmp_path / "not-a-job").mkdir()
@@ -359,6 +361,8 @@ def test_sweep_table_rows(tmp_path):
     assert list(table["fit.epochs"]) == ["5", "10", "20"]
     assert table.loc[0, "median_abs_rel_error"] == 0.5 and table.loc[1, "error"] == "bad"
     assert "cds" not in table.columns  # lists stay in each job's summary.json
+    assert table.loc[0, "train_state_median"] == 0.1 and table.loc[0, "holdout_all_p95"] == 0.7  # nested -> flat
+    assert table.loc[0, "holdout_all_n"] == 2 and "split_errors" not in table.columns
 
 
 def test_schema_types():

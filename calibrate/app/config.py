@@ -97,6 +97,7 @@ class ClusterConf:
     slurm_gres: str | None = None  # Slurm --gres, e.g. gpu:a100:1
     slurm_constraint: str | None = None  # Slurm --constraint (node feature), e.g. a100
     ray_accelerator_type: str | None = None  # Ray accelerator_type resource, e.g. A100
+    modal_gpu: str | None = None  # Modal GPU type (hydra/launcher=modal), e.g. A100-80GB
     cpus_per_task: int = 2  # CPU cores per job
     mem_gb: int = 16  # host memory per job in GB
 
@@ -125,6 +126,18 @@ class PublishConf:
 
 
 @dataclass
+class HoldoutConf:
+    """Targets left out of the loss and scored after the fit (``calibrate.reconcile.holdout``), off by default."""
+
+    name: str = "none"  # label of the setting (recorded in the summary)
+    share: float = 0.0  # random share of the targets held out, drawn per (stratum group, geo level); 0 = none
+    stratum_group_ids: list[int] = field(default_factory=list)  # hold out whole stratum groups (5 = Medicaid, ...)
+    variables: list[str] = field(default_factory=list)  # hold out every target of these variables
+    levels: list[str] = field(default_factory=list)  # hold out every target at these geo levels
+    seed: int = 0  # seed of the random share (defaults to the top-level seed)
+
+
+@dataclass
 class CalibrateConfig:
     """Root config of ``python -m calibrate``."""
 
@@ -141,6 +154,7 @@ class CalibrateConfig:
     workers: int | None = None  # processes for the matrix build (null = one per CPU core)
     progress: bool = True  # show tqdm progress bars
     report_top: int = 10  # worst targets listed in the console report
+    holdout: HoldoutConf = field(default_factory=HoldoutConf)  # holdout targets (scored, not fitted)
 
 
 def _storage_path(relative: str) -> str:
@@ -148,9 +162,15 @@ def _storage_path(relative: str) -> str:
     return str(paths.STORAGE / relative)
 
 
+def _repo_path(relative: str) -> str:
+    """Resolver ``${repo:rel}``: absolute path of ``rel`` in the repository (e.g. for launcher mounts)."""
+    return str(paths.REPO_ROOT / relative)
+
+
 def register_configs() -> None:
-    """Register the schema and the ``${storage:...}`` resolver (idempotent)."""
+    """Register the schema and the ``${storage:...}`` and ``${repo:...}`` resolvers (idempotent)."""
     OmegaConf.register_new_resolver("storage", _storage_path, replace=True)
+    OmegaConf.register_new_resolver("repo", _repo_path, replace=True)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=CalibrateConfig)
 
 
@@ -269,6 +289,15 @@ def l0_config(fit: FitConf):
     except ValueError as exc:
         raise CalibrateError(f"fit: {exc}") from None
     return config
+
+
+def holdout_spec(conf: HoldoutConf, run_levels: list[str]):
+    """The reconcile stage's ``HoldoutSpec`` from the holdout section, checked against the run's levels."""
+    from calibrate.reconcile.holdout import HoldoutSpec, validate_spec
+
+    spec = HoldoutSpec(conf.share, tuple(conf.stratum_group_ids), tuple(conf.variables), tuple(conf.levels), conf.seed)
+    validate_spec(spec, run_levels)
+    return spec
 
 
 def existing_file(path: str, key: str) -> Path:

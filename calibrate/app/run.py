@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from calibrate import outputs
 from calibrate.app.config import (
     CalibrateConfig,
     existing_file,
+    holdout_spec,
     l0_config,
     resolve_cds,
     resolve_levels,
@@ -26,7 +27,8 @@ from calibrate.app.config import (
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
 from calibrate.core.errors import CalibrateError
-from calibrate.outputs import plots
+from calibrate.outputs import evaluation, plots
+from calibrate.reconcile import HOLDOUT, apply_holdout, split_targets
 from calibrate.targets.geography import state_of_cd
 
 
@@ -115,6 +117,10 @@ class RunSummary:
     package_versions: dict
     total_seconds: float
     publish: str = "disabled"  # disabled | pending | done | failed: <reason>
+    holdout: str = "none"  # holdout setting (conf/holdout/); held-out targets are scored, not fitted
+    n_holdout_targets: int = 0
+    split_errors: dict = field(default_factory=dict)  # {train|holdout: {level|all: {n, median, p95, max}}}
+    score: float = 0.0  # what a sweeper minimises: worst level's median error, holdout (else train) targets
 
 
 def hydra_context() -> tuple[Path | None, list[str]]:
@@ -138,6 +144,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
     l0 = l0_config(settings.fit)
+    holdout = holdout_spec(settings.holdout, inputs.levels)
 
     from calibrate.matrix import build_matrix
 
@@ -146,13 +153,15 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
         workers=settings.workers, cache_dir=inputs.cache_dir, progress=settings.progress,
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
-    result = fit_stage(matrix, l0, run_dir, settings.progress)
+    split = split_targets(matrix.targets_df, holdout)
+    result = fit_stage(matrix, l0, run_dir, settings.progress, split)
     weights = np.asarray(result.weights, dtype=np.float64)
-    table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights))
+    table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights), split)
     write_outputs(run_dir, weights, table, result.history, matrix.dropped)
 
     summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
     summary.n_excluded_by_level = n_other_levels
+    record_holdout(summary, settings.holdout.name, table)
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
@@ -162,8 +171,11 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     return summary
 
 
-def fit_stage(matrix, l0, run_dir: Path, progress: bool):
-    """Initial weights from the base weights, then the L0 fit (divergence -> CalibrateError)."""
+def fit_stage(matrix, l0, run_dir: Path, progress: bool, split: np.ndarray | None = None):
+    """Initial weights from the base weights, then the L0 fit (divergence -> CalibrateError).
+
+    ``split`` ("train"/"holdout" per target): held-out targets get loss weight 0.
+    """
     from calibrate.fit import FitDivergedError, fit_l0, initial_weights
 
     cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
@@ -173,10 +185,31 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool):
     checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
     if checkpoint is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+    loss_weights = holdout_loss_weights(matrix.targets_df["group_id"].to_numpy(), l0.balance_groups, split)
+    if loss_weights is not None:
+        groups = None
     try:
-        return fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint, progress=progress)
+        return fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint, progress=progress,
+                      loss_weights=loss_weights)
     except FitDivergedError as exc:
         raise CalibrateError(f"fit diverged: {exc} (try a smaller fit.lr)") from None
+
+
+def holdout_loss_weights(group_ids: np.ndarray, balance: bool, split: np.ndarray | None) -> np.ndarray | None:
+    """Today's per-target loss weights with held-out targets zeroed; None (fit's own weights) without a holdout."""
+    from calibrate.fit.model import target_loss_weights
+
+    if split is None or not (split == HOLDOUT).any():
+        return None
+    return apply_holdout(target_loss_weights(group_ids, len(group_ids), balance), split)
+
+
+def record_holdout(summary: RunSummary, name: str, table) -> None:
+    """Train and holdout error figures per level, and the tuning score, into the summary."""
+    summary.holdout = name
+    summary.n_holdout_targets = int((table["split"] == HOLDOUT).sum())
+    summary.split_errors = evaluation.split_errors(table)
+    summary.score = evaluation.tuning_score(summary.split_errors)
 
 
 def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped) -> None:

@@ -1,9 +1,13 @@
-"""Hydra callback that writes ``sweep.csv`` at the root of a multirun.
+"""Hydra callback that writes ``sweep.csv`` and ``sweep.png`` at the root of a multirun.
 
 One row per job: its number, directory, status (complete / failed / incomplete), its
-overrides and the scalar figures of its ``summary.json``. The table is rebuilt from
+overrides, the scalar figures of its ``summary.json`` and its train/holdout errors per
+level as flat ``{split}_{level}_{stat}`` columns. ``sweep.png`` plots each job's median
+error (train, holdout) against sparsity and wall time. The table is rebuilt from
 the job directories on disk, so it works for every launcher (basic, joblib, Slurm,
-Ray) as long as the jobs write to the shared sweep directory.
+Ray) as long as the jobs write to the shared sweep directory. With the Modal launcher the
+job directories live on a Modal volume: fetch them, then rebuild both files with
+``python -m calibrate.app.sweep <sweep dir>``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from pathlib import Path
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from calibrate.outputs.evaluation import flat_split_errors
+from calibrate.outputs.plots import plot_sweep
 from calibrate.outputs.tables import SUMMARY_FILE, write_csv
 
 SWEEP_FILE = "sweep.csv"
+SWEEP_PLOT = "sweep.png"
 ID_COLUMNS = ["job", "job_dir", "status", "overrides", "error"]
 
 
@@ -42,6 +49,7 @@ def job_row(job_dir: Path) -> dict:
         summary = json.loads(summary_path.read_text())
         row["status"] = summary.get("status", "complete")
         row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in row})
+        row.update({k: v for k, v in flat_split_errors(summary.get("split_errors") or {}).items() if k not in row})
     elif error_path.is_file():
         row["status"] = "failed"
         row["error"] = json.loads(error_path.read_text()).get("error", "")
@@ -64,17 +72,51 @@ def sweep_table(sweep_dir: Path) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]]
 
 
+def write_sweep(sweep_dir: Path) -> pd.DataFrame:
+    """``sweep.csv`` and ``sweep.png`` for the job directories under ``sweep_dir``; returns the table."""
+    table = sweep_table(sweep_dir)
+    write_csv(sweep_dir / SWEEP_FILE, table)
+    plot_sweep(table, sweep_dir / SWEEP_PLOT)
+    return table
+
+
 class SweepTableCallback(Callback):
-    """Writes ``<sweep dir>/sweep.csv`` when a multirun ends; exits non-zero if a job failed."""
+    """Writes ``<sweep dir>/sweep.csv`` and ``sweep.png`` when a multirun ends; exits non-zero if a job failed."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             return
-        table = sweep_table(sweep_dir)
-        write_csv(sweep_dir / SWEEP_FILE, table)
-        bad = table.loc[table["status"] != "complete"]
-        print(f"sweep table: {sweep_dir / SWEEP_FILE} ({len(table)} jobs, {len(bad)} not complete)", flush=True)
-        if len(bad):
-            print(f"error: {len(bad)} of {len(table)} sweep jobs did not complete (see {SWEEP_FILE})", file=sys.stderr)
-            sys.exit(2)
+        if str(config.hydra.launcher.get("_target_", "")).endswith("ModalLauncher"):
+            print(f"sweep: the job directories are on the Modal volume (docs/cli.md); once fetched to {sweep_dir}, "
+                  f"python -m calibrate.app.sweep {sweep_dir} writes {SWEEP_FILE} and {SWEEP_PLOT}", flush=True)
+            return
+        code = report(sweep_dir)
+        if code:
+            sys.exit(code)
+
+
+def report(sweep_dir: Path) -> int:
+    """Write the sweep files and say so; 2 when a job did not complete, else 0."""
+    table = write_sweep(sweep_dir)
+    bad = table.loc[table["status"] != "complete"]
+    print(f"sweep table: {sweep_dir / SWEEP_FILE} and {SWEEP_PLOT} ({len(table)} jobs, {len(bad)} not complete)",
+          flush=True)
+    if len(bad):
+        print(f"error: {len(bad)} of {len(table)} sweep jobs did not complete (see {SWEEP_FILE})", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m calibrate.app.sweep DIR``: (re)build sweep.csv and sweep.png of a sweep directory."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m calibrate.app.sweep <sweep dir>  (a directory holding the job directories)",
+              file=sys.stderr)
+        return 2
+    return report(Path(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

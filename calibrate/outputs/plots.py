@@ -59,3 +59,67 @@ def _save(fig, path: Path, plt) -> None:
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+
+SWEEP_X = (("fraction_zero_weights", "fraction of weights exactly zero"), ("total_seconds", "job wall time (s)"))
+SWEEP_Y = (("train_all_median", "train", "C0", "o"), ("holdout_all_median", "holdout", "C1", "s"))
+
+
+def plot_sweep(table: pd.DataFrame, path: Path) -> dict:
+    """Median absolute relative error (train, holdout) of each job against sparsity and wall time.
+
+    ``table`` is the sweep table (one row per job, ``calibrate.app.sweep.sweep_table``);
+    jobs that did not complete are named in the legends and under the plots. Returns what
+    was drawn, read back from the figure: ``{(x column, y column): (jobs, points)}`` with
+    ``points`` an (n, 2) array, and ``"not_complete"``: the jobs marked as not complete.
+    """
+    plt = _pyplot()
+    complete = table["status"] == "complete"
+    done, bad = table[complete], table[~complete]
+    drawn: dict = {"not_complete": [str(j) for j in bad["job"]]}
+    fig, axes = plt.subplots(1, len(SWEEP_X), figsize=(11, 4.4))
+    for ax, (x_col, x_label) in zip(axes, SWEEP_X):
+        for y_col, label, color, marker in SWEEP_Y:
+            rows = done[done[x_col].notna() & done[y_col].notna()] if {x_col, y_col} <= set(done) else done.iloc[:0]
+            if rows.empty:
+                continue
+            points = ax.scatter(rows[x_col].astype(float), rows[y_col].astype(float), color=color, marker=marker,
+                                label=f"{label} targets")
+            offsets = np.asarray(points.get_offsets(), dtype=float)
+            for job, (x, y) in zip(rows["job"], offsets):
+                ax.annotate(str(job), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+            drawn[(x_col, y_col)] = ([str(j) for j in rows["job"]], offsets)
+        _sweep_axes(ax, x_label, drawn["not_complete"])
+    if len(bad):
+        fig.text(0.01, 0.01, _not_complete_note(bad), color="C3", fontsize=7)
+    fig.suptitle(f"sweep: {len(done)} jobs complete, {len(bad)} not (point labels: job number)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, path, plt)
+    return drawn
+
+
+def _sweep_axes(ax, x_label: str, not_complete: list[str]) -> None:
+    """Labels, log scale when every error is positive, legend with a marker for jobs that did not complete."""
+    from matplotlib.lines import Line2D
+
+    handles, _ = ax.get_legend_handles_labels()
+    if not_complete:
+        handles.append(Line2D([], [], color="C3", marker="x", linestyle="none",
+                              label=f"not complete: job {', '.join(not_complete)}"))
+    if handles:
+        ax.legend(handles=handles, fontsize=8)
+    if ax.collections and all((c.get_offsets()[:, 1] > 0).all() for c in ax.collections):
+        ax.set_yscale("log")
+    if x_label.startswith("fraction"):
+        low, high = ax.get_xlim()
+        ax.set_xlim(max(low, -0.02), min(high, 1.02))
+    ax.set(xlabel=x_label, ylabel="median abs rel error (all levels)", title=f"error vs {x_label.split(' (')[0]}")
+    ax.grid(alpha=0.3)
+
+
+def _not_complete_note(bad: pd.DataFrame) -> str:
+    """``job 1: failed (fit: lr must be > 0); job 3: incomplete``."""
+    errors = bad["error"].fillna("").astype(str) if "error" in bad else pd.Series([""] * len(bad), index=bad.index)
+    return "; ".join(f"job {job}: {status}" + (f" ({err[:70]})" if err else "")
+                     for job, status, err in zip(bad["job"], bad["status"], errors))

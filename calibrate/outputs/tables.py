@@ -88,13 +88,16 @@ def estimates(X, weights: np.ndarray) -> np.ndarray:
     return np.asarray(X.astype(np.float64) @ np.asarray(weights, dtype=np.float64)).ravel()
 
 
-def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray) -> pd.DataFrame:
-    """One row per fitted target with its estimate and relative error."""
+def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per fitted target with its estimate and relative error (and its holdout ``split`` if given)."""
     table = targets_df[[c for c in TARGET_COLUMNS if c in targets_df.columns]].copy()
     table["estimate"] = np.asarray(estimate, dtype=np.float64)
     table["rel_error"] = relative_errors(table["estimate"].to_numpy(), table["value"].to_numpy())
     table["abs_rel_error"] = table["rel_error"].abs()
-    return table[TARGET_COLUMNS]
+    if split is None:
+        return table[TARGET_COLUMNS]
+    table["split"] = np.asarray(split)  # "train" (fitted) or "holdout" (loss weight 0, scored only)
+    return table[TARGET_COLUMNS + ["split"]]
 
 
 def error_stats(table: pd.DataFrame) -> dict[str, float]:
@@ -142,6 +145,10 @@ def console_report(table: pd.DataFrame, summary: dict, run_dir: Path, top: int =
         "abs rel error: median {median_abs_rel_error:.2%}  p90 {p90_abs_rel_error:.2%}  "
         "p95 {p95_abs_rel_error:.2%}  max {max_abs_rel_error:.2%}".format(**summary)
     )
+    if summary.get("n_holdout_targets"):  # holdout on: train vs holdout figures per level
+        from calibrate.outputs.evaluation import split_report
+
+        lines.extend(split_report(summary["split_errors"]))
     lines.append(
         f"weights: {summary['n_nonzero_weights']:,} of {summary['n_weights']:,} nonzero "
         f"({summary['fraction_zero_weights']:.1%} zero); device {summary['device']}"

@@ -1,0 +1,73 @@
+"""Train vs holdout errors by geo level, and the score a sweeper minimises.
+
+``split_errors`` summarises ``targets.csv`` (its ``abs_rel_error`` and ``split`` columns)
+as ``{split: {level: {n, median, p95, max}}}`` with a level ``all`` for the whole split;
+:func:`flat_split_errors` turns it into ``{split}_{level}_{stat}`` scalars for sweep.csv.
+
+The score (``summary.json`` ``score``, the value ``python -m calibrate`` returns to a
+sweeper) is the median absolute relative error of the worst geo level over the holdout
+targets, or over the training targets when nothing is held out. Taking the worst level's
+median keeps a tuner from trading one level (say the few state targets) for another.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from calibrate.reconcile.holdout import HOLDOUT, TRAIN
+from calibrate.targets import GEO_LEVELS
+
+STATS = ("n", "median", "p95", "max")
+ALL = "all"
+
+
+def _stats(err: np.ndarray) -> dict[str, float]:
+    return {
+        "n": int(err.size),
+        "median": float(np.median(err)),
+        "p95": float(np.percentile(err, 95)),
+        "max": float(np.max(err)),
+    }
+
+
+def split_errors(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """Error figures per split and geo level (levels in national/state/district order, then ``all``).
+
+    A table without a ``split`` column counts as all training targets; a split with no
+    targets is left out.
+    """
+    split = table["split"].to_numpy() if "split" in table.columns else np.full(len(table), TRAIN)
+    err = table["abs_rel_error"].to_numpy(dtype=np.float64)
+    levels = table["geo_level"].to_numpy()
+    order = [lvl for lvl in GEO_LEVELS if lvl in set(levels)] + sorted(set(levels) - set(GEO_LEVELS))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in (TRAIN, HOLDOUT):
+        in_split = split == name
+        if not in_split.any():
+            continue
+        masks = {lvl: in_split & (levels == lvl) for lvl in order}
+        out[name] = {lvl: _stats(err[mask]) for lvl, mask in masks.items() if mask.any()}
+        out[name][ALL] = _stats(err[in_split])
+    return out
+
+
+def tuning_score(errors: dict[str, dict[str, dict[str, float]]]) -> float:
+    """The worst level's median error over the holdout targets (the training targets without a holdout)."""
+    split = HOLDOUT if errors.get(HOLDOUT) else TRAIN
+    return float(max(stats["median"] for level, stats in errors[split].items() if level != ALL))
+
+
+def flat_split_errors(errors: dict) -> dict[str, float]:
+    """``{"train_state_median": ..., "holdout_all_p95": ...}``: one scalar per split, level and figure."""
+    return {f"{split}_{level}_{stat}": value
+            for split, levels in errors.items() for level, stats in levels.items() for stat, value in stats.items()}
+
+
+def split_report(errors: dict) -> list[str]:
+    """Console lines: n, median, p95 and max absolute relative error per split and level."""
+    lines = [f"{'abs rel error by level':<26}{'n':>7}{'median':>10}{'p95':>10}{'max':>10}"]
+    for split, levels in errors.items():
+        for level, s in levels.items():
+            lines.append(f"  {split:<8}{level:<16}{s['n']:>7}{s['median']:>10.2%}{s['p95']:>10.2%}{s['max']:>10.2%}")
+    return lines
