@@ -29,6 +29,8 @@ from calibrate.app.config import (
     CalibrateConfig,
     FitConf,
     GpuConf,
+    SparsityConf,
+    l0_config,
     resolve_cds,
     resolve_levels,
     target_filter,
@@ -130,18 +132,27 @@ def test_every_fit_option(name):
     cfg = to_config(_compose([f"fit={name}", "seed=7"]))
     raw = _yaml("fit", name)
     for key, value in raw.items():
-        if key not in ("defaults", "seed"):
+        if key == "sparsity":
+            assert {k: getattr(cfg.fit.sparsity, k) for k in value} == value
+        elif key not in ("defaults", "seed"):
             assert getattr(cfg.fit, key) == value, key
     assert cfg.fit.seed == 7  # the top-level seed feeds the fit
     assert isinstance(cfg.fit.epochs, int) and isinstance(cfg.fit.lr, float)
 
 
 def test_fit_conf_mirrors_l0config():
+    """Every L0Config field is a FitConf field with the same default, except the sparsity fields
+    (FitConf.sparsity, in the user's terms) and balance_groups (the loss weights come from reconcile)."""
     from calibrate.fit import L0Config
 
     mine = {f.name: f.default for f in dataclasses.fields(FitConf)}
-    theirs = {f.name: f.default for f in dataclasses.fields(L0Config)}
-    assert mine == theirs
+    derived = {"target_active_share", "sparsity_ramp", "sparsity_gain", "balance_groups"}
+    theirs = {f.name: f.default for f in dataclasses.fields(L0Config) if f.name not in derived}
+    assert {k: mine[k] for k in theirs} == theirs
+    assert set(mine) - set(theirs) == {"sparsity", "rescale_init"}
+    l0 = l0_config(FitConf(sparsity=SparsityConf(active_per_cd=300)), n_households=1200)
+    assert l0.target_active_share == pytest.approx(0.25) and l0.sparsity_gain == SparsityConf().gain
+    assert l0_config(FitConf(sparsity=SparsityConf(active_share=None))).target_active_share is None
 
 
 @pytest.mark.parametrize("name", _options("gpu"))

@@ -1,7 +1,7 @@
 """Holdout split, train/holdout figures, the tuning score and the sweep picture.
 
 Pure functions on synthetic frames checked against brute-force counts; the fit check runs
-the real JAX fit through ``calibrate.app.run.fit_stage`` on a small random problem.
+the real JAX fit through ``calibrate.app.fitting.fit_stage`` on a small random problem.
 """
 
 from __future__ import annotations
@@ -133,33 +133,42 @@ def _fit_problem(seed: int = 0, m: int = 30, n_hh: int = 40):
                            household_state_fips=np.full(n_hh, 37))
 
 
+def _fit_with_split(matrix, l0, tmp_path, split):
+    """fit_stage on the level-balanced loss with held-out targets at weight 0 (as a run does)."""
+    from calibrate.app.fitting import fit_stage
+    from calibrate.reconcile import loss_weights
+
+    in_loss = None if split is None else split == TRAIN
+    weights = loss_weights(matrix.targets_df, "level", in_loss)
+    return fit_stage(matrix, l0, tmp_path, False, matrix.targets_df.value.to_numpy(), weights)[0]
+
+
 def test_held_out_targets_do_not_change_the_fit(tmp_path):
     """Moving held-out target values leaves the weights bit-identical; moving a training target does not."""
-    from calibrate.app.run import fit_stage
     from calibrate.fit import L0Config
 
     l0 = L0Config(epochs=60, lr=0.1, log_every=20, chunk_epochs=20, seed=3)
     matrix = _fit_problem()
     split = split_targets(matrix.targets_df, HoldoutSpec(share=0.3, seed=2))
     held = np.flatnonzero(split == HOLDOUT)
-    base = fit_stage(matrix, l0, tmp_path, False, split)
+    base = _fit_with_split(matrix, l0, tmp_path, split)
 
     moved = SimpleNamespace(**vars(matrix))
     moved.targets_df = matrix.targets_df.copy()
     moved.targets_df.loc[held, "value"] *= 3.0
-    np.testing.assert_array_equal(fit_stage(moved, l0, tmp_path, False, split).weights, base.weights)
+    np.testing.assert_array_equal(_fit_with_split(moved, l0, tmp_path, split).weights, base.weights)
 
     moved.targets_df = matrix.targets_df.copy()
     moved.targets_df.loc[np.flatnonzero(split == TRAIN)[0], "value"] *= 3.0
-    assert not np.array_equal(fit_stage(moved, l0, tmp_path, False, split).weights, base.weights)
+    assert not np.array_equal(_fit_with_split(moved, l0, tmp_path, split).weights, base.weights)
     # the fit's own history reports the training targets only
     est = matrix.X @ base.weights.astype(np.float64)
     value = matrix.targets_df.value.to_numpy()
     train_err = np.abs(est - value)[split == TRAIN] / (value[split == TRAIN] + 1)
     assert base.history["max_abs_rel_error"].iloc[-1] == pytest.approx(train_err.max(), rel=1e-3)
-    # without a holdout fit_stage is today's fit
-    no_holdout = fit_stage(matrix, l0, tmp_path, False, None)
-    assert np.array_equal(no_holdout.weights, fit_stage(matrix, l0, tmp_path, False, np.full(30, TRAIN)).weights)
+    # without a holdout every target is fitted: a different fit
+    no_holdout = _fit_with_split(matrix, l0, tmp_path, None)
+    assert np.array_equal(no_holdout.weights, _fit_with_split(matrix, l0, tmp_path, np.full(30, TRAIN)).weights)
     assert not np.array_equal(no_holdout.weights, base.weights)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +20,18 @@ from calibrate.app.config import (
     existing_file,
     holdout_spec,
     l0_config,
+    reconcile_settings,
     resolve_cds,
     resolve_levels,
     target_filter,
     to_config,
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
+from calibrate.app.fitting import fit_stage
+from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
 from calibrate.core.errors import CalibrateError
-from calibrate.outputs import evaluation, plots
-from calibrate.reconcile import HOLDOUT, apply_holdout, split_targets
-from calibrate.targets.geography import state_of_cd
+from calibrate.outputs import plots
+from calibrate.reconcile import split_targets
 
 
 @dataclass(frozen=True)
@@ -69,60 +71,6 @@ def keep_levels(matrix, levels: list[str]):
     return subset, int((~keep).sum())
 
 
-@dataclass
-class RunSummary:
-    """What ``summary.json`` holds: inputs, sizes, timings, fit quality, provenance."""
-
-    status: str
-    run_dir: str
-    n_targets: int
-    n_dropped_targets: int
-    n_excluded_by_level: int
-    geo_levels: list[str]
-    n_households: int
-    n_cds: int
-    cds: list[int]
-    period: int
-    target_groups: list[str]
-    geo: str
-    dataset: str
-    dataset_path: str
-    dataset_sha256: str
-    db_path: str
-    db_sha256: str
-    matrix_seconds: float
-    matrix_cache_hit: bool
-    matrix_cache_key: str
-    fit_seconds: float
-    compile_seconds: float
-    seconds_per_epoch: float
-    epochs: int
-    final_loss: float
-    mean_abs_rel_error: float
-    median_abs_rel_error: float
-    p90_abs_rel_error: float
-    p95_abs_rel_error: float
-    max_abs_rel_error: float
-    n_weights: int
-    n_nonzero_weights: int
-    fraction_zero_weights: float
-    total_weight: float
-    device: str
-    platform: str
-    gpu_profile: str
-    cpu_fallback: bool
-    seed: int
-    fit_config: dict
-    overrides: list[str]
-    package_versions: dict
-    total_seconds: float
-    publish: str = "disabled"  # disabled | pending | done | failed: <reason>
-    holdout: str = "none"  # holdout setting (conf/holdout/); held-out targets are scored, not fitted
-    n_holdout_targets: int = 0
-    split_errors: dict = field(default_factory=dict)  # {train|holdout: {level|all: {n, median, p95, max}}}
-    score: float = 0.0  # what a sweeper minimises: worst level's median error, holdout (else train) targets
-
-
 def hydra_context() -> tuple[Path | None, list[str]]:
     """(run directory, task overrides) of the current Hydra job, or (None, []) outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
@@ -143,7 +91,8 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
-    l0 = l0_config(settings.fit)
+    l0_config(settings.fit)  # checked now; the sparsity share needs the household count (below)
+    reconcile_cfg = reconcile_settings(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
 
     from calibrate.matrix import build_matrix
@@ -154,14 +103,19 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)
-    result = fit_stage(matrix, l0, run_dir, settings.progress, split)
+    reconciled = reconcile_stage(matrix, reconcile_cfg, split, settings.reconcile.use_db_tolerance, inputs.db_path)
+    l0 = l0_config(settings.fit, matrix.n_households)
+    result, init_scale = fit_stage(matrix, l0, run_dir, settings.progress, reconciled.plan.value,
+                                   reconciled.loss_weights, reconciled.tolerances, settings.fit.rescale_init)
     weights = np.asarray(result.weights, dtype=np.float64)
-    table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights), split)
-    write_outputs(run_dir, weights, table, result.history, matrix.dropped)
+    table = outputs.targets_table(matrix.targets_df, result.estimates, split,
+                                  reconciled.plan.frame())
+    write_outputs(run_dir, weights, table, result.history, matrix.dropped, reconciled.analysis)
 
     summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
     summary.n_excluded_by_level = n_other_levels
     record_holdout(summary, settings.holdout.name, table)
+    record_reconcile(summary, settings.reconcile.name, reconciled, table, weights, len(matrix.cds), l0, init_scale)
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
@@ -171,101 +125,31 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     return summary
 
 
-def fit_stage(matrix, l0, run_dir: Path, progress: bool, split: np.ndarray | None = None):
-    """Initial weights from the base weights, then the L0 fit (divergence -> CalibrateError).
+def reconcile_stage(matrix, reconcile_cfg, split, use_db_tolerance: bool, db_path: Path):
+    """The reconcile stage; an unhandled hierarchy inconsistency is reported, not fatal."""
+    from calibrate.reconcile import reconcile_targets
+    from calibrate.targets import all_cds
 
-    ``split`` ("train"/"holdout" per target): held-out targets get loss weight 0.
-    """
-    from calibrate.fit import FitDivergedError, fit_l0, initial_weights
-
-    cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
-    init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
-    targets = matrix.targets_df["value"].to_numpy(dtype=np.float64)
-    groups = matrix.targets_df["group_id"].to_numpy() if l0.balance_groups else None
-    checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
-    if checkpoint is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    loss_weights = holdout_loss_weights(matrix.targets_df["group_id"].to_numpy(), l0.balance_groups, split)
-    if loss_weights is not None:
-        groups = None
-    try:
-        return fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint, progress=progress,
-                      loss_weights=loss_weights)
-    except FitDivergedError as exc:
-        raise CalibrateError(f"fit diverged: {exc} (try a smaller fit.lr)") from None
+    settings, consistency, balance = reconcile_cfg
+    reconciled = reconcile_targets(matrix, settings, consistency, balance, all_cds(db_path), split, use_db_tolerance)
+    if len(reconciled.unhandled):
+        first = reconciled.unhandled.iloc[0]
+        print(f"warning: {len(reconciled.unhandled)} target hierarchies are inconsistent and no "
+              f"reconcile.scale_children rule covers them (first: {first.label}, children/parent "
+              f"{first.ratio:.3f}); see consistency.csv", file=sys.stderr, flush=True)
+    return reconciled
 
 
-def holdout_loss_weights(group_ids: np.ndarray, balance: bool, split: np.ndarray | None) -> np.ndarray | None:
-    """Today's per-target loss weights with held-out targets zeroed; None (fit's own weights) without a holdout."""
-    from calibrate.fit.model import target_loss_weights
-
-    if split is None or not (split == HOLDOUT).any():
-        return None
-    return apply_holdout(target_loss_weights(group_ids, len(group_ids), balance), split)
-
-
-def record_holdout(summary: RunSummary, name: str, table) -> None:
-    """Train and holdout error figures per level, and the tuning score, into the summary."""
-    summary.holdout = name
-    summary.n_holdout_targets = int((table["split"] == HOLDOUT).sum())
-    summary.split_errors = evaluation.split_errors(table)
-    summary.score = evaluation.tuning_score(summary.split_errors)
-
-
-def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped) -> None:
+def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped, consistency=None) -> None:
     """Every run file except summary.json, each written atomically."""
     outputs.write_npy(run_dir / "weights.npy", weights)
+    if consistency is not None:
+        outputs.write_csv(run_dir / "consistency.csv", consistency)
     outputs.write_csv(run_dir / "targets.csv", table)
     outputs.write_csv(run_dir / "history.csv", history)
     outputs.write_csv(run_dir / "dropped_targets.csv", dropped)
     plots.plot_loss(history, run_dir / "loss.png")
     plots.plot_errors(table, run_dir / "errors.png")
-
-
-def make_summary(settings: CalibrateConfig, inputs: RunInputs, device: DeviceInfo, matrix, result, table, weights,
-                 run_dir: Path, overrides: list[str]) -> RunSummary:
-    """The run's summary figures and provenance."""
-    from calibrate.core.dataset import file_sha256
-    from calibrate.core.pe import package_versions
-
-    return RunSummary(
-        status="complete",
-        run_dir=str(run_dir.resolve()),
-        n_targets=len(table),
-        n_dropped_targets=len(matrix.dropped),
-        n_excluded_by_level=0,
-        geo_levels=inputs.levels,
-        n_households=len(matrix.household_ids),
-        n_cds=len(matrix.cds),
-        cds=[int(c) for c in matrix.cds],
-        period=settings.period,
-        target_groups=inputs.target_groups,
-        geo=settings.geo.name,
-        dataset=settings.dataset.name,
-        dataset_path=str(inputs.dataset_path.resolve()),
-        dataset_sha256=file_sha256(inputs.dataset_path),
-        db_path=str(inputs.db_path.resolve()),
-        db_sha256=file_sha256(inputs.db_path),
-        matrix_seconds=float(matrix.build_seconds),
-        matrix_cache_hit=bool(matrix.cache_hit),
-        matrix_cache_key=str(matrix.cache_key),
-        fit_seconds=float(result.total_seconds),
-        compile_seconds=float(result.compile_seconds),
-        seconds_per_epoch=float(result.seconds_per_epoch),
-        epochs=int(result.epochs),
-        final_loss=float(result.final_loss),
-        **outputs.error_stats(table),
-        **outputs.weight_stats(weights),
-        device=str(result.device or device.device),
-        platform=device.platform,
-        gpu_profile=device.profile,
-        cpu_fallback=device.cpu_fallback,
-        seed=settings.seed,
-        fit_config=asdict(result.config),
-        overrides=overrides,
-        package_versions=package_versions(),
-        total_seconds=0.0,
-    )
 
 
 def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:

@@ -38,7 +38,15 @@ from calibrate.fit.loop import (
     make_evaluator,
     make_weights_fn,
 )
-from calibrate.fit.model import GateShape, build_layout, device_ops, join_vector, relative_loss, target_loss_weights
+from calibrate.fit.model import (
+    GateShape,
+    build_layout,
+    device_ops,
+    float64_matvec,
+    join_vector,
+    relative_loss,
+    target_loss_weights,
+)
 from calibrate.fit.sparsity import GroupIndex, SparsitySchedule, build_group_index
 
 __all__ = [
@@ -135,10 +143,13 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_wei
     """
     if not sp.issparse(X):
         raise ValueError(f"X must be a scipy.sparse matrix, got {type(X).__name__}")
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    X.sum_duplicates()
-    X.eliminate_zeros()
-    X.sort_indices()
+    canonical = (sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array)) and X.dtype == np.float32 \
+        and X.has_canonical_format and not np.any(X.data == 0)
+    if not canonical:  # an already canonical float32 CSR (the matrix stage's) is used as is: no copy
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        X.sum_duplicates()
+        X.eliminate_zeros()
+        X.sort_indices()
     m, n = X.shape
     targets = np.asarray(targets, dtype=np.float64)
     if targets.shape != (m,):
@@ -258,7 +269,7 @@ def fit_l0(
             raise ValueError(f"checkpoint {checkpoint_path} is at epoch {checkpoint.epoch}, beyond epochs={cfg.epochs}")
 
     layout, host_ops = build_layout(X)
-    group_arrays = build_group_index(layout, column_groups)
+    group_arrays = build_group_index(layout, column_groups, cfg.seed)
     problem = DeviceProblem(
         ops=device_ops(host_ops),
         targets=jnp.asarray(targets, jnp.float32),
@@ -266,7 +277,6 @@ def fit_l0(
         tolerances=jnp.asarray(tolerances, jnp.float32),
         noise_ids=jnp.asarray(layout.active_ids.astype(np.uint32)),
         groups=GroupIndex(**{k: jnp.asarray(v) for k, v in group_arrays.items()}),
-        lambda_scale=jnp.asarray(1.0, jnp.float32),
     )
     del host_ops
     key = jax.random.key(cfg.seed)
@@ -280,9 +290,6 @@ def fit_l0(
     evaluate = make_evaluator(hyper).lower(state.params, state.lambdas, problem).compile()
     weights_fn = make_weights_fn(hyper.shape).lower(state.params).compile()
     compile_seconds = time.perf_counter() - t_compile
-    if controlled:  # the controller's lambda scale: initial data loss per column (fresh state, also on resume)
-        data_loss0 = float(jax.device_get(evaluate(state.params, state.lambdas, problem).data_loss))
-        problem = problem._replace(lambda_scale=jnp.asarray(max(data_loss0, 1e-30) / X.shape[1], jnp.float32))
     history: list[dict] = []
     epoch = 0
     if checkpoint is not None:
@@ -320,7 +327,7 @@ def fit_l0(
     device = jax.devices()[0]
     return FitResult(
         weights=weights,
-        estimates=np.asarray(X_caller @ weights.astype(np.float64)).ravel(),
+        estimates=float64_matvec(X_caller, weights),
         history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
         sparsity=float(np.mean(weights == 0)),
         final_loss=float(final.loss),

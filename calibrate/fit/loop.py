@@ -37,7 +37,8 @@ from calibrate.fit.model import (
 from calibrate.fit.sparsity import (
     GroupIndex,
     SparsitySchedule,
-    controlled_lambdas,
+    apply_pressure,
+    controller_pressure,
     group_open_shares,
     scheduled_share,
 )
@@ -56,7 +57,7 @@ class TrainState(NamedTuple):
     params: SplitParams
     opt_state: optax.OptState
     divergence: Divergence
-    lambdas: jax.Array  # (n_groups,) L0 weight of each column group (moves only under sparsity control)
+    lambdas: jax.Array  # (n_groups,) L0 weight of each column group; under sparsity control its pressure
 
 
 class DeviceProblem(NamedTuple):
@@ -68,7 +69,6 @@ class DeviceProblem(NamedTuple):
     tolerances: jax.Array  # relative tolerance band per target (0 = none)
     noise_ids: jax.Array  # uint32 original column ids of the active columns
     groups: GroupIndex
-    lambda_scale: jax.Array  # scale of the controlled L0 weights (initial data loss per column)
 
 
 class Hyper(NamedTuple):
@@ -136,6 +136,19 @@ def _freeze_gates(new: SplitParams, old: SplitParams, frozen: jax.Array) -> Spli
                          for n, o in zip(new, old)))
 
 
+def _loss_lambdas(lambdas: jax.Array, controlled: bool) -> jax.Array:
+    """L0 weights inside the loss: the group lambdas, or none when the controller acts decoupled."""
+    return jnp.zeros_like(lambdas) if controlled else lambdas
+
+
+def _pressed(params: SplitParams, pressure: jax.Array, groups: GroupIndex, lr: float) -> SplitParams:
+    """Decoupled L0 step: every gate's log_alpha moves down by lr times its group's pressure."""
+    active, inactive = column_lambdas(pressure, groups)
+    active, inactive = active * groups.speed_active, inactive * groups.speed_inactive
+    return SplitParams(GateParams(params.active.log_weight, apply_pressure(params.active.log_alpha, active, lr)),
+                       GateParams(params.inactive.log_weight, apply_pressure(params.inactive.log_alpha, inactive, lr)))
+
+
 @lru_cache(maxsize=8)
 def make_chunk_runner(hyper: Hyper):
     """Cached jit(run(state, start, stop, key, problem) -> state) running epochs [start, stop)."""
@@ -149,7 +162,8 @@ def make_chunk_runner(hyper: Hyper):
             gates = jnp.where(polish, deterministic_gates(alpha, hyper.shape),
                               hard_concrete_sample(alpha, u, hyper.shape))
             return split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights, hyper.shape,
-                                   column_lambdas(lambdas, problem.groups), hyper.lambda_l2, problem.tolerances)
+                                   column_lambdas(_loss_lambdas(lambdas, controlled), problem.groups),
+                                   hyper.lambda_l2, problem.tolerances)
 
         def epoch_step(epoch, st: TrainState) -> TrainState:
             polish = epoch >= schedule.polish_start
@@ -157,14 +171,15 @@ def make_chunk_runner(hyper: Hyper):
             (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
                 st.params, u, st.lambdas, polish)
             updates, opt_state = opt.update(grads, st.opt_state, st.params)
-            params = _freeze_gates(optax.apply_updates(st.params, updates), st.params, polish)
+            params = optax.apply_updates(st.params, updates)
             lambdas = st.lambdas
             if controlled:
+                params = _pressed(params, st.lambdas, problem.groups, hyper.lr)
                 shares = group_open_shares(params.active.log_alpha, params.inactive.log_alpha, problem.groups,
                                            hyper.shape)
-                stepped = controlled_lambdas(shares, scheduled_share(epoch + 1, schedule), schedule.gain,
-                                             problem.lambda_scale)
+                stepped = controller_pressure(shares, scheduled_share(epoch + 1, schedule), schedule.gain)
                 lambdas = jnp.where(polish, lambdas, stepped)
+            params = _freeze_gates(params, st.params, polish)
             first = jnp.logical_and(~jnp.isfinite(loss), st.divergence.epoch < 0)
             divergence = Divergence(
                 jnp.where(first, (epoch + 1).astype(jnp.int32), st.divergence.epoch),
@@ -180,12 +195,14 @@ def make_chunk_runner(hyper: Hyper):
 @lru_cache(maxsize=8)
 def make_evaluator(hyper: Hyper):
     """Cached jit(evaluate(params, lambdas, problem) -> Evaluation) with deterministic gates."""
+    controlled = hyper.schedule.target_share > 0
 
     def evaluate(params: SplitParams, lambdas: jax.Array, problem: DeviceProblem) -> Evaluation:
         gates = deterministic_gates(params.active.log_alpha, hyper.shape)
         loss, estimates = split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights,
-                                          hyper.shape, column_lambdas(lambdas, problem.groups), hyper.lambda_l2,
-                                          problem.tolerances)
+                                          hyper.shape, column_lambdas(_loss_lambdas(lambdas, controlled),
+                                                                      problem.groups),
+                                          hyper.lambda_l2, problem.tolerances)
         rel = relative_errors(estimates, problem.targets)
         data_loss = jnp.sum(problem.loss_weights * excess_errors(rel, problem.tolerances) ** 2)
         open_active = jnp.sum(jnp.exp(params.active.log_weight) * gates > 0)

@@ -177,7 +177,9 @@ def build_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
     """Split X's columns into active/inactive; host arrays of ``SparseOps`` for the active part.
 
     Active columns are ordered by descending nonzero count (ties by column id), which
-    makes every slot a prefix; ``Layout.active_ids`` records that order.
+    makes every slot a prefix; ``Layout.active_ids`` records that order. ``X`` must be a
+    canonical CSR matrix (sorted indices, no duplicates). Memory: besides X, one CSC copy
+    (freed before the forward layout is built) and the two layouts themselves.
     """
     csc = X.tocsc()
     csc.sort_indices()
@@ -185,9 +187,6 @@ def build_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
     active_ids = np.flatnonzero(counts)
     active_ids = active_ids[np.argsort(-counts[active_ids], kind="stable")].astype(np.int64)
     inactive_ids = np.flatnonzero(counts == 0).astype(np.int64)
-    position = np.zeros(X.shape[1], dtype=np.int32)
-    position[active_ids] = np.arange(active_ids.size, dtype=np.int32)
-
     slot_rows, slot_vals = [], []
     starts, n_active_counts = csc.indptr[active_ids], counts[active_ids]
     for k in range(int(n_active_counts.max(initial=0))):
@@ -195,28 +194,43 @@ def build_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
         idx = starts[:cols_with_k] + k
         slot_rows.append(csc.indices[idx].astype(np.int32))
         slot_vals.append(csc.data[idx].astype(np.float32))
+    del csc, starts
+    position = np.zeros(X.shape[1], dtype=np.int32)
+    position[active_ids] = np.arange(active_ids.size, dtype=np.int32)
+    arrays = {**_forward_layout(X, position), "slot_rows": tuple(slot_rows), "slot_vals": tuple(slot_vals)}
+    return Layout(X.shape[1], active_ids, inactive_ids), arrays
 
-    coo = X.tocoo()
-    order = np.lexsort((position[coo.col], coo.row))
-    rows, cols, vals = coo.row[order], position[coo.col[order]], coo.data[order].astype(np.float32)
-    per_row = np.bincount(rows, minlength=X.shape[0])
+
+def _forward_layout(X: sp.csr_matrix, position: np.ndarray) -> dict:
+    """Row-major nonzeros (CSR order), each row zero-padded to whole blocks, and the block table.
+
+    Filled row by row from the CSR arrays, so no COO copy or sort of all nonzeros is made.
+    """
+    per_row = np.diff(X.indptr)
     blocks_per_row = -(-per_row // BLOCK)
-    row_start_padded = np.concatenate([[0], np.cumsum(blocks_per_row * BLOCK)])[:-1]
-    row_start = np.concatenate([[0], np.cumsum(per_row)])[:-1]
-    dest = row_start_padded[rows] + (np.arange(rows.size) - row_start[rows])
-    fwd_cols = np.zeros(int(blocks_per_row.sum()) * BLOCK, dtype=np.int32)
-    fwd_vals = np.zeros(fwd_cols.size, dtype=np.float32)
-    fwd_cols[dest], fwd_vals[dest] = cols, vals
     n_blocks = int(blocks_per_row.sum())
+    padded_start = np.concatenate([[0], np.cumsum(blocks_per_row * BLOCK)])[:-1]
+    fwd_cols = np.zeros(n_blocks * BLOCK, dtype=np.int32)
+    fwd_vals = np.zeros(n_blocks * BLOCK, dtype=np.float32)
+    for row in np.flatnonzero(per_row):
+        a, b, start = X.indptr[row], X.indptr[row + 1], padded_start[row]
+        fwd_cols[start:start + b - a] = position[X.indices[a:b]]
+        fwd_vals[start:start + b - a] = X.data[a:b]
     row_blocks = np.full((X.shape[0], max(int(blocks_per_row.max(initial=0)), 1)), n_blocks, dtype=np.int32)
     first_block = np.concatenate([[0], np.cumsum(blocks_per_row)])[:-1]
     block_row = np.repeat(np.arange(X.shape[0]), blocks_per_row)
     row_blocks[block_row, np.arange(n_blocks) - first_block[block_row]] = np.arange(n_blocks)
-    arrays = {
-        "fwd_cols": fwd_cols, "fwd_vals": fwd_vals, "row_blocks": row_blocks,
-        "slot_rows": tuple(slot_rows), "slot_vals": tuple(slot_vals),
-    }
-    return Layout(X.shape[1], active_ids, inactive_ids), arrays
+    return {"fwd_cols": fwd_cols, "fwd_vals": fwd_vals, "row_blocks": row_blocks}
+
+
+def float64_matvec(X, weights: np.ndarray, rows_per_chunk: int = 512) -> np.ndarray:
+    """X·w in float64, a block of rows at a time, so a float32 X is never copied whole to
+    float64 (all 436 CDs: 90M nonzeros would need 720 MB more)."""
+    X = sp.csr_matrix(X)
+    w = np.asarray(weights, dtype=np.float64)
+    parts = [np.asarray(X[a:a + rows_per_chunk].astype(np.float64) @ w).ravel()
+             for a in range(0, X.shape[0], rows_per_chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def device_ops(host_arrays: dict) -> SparseOps:

@@ -1,22 +1,29 @@
 """Sparsity in the user's terms: a target share of open gates per column group.
 
-A raw L0 penalty lambda has no fixed meaning (its effect depends on the loss scale,
-the problem size and Adam's normalisation), so the fit can instead steer lambda. Each
-column group (in the calibration, one CD's block of households) has its own lambda,
-set every epoch by a proportional controller from the gap between the group's share of
-open gates and a schedule that falls from 1 to the target share (a cubic ramp, as in
-gradual magnitude pruning, Zhu & Gupta 2017):
+A raw L0 penalty lambda has no fixed meaning: its effect depends on the loss scale, the
+problem size and on Adam's normalisation, which weighs it against each column's data
+gradient in absolute units (and against Adam's epsilon). So when a target share is set,
+the L0 term acts *decoupled* from Adam, as AdamW decouples weight decay: after each Adam
+step every gate's log_alpha moves down by ``lr * p_g * s_j``, where ``p_g`` is the pressure
+of its column group (one CD's block of households, in the calibration) and ``s_j`` a fixed
+per-column speed drawn uniformly from SPEED_RANGE. A gate whose data gradient consistently
+asks to stay open (Adam's normalised step, up to ``lr``, beats the pressure) stays open;
+gates that only see noise drift shut. The speeds spread those otherwise identical gates'
+closing over time, so the share falls smoothly instead of all at once.
 
-    lambda_g = scale * clip(gain * (share_g - scheduled) / scheduled, -1, 10)
+The pressure is set every epoch by a proportional controller from the gap between the
+group's share of open deterministic gates and a schedule that falls from 1 to the target
+share over the ramp (a cubic ramp, as in gradual magnitude pruning, Zhu & Gupta 2017):
 
-A group above its schedule gets a positive L0 weight (gates close, the least useful
-first: the data loss holds the useful ones open); a group below it gets a small negative
-one, which lets recently closed gates reopen, so an overshoot corrects itself instead of
-being absorbed (a closed hard-concrete gate gets no data gradient). ``scale`` is set by
-the fit from the problem (initial data loss per column), so the user only names the
-share. The share counted is that of deterministic gates (the gates the final weights
-use). Group sums use a dense gather of each group's columns (no scatter-add), so results
-are bitwise reproducible on GPUs too.
+    p_g = clip(gain * e_g, -0.5, 1),  e_g the relative share error outside a small dead band
+
+A group below its schedule gets a negative pressure, which lets recently closed gates
+reopen (a closed hard-concrete gate gets no data gradient to reopen it), so an overshoot
+corrects itself; the dead band just below the target leaves gates alone once the share
+is met, and the share ends at or just below the target. The pressure is in units of the
+learning rate, the same whatever the loss scale, so the user names only the share.
+log_alpha is kept above LOG_ALPHA_FLOOR. Group sums use a dense gather of each group's
+columns (no scatter-add), so results are bitwise reproducible on GPUs too.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import numpy as np
 
 from calibrate.fit.model import GateShape, Layout, deterministic_gates
 
-LAMBDA_RANGE = (-1.0, 10.0)  # lambda_g / scale is clipped to this range
+PRESSURE_RANGE = (-0.5, 1.0)  # controller output, in units of the learning rate per epoch
+LOG_ALPHA_FLOOR = -10.0  # closed gates are held above this (P(open) ~ 1e-4)
+SPEED_RANGE = (0.2, 1.8)  # per-column pressure multipliers: spread the closing wave over time
 
 
 class SparsitySchedule(NamedTuple):
@@ -37,7 +46,7 @@ class SparsitySchedule(NamedTuple):
 
     target_share: float  # final share of open gates per group, in (0, 1]
     ramp_epochs: int  # epochs over which the scheduled share falls from 1 to target_share
-    gain: float  # lambda / scale for a 100% relative share error
+    gain: float  # pressure for a 100% relative share error
     polish_start: int  # from this epoch on: deterministic gates, gates and lambdas frozen
 
 
@@ -48,10 +57,15 @@ class GroupIndex(NamedTuple):
     inactive: jax.Array  # int32 group id of each inactive column
     members: jax.Array  # (n_groups, largest group) positions in [active, inactive]; padding = n_columns
     sizes: jax.Array  # float32 number of columns of each group
+    speed_active: jax.Array  # float32 pressure multiplier of each active column
+    speed_inactive: jax.Array  # float32 pressure multiplier of each inactive column
 
 
-def build_group_index(layout: Layout, column_groups: np.ndarray | None) -> dict:
-    """Host arrays of a :class:`GroupIndex` (one group when ``column_groups`` is None)."""
+def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: int = 0) -> dict:
+    """Host arrays of a :class:`GroupIndex` (one group when ``column_groups`` is None).
+
+    Column speeds are uniform in SPEED_RANGE, drawn in original column order from ``seed``.
+    """
     if column_groups is None:
         column_groups = np.zeros(layout.n_columns, dtype=np.int64)
     codes = np.unique(np.asarray(column_groups), return_inverse=True)[1].astype(np.int32)
@@ -62,9 +76,11 @@ def build_group_index(layout: Layout, column_groups: np.ndarray | None) -> dict:
     members = np.full((counts.size, int(counts.max())), joined.size, dtype=np.int32)
     sorted_codes = joined[order]
     members[sorted_codes, np.arange(joined.size) - starts[sorted_codes]] = order
+    speed = np.random.default_rng([seed, 0x5EED]).uniform(*SPEED_RANGE, layout.n_columns).astype(np.float32)
     return {
         "active": codes[layout.active_ids], "inactive": codes[layout.inactive_ids], "members": members,
-        "sizes": counts.astype(np.float32),
+        "sizes": counts.astype(np.float32), "speed_active": speed[layout.active_ids],
+        "speed_inactive": speed[layout.inactive_ids],
     }
 
 
@@ -85,6 +101,18 @@ def group_open_shares(active_alpha: jax.Array, inactive_alpha: jax.Array, groups
     return sums / groups.sizes
 
 
-def controlled_lambdas(shares: jax.Array, target: jax.Array, gain: float, scale: jax.Array) -> jax.Array:
-    """scale * clip(gain * (share - target) / target, LAMBDA_RANGE)."""
-    return scale * jnp.clip(gain * (shares - target) / target, *LAMBDA_RANGE)
+DEADBAND = (0.03, 0.01)  # shares between target * (1 - 0.03) and target * (1 - 0.01) get no pressure
+
+
+def controller_pressure(shares: jax.Array, target: jax.Array, gain: float) -> jax.Array:
+    """clip(gain * e, PRESSURE_RANGE) per group, e the relative share error outside the band
+    [target * (1 - DEADBAND[0]), target * (1 - DEADBAND[1])]: inside it no gate is pushed (fewer
+    gates hover at the boundary, less gate noise), so the share ends at or just below the target."""
+    error = (shares - target) / target
+    error = jnp.maximum(error + DEADBAND[1], 0.0) + jnp.minimum(error + DEADBAND[0], 0.0)
+    return jnp.clip(gain * error, *PRESSURE_RANGE)
+
+
+def apply_pressure(log_alpha: jax.Array, pressure: jax.Array, lr: float) -> jax.Array:
+    """log_alpha - lr * pressure (per column), kept above LOG_ALPHA_FLOOR."""
+    return jnp.maximum(log_alpha - lr * pressure, LOG_ALPHA_FLOOR)

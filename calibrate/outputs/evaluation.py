@@ -35,9 +35,12 @@ def split_errors(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
     """Error figures per split and geo level (levels in national/state/district order, then ``all``).
 
     A table without a ``split`` column counts as all training targets; a split with no
-    targets is left out.
+    targets is left out; targets the reconcile stage excluded (``status`` excluded) are in
+    neither split.
     """
     split = table["split"].to_numpy() if "split" in table.columns else np.full(len(table), TRAIN)
+    if "status" in table.columns:
+        split = np.where(table["status"].to_numpy() == "excluded", "excluded", split)
     err = table["abs_rel_error"].to_numpy(dtype=np.float64)
     levels = table["geo_level"].to_numpy()
     order = [lvl for lvl in GEO_LEVELS if lvl in set(levels)] + sorted(set(levels) - set(GEO_LEVELS))

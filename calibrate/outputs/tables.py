@@ -21,6 +21,7 @@ TARGET_COLUMNS = [
     "target_id", "stratum_id", "stratum_group_id", "variable", "geo_level", "geographic_id", "label",
     "value", "estimate", "rel_error", "abs_rel_error",
 ]
+PLAN_COLUMNS = ["value_original", "rel_error_original", "status", "reason", "loss_multiplier"]
 SUMMARY_FILE = "summary.json"
 
 
@@ -84,20 +85,38 @@ def relative_errors(estimate: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 def estimates(X, weights: np.ndarray) -> np.ndarray:
-    """X·w in float64 (the figures reported for each target)."""
-    return np.asarray(X.astype(np.float64) @ np.asarray(weights, dtype=np.float64)).ravel()
+    """X·w in float64 (the figures reported for each target); see ``calibrate.fit.model.float64_matvec``."""
+    from calibrate.fit.model import float64_matvec
+
+    return float64_matvec(X, weights)
 
 
-def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per fitted target with its estimate and relative error (and its holdout ``split`` if given)."""
+def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndarray | None = None,
+                  plan: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per target with its estimate and relative error (and its holdout ``split`` if given).
+
+    With the reconcile stage's ``plan`` (columns value_original, value, status, reason,
+    loss_multiplier), ``value`` is the value fitted and ``rel_error`` is measured against
+    it; ``value_original`` (the database value) and ``rel_error_original`` follow, then
+    ``status`` (fit | excluded), ``reason`` and ``loss_multiplier``.
+    """
     table = targets_df[[c for c in TARGET_COLUMNS if c in targets_df.columns]].copy()
+    if plan is not None:
+        table["value"] = plan["value"].to_numpy(dtype=np.float64)
     table["estimate"] = np.asarray(estimate, dtype=np.float64)
     table["rel_error"] = relative_errors(table["estimate"].to_numpy(), table["value"].to_numpy())
     table["abs_rel_error"] = table["rel_error"].abs()
-    if split is None:
-        return table[TARGET_COLUMNS]
-    table["split"] = np.asarray(split)  # "train" (fitted) or "holdout" (loss weight 0, scored only)
-    return table[TARGET_COLUMNS + ["split"]]
+    columns = list(TARGET_COLUMNS)
+    if plan is not None:
+        table["value_original"] = plan["value_original"].to_numpy(dtype=np.float64)
+        table["rel_error_original"] = relative_errors(table["estimate"].to_numpy(), table["value_original"].to_numpy())
+        for column in ("status", "reason", "loss_multiplier"):
+            table[column] = plan[column].to_numpy()
+        columns += PLAN_COLUMNS
+    if split is not None:
+        table["split"] = np.asarray(split)  # "train" (fitted) or "holdout" (loss weight 0, scored only)
+        columns.append("split")
+    return table[columns]
 
 
 def error_stats(table: pd.DataFrame) -> dict[str, float]:
@@ -133,9 +152,10 @@ def group_errors(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def console_report(table: pd.DataFrame, summary: dict, run_dir: Path, top: int = 10) -> str:
-    """A short human-readable report: worst targets, error percentiles, sparsity, where outputs went."""
-    worst = table.sort_values("abs_rel_error", ascending=False).head(top)
-    lines = [f"worst {len(worst)} of {len(table)} targets (absolute relative error):"]
+    """A short human-readable report: worst fitted targets, errors by level, exclusions, sparsity, outputs."""
+    fitted = table[table["status"] == "fit"] if "status" in table.columns else table
+    worst = fitted.sort_values("abs_rel_error", ascending=False).head(top)
+    lines = [f"worst {len(worst)} of {len(fitted)} fitted targets (absolute relative error):"]
     width = min(70, max((len(str(s)) for s in worst["label"]), default=10))
     for row in worst.itertuples(index=False):
         label = str(row.label)
@@ -145,13 +165,22 @@ def console_report(table: pd.DataFrame, summary: dict, run_dir: Path, top: int =
         "abs rel error: median {median_abs_rel_error:.2%}  p90 {p90_abs_rel_error:.2%}  "
         "p95 {p95_abs_rel_error:.2%}  max {max_abs_rel_error:.2%}".format(**summary)
     )
-    if summary.get("n_holdout_targets"):  # holdout on: train vs holdout figures per level
+    if summary.get("split_errors"):  # errors per level (train, and holdout when on)
         from calibrate.outputs.evaluation import split_report
 
         lines.extend(split_report(summary["split_errors"]))
+    excluded = summary.get("excluded_targets") or []
+    if excluded:
+        lines.append(f"excluded {len(excluded)} targets (reason in targets.csv, checks in consistency.csv):")
+        lines.extend(f"  {e['label']}: {str(e['reason'])[:100]}" for e in excluded[:top])
+        if len(excluded) > top:
+            lines.append(f"  ... {len(excluded) - top} more")
+    active = summary.get("active_households_per_cd") or {}
+    per_cd = (f"; active households per CD min {active['min']:,} median {active['median']:,.0f} "
+              f"max {active['max']:,}") if active else ""
     lines.append(
         f"weights: {summary['n_nonzero_weights']:,} of {summary['n_weights']:,} nonzero "
-        f"({summary['fraction_zero_weights']:.1%} zero); device {summary['device']}"
+        f"({summary['fraction_zero_weights']:.1%} zero){per_cd}; device {summary['device']}"
         + (" (CPU fallback)" if summary.get("cpu_fallback") else "")
     )
     lines.append(

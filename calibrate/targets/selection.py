@@ -189,6 +189,7 @@ def load_targets(db_path: Path, target_filter: TargetFilter, cds: list[int], per
                 geographic_id=geo_id,
                 constraints=non_geo,
                 label=_label(t.variable, level, geo_id, cons),
+                tolerance=float("nan") if pd.isna(t.tolerance) else float(t.tolerance),
             )
         )
     if not rows:

@@ -1,0 +1,148 @@
+"""What ``summary.json`` holds (:class:`RunSummary`) and how a run fills it in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from calibrate import outputs
+from calibrate.app.config import CalibrateConfig
+from calibrate.app.device import DeviceInfo
+from calibrate.outputs import evaluation
+from calibrate.reconcile import HOLDOUT
+
+
+@dataclass
+class RunSummary:
+    """What ``summary.json`` holds: inputs, sizes, timings, fit quality, provenance."""
+
+    status: str
+    run_dir: str
+    n_targets: int
+    n_dropped_targets: int
+    n_excluded_by_level: int
+    geo_levels: list[str]
+    n_households: int
+    n_cds: int
+    cds: list[int]
+    period: int
+    target_groups: list[str]
+    geo: str
+    dataset: str
+    dataset_path: str
+    dataset_sha256: str
+    db_path: str
+    db_sha256: str
+    matrix_seconds: float
+    matrix_cache_hit: bool
+    matrix_cache_key: str
+    fit_seconds: float
+    compile_seconds: float
+    seconds_per_epoch: float
+    epochs: int
+    final_loss: float
+    mean_abs_rel_error: float
+    median_abs_rel_error: float
+    p90_abs_rel_error: float
+    p95_abs_rel_error: float
+    max_abs_rel_error: float
+    n_weights: int
+    n_nonzero_weights: int
+    fraction_zero_weights: float
+    total_weight: float
+    device: str
+    platform: str
+    gpu_profile: str
+    cpu_fallback: bool
+    seed: int
+    fit_config: dict
+    overrides: list[str]
+    package_versions: dict
+    total_seconds: float
+    publish: str = "disabled"  # disabled | pending | done | failed: <reason>
+    holdout: str = "none"  # holdout setting (conf/holdout/); held-out targets are scored, not fitted
+    n_holdout_targets: int = 0
+    split_errors: dict = field(default_factory=dict)  # {train|holdout: {level|all: {n, median, p95, max}}}
+    score: float = 0.0  # what a sweeper minimises: worst level's median error, holdout (else train) targets
+    n_fitted_targets: int = 0  # targets in the loss (not excluded, not held out); the headline errors cover these
+    n_excluded_targets: int = 0  # targets excluded by the reconcile stage (targets.csv status/reason)
+    excluded_targets: list = field(default_factory=list)  # [{target_id, label, reason}]
+    reconcile: dict = field(default_factory=dict)  # reconcile setting, analysis flags, scalings, seconds
+    active_households_per_cd: dict = field(default_factory=dict)  # {min, median, max, median_share}
+    sparsity_target_share: float | None = None  # requested active share per CD (null: fixed lambda_l0)
+    init_scale: float = 1.0  # factor applied to the initial weights (fit.rescale_init)
+
+
+def record_holdout(summary: RunSummary, name: str, table) -> None:
+    """Train and holdout error figures per level, and the tuning score, into the summary."""
+    summary.holdout = name
+    summary.n_holdout_targets = int((table["split"] == HOLDOUT).sum())
+    summary.split_errors = evaluation.split_errors(table)
+    summary.score = evaluation.tuning_score(summary.split_errors)
+
+
+
+def record_reconcile(summary: RunSummary, name: str, reconciled, table, weights, n_cds: int, l0,
+                     init_scale: float) -> None:
+    """Reconcile and sparsity figures into the summary; headline errors over the fitted targets."""
+    from calibrate.app.fitting import active_per_cd
+
+    fitted = table[table["status"] == "fit"]
+    fitted = fitted[fitted["split"] != HOLDOUT] if "split" in fitted else fitted
+    if len(fitted):
+        for key, value in outputs.error_stats(fitted).items():
+            setattr(summary, key, value)
+    excluded = table[table["status"] == "excluded"]
+    summary.n_fitted_targets = int(len(fitted))
+    summary.n_excluded_targets = int(len(excluded))
+    summary.excluded_targets = excluded[["target_id", "label", "reason"]].to_dict("records")
+    summary.reconcile = {"setting": name, **reconciled.summary()}
+    summary.active_households_per_cd = active_per_cd(weights, n_cds)
+    summary.sparsity_target_share = l0.target_active_share
+    summary.init_scale = float(init_scale)
+
+
+def make_summary(settings: CalibrateConfig, inputs, device: DeviceInfo, matrix, result, table, weights,
+                 run_dir: Path, overrides: list[str]) -> RunSummary:
+    """The run's summary figures and provenance."""
+    from calibrate.core.dataset import file_sha256
+    from calibrate.core.pe import package_versions
+
+    return RunSummary(
+        status="complete",
+        run_dir=str(run_dir.resolve()),
+        n_targets=len(table),
+        n_dropped_targets=len(matrix.dropped),
+        n_excluded_by_level=0,
+        geo_levels=inputs.levels,
+        n_households=len(matrix.household_ids),
+        n_cds=len(matrix.cds),
+        cds=[int(c) for c in matrix.cds],
+        period=settings.period,
+        target_groups=inputs.target_groups,
+        geo=settings.geo.name,
+        dataset=settings.dataset.name,
+        dataset_path=str(inputs.dataset_path.resolve()),
+        dataset_sha256=file_sha256(inputs.dataset_path),
+        db_path=str(inputs.db_path.resolve()),
+        db_sha256=file_sha256(inputs.db_path),
+        matrix_seconds=float(matrix.build_seconds),
+        matrix_cache_hit=bool(matrix.cache_hit),
+        matrix_cache_key=str(matrix.cache_key),
+        fit_seconds=float(result.total_seconds),
+        compile_seconds=float(result.compile_seconds),
+        seconds_per_epoch=float(result.seconds_per_epoch),
+        epochs=int(result.epochs),
+        final_loss=float(result.final_loss),
+        **outputs.error_stats(table),
+        **outputs.weight_stats(weights),
+        device=str(result.device or device.device),
+        platform=device.platform,
+        gpu_profile=device.profile,
+        cpu_fallback=device.cpu_fallback,
+        seed=settings.seed,
+        fit_config=asdict(result.config),
+        overrides=overrides,
+        package_versions=package_versions(),
+        total_seconds=0.0,
+    )

@@ -1,0 +1,177 @@
+"""Target consistency and support analysis, before any fitting (cheap: no simulation).
+
+Three checks, each a pure function of the targets frame and, for support, of X:
+
+- **hierarchy**: for every target *template* (variable + non-geographic constraints)
+  present at two levels, the sum of the children (CDs of a state, states of the nation,
+  or CDs of the nation when no state level exists) against the parent, when the
+  selection holds every child of that parent;
+- **support**: per target, the estimate at the base weights (each household's weight in
+  its home state, spread evenly over that state's CDs), the number of distinct households
+  that can contribute to its row, and the factor by which its template's supporting
+  households would have to be re-weighted on average nationally (template total target
+  / template total at base weights);
+- **feasibility**: a linear programme per area (the nation, each state) that finds
+  non-negative household weights, each at most ``max_weight_factor`` times its base
+  weight, minimising the sum of absolute relative errors of that area's targets. Being
+  an L1 problem it puts the unavoidable error on the fewest, cheapest targets: those left
+  above ``feasibility_tolerance`` cannot be met together with the others (for example a
+  total that exceeds the sum of its own components, or an amount the base data barely
+  carries).
+
+Every check returns rows of one flat table (``consistency.csv``); see ``docs/fit.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from calibrate.targets.geography import state_of_cd
+
+COLUMNS = [
+    "check", "flag", "target_id", "label", "template", "geo_level", "geographic_id", "value", "compared",
+    "ratio", "n", "detail",
+]
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class ConsistencySettings:
+    """Thresholds of the checks (``conf/reconcile/*.yaml``)."""
+
+    hierarchy_tolerance: float = 0.01  # |children / parent - 1| above this is inconsistent
+    max_weight_factor: float = 10.0  # weights may grow at most this much (support and feasibility)
+    min_households: int = 5  # rows supported by fewer distinct households are thin
+    feasibility_tolerance: float = 0.02  # LP relative error above this is infeasible
+    feasibility_levels: tuple[str, ...] = ("national", "state")  # areas whose joint feasibility is solved
+
+
+def template_key(variable: str, constraints) -> str:
+    """Canonical template of a target: its variable and sorted non-geographic constraints.
+
+    A constraint ``v > 0`` on the target's own variable ``v`` is dropped: the sum of a
+    non-negative amount over the entities where it is positive is the plain sum (the
+    database states SNAP dollars by state as ``snap [snap>0]``, nationally as ``snap``).
+    """
+    kept = sorted(
+        f"{c.variable}{c.operation}{c.value}" for c in constraints
+        if not (c.variable == variable and c.operation == ">" and _is_zero(c.value))
+    )
+    return variable + ("[" + " & ".join(kept) + "]" if kept else "")
+
+
+def _is_zero(text: str) -> bool:
+    try:
+        return float(text) == 0.0
+    except ValueError:
+        return False
+
+
+def with_templates(targets: pd.DataFrame) -> pd.DataFrame:
+    """``targets`` plus ``template`` and ``state`` (state FIPS of state/district targets, 0 for national)."""
+    out = targets.copy()
+    out["template"] = [template_key(v, c) for v, c in zip(out.variable, out.constraints)]
+    geo = out.geographic_id.to_numpy()
+    level = out.geo_level.to_numpy()
+    out["state"] = np.where(level == "district", geo // 100, np.where(level == "state", geo, 0))
+    return out
+
+
+def _row(check, flag, target_id=-1, label="", template="", geo_level="", geographic_id=0, value=np.nan,
+         compared=np.nan, ratio=np.nan, n=0, detail="") -> dict:
+    return dict(zip(COLUMNS, (check, flag, target_id, label, template, geo_level, geographic_id, value, compared,
+                              ratio, n, detail)))
+
+
+def cds_per_state(all_cds: list[int]) -> dict[int, int]:
+    """State FIPS -> number of CDs, from the full CD list of the target database."""
+    return pd.Series([state_of_cd(c) for c in all_cds]).value_counts().to_dict()
+
+
+def check_hierarchy(targets: pd.DataFrame, values: np.ndarray, state_cds: dict[int, int],
+                    settings: ConsistencySettings) -> pd.DataFrame:
+    """Children sum vs parent for every template at two levels, where the selection holds every
+    child (``state_cds``: how many CDs each state has, see :func:`cds_per_state`)."""
+    t = with_templates(targets).assign(value=np.asarray(values, dtype=np.float64))
+    n_states, n_cds = len(state_cds), sum(state_cds.values())
+    rows = []
+    for template, tpl in t.groupby("template", sort=True):
+        levels = set(tpl.geo_level)
+        districts, states, nation = (tpl[tpl.geo_level == lvl] for lvl in ("district", "state", "national"))
+        pairs = []
+        if {"district", "state"} <= levels:
+            for parent in states.itertuples():
+                kids = districts[districts.state == parent.geographic_id]
+                complete = len(kids) == state_cds.get(parent.geographic_id, -1)
+                pairs.append((parent, kids, complete, "CDs of the state"))
+        if "national" in levels and ({"state", "district"} & levels):
+            kids = states if "state" in levels else districts
+            expected = n_states if "state" in levels else n_cds
+            for parent in nation.itertuples():
+                name = "states of the nation" if "state" in levels else "CDs of the nation"
+                pairs.append((parent, kids, len(kids) == expected, name))
+        for parent, kids, complete, name in pairs:
+            if not complete:
+                continue
+            total = float(kids.value.sum())
+            ratio = total / parent.value if parent.value else np.nan
+            bad = not np.isfinite(ratio) or abs(ratio - 1.0) > settings.hierarchy_tolerance
+            rows.append(_row("hierarchy", "inconsistent" if bad else OK, parent.target_id, parent.label, template,
+                             parent.geo_level, parent.geographic_id, parent.value, total, ratio, len(kids),
+                             f"sum of {len(kids)} {name} / parent"))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def base_allocation(household_weights: np.ndarray, household_states: np.ndarray, cds: list[int]) -> np.ndarray:
+    """Stacked weights that put each household's base weight in its home state, evenly over its CDs
+    (zero elsewhere; a household whose state has no selected CD is left out)."""
+    cd_states = np.array([state_of_cd(c) for c in cds])
+    per_state = pd.Series(cd_states).value_counts()
+    n_home = per_state.reindex(household_states).fillna(0).to_numpy()
+    share = np.divide(1.0, n_home, out=np.zeros_like(n_home, dtype=np.float64), where=n_home > 0)
+    w = (cd_states[:, None] == np.asarray(household_states)[None, :]) * (share * household_weights)[None, :]
+    return w.ravel()
+
+
+def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, base_weights: np.ndarray,
+                  n_households: int, settings: ConsistencySettings) -> pd.DataFrame:
+    """Per target: base estimate, supporting households, and its template's national re-weighting factor."""
+    t = with_templates(targets).assign(value=np.asarray(values, dtype=np.float64))
+    base = np.asarray(X @ base_weights).ravel()
+    t["base"] = base
+    csr = sp.csr_matrix(X)
+    households = [np.unique(csr.indices[csr.indptr[i]:csr.indptr[i + 1]] % n_households).size for i in range(len(t))]
+    factors = _template_factors(t)
+    rows = []
+    top = settings.max_weight_factor
+    for i, r in enumerate(t.itertuples()):
+        factor = factors.get(r.template, np.nan)
+        if households[i] < settings.min_households:
+            flag, detail = "thin", f"only {households[i]} households can contribute (min {settings.min_households})"
+        elif np.isfinite(factor) and not 1.0 / top <= factor <= top:
+            flag = "unsupported"
+            detail = (f"template needs its households re-weighted x{factor:.3g} nationally "
+                      f"(max_weight_factor {top:g})")
+        else:
+            flag, detail = OK, f"template re-weighting x{factor:.3g} nationally"
+        ratio = r.value / r.base if r.base > 0 else np.inf
+        rows.append(_row("support", flag, r.target_id, r.label, r.template, r.geo_level, r.geographic_id, r.value,
+                         r.base, ratio, households[i], detail))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _template_factors(t: pd.DataFrame) -> dict[str, float]:
+    """Template -> (total target) / (total at base weights), over its most aggregate complete level."""
+    out = {}
+    for template, tpl in t.groupby("template"):
+        for level in ("national", "state", "district"):
+            part = tpl[tpl.geo_level == level]
+            if len(part):
+                base = float(part.base.sum())
+                out[template] = float(part.value.sum()) / base if base > 0 else np.inf
+                break
+    return out

@@ -1,0 +1,161 @@
+"""Reconciliation, declared in YAML: which value each target is fitted to, and whether it is fitted.
+
+The raw database values never change. A :class:`ScaleRule` rescales the children of a
+template proportionally so that they sum to their parent (the usual practice when
+sub-area survey estimates, e.g. ACS SNAP households by CD, meet administrative totals
+for the parent, e.g. USDA households by state): child shares are kept, the parent total
+is imposed. Targets flagged by the analysis (``unsupported``, ``thin``, ``infeasible``)
+are excluded, down-weighted or kept, as configured; inconsistent hierarchies that no rule
+handles are reported. The result, a :class:`TargetPlan`, is what ``targets.csv`` shows:
+original value, fitted value, status and reason for every target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from calibrate.core.errors import CalibrateError
+from calibrate.reconcile.consistency import with_templates
+
+FLAGS_ACTED_ON = ("unsupported", "thin", "infeasible")
+ACTIONS = ("exclude", "downweight", "keep")
+FIT, EXCLUDED = "fit", "excluded"
+
+
+class ReconcileError(CalibrateError):
+    """A reconciliation setting that cannot be applied (names the key)."""
+
+
+@dataclass(frozen=True)
+class ScaleRule:
+    """Scale the ``child_level`` targets of matching templates to sum to their ``parent_level`` target."""
+
+    name: str
+    variables: tuple[str, ...] = ()  # templates whose variable is one of these (empty: any)
+    stratum_group_ids: tuple[int, ...] = ()  # ... and whose stratum group is one of these (empty: any)
+    child_level: str = "district"
+    parent_level: str = "state"
+
+    def matches(self, targets: pd.DataFrame) -> np.ndarray:
+        ok = np.ones(len(targets), dtype=bool)
+        if self.variables:
+            ok &= targets.variable.isin(self.variables).to_numpy()
+        if self.stratum_group_ids:
+            ok &= targets.stratum_group_id.isin(self.stratum_group_ids).to_numpy()
+        return ok
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    """What to do with the analysis' findings (``conf/reconcile/*.yaml``)."""
+
+    scale_children: tuple[ScaleRule, ...] = ()
+    flagged: str = "exclude"  # exclude | downweight | keep, for unsupported / thin / infeasible targets
+    downweight: float = 0.01  # loss-weight multiplier of down-weighted targets
+    exclude_target_ids: tuple[int, ...] = ()  # excluded by hand ("excluded by config")
+
+
+@dataclass
+class TargetPlan:
+    """Per target: value fitted, status (fit | excluded), reason, loss-weight multiplier."""
+
+    original: np.ndarray
+    value: np.ndarray
+    status: np.ndarray
+    reason: np.ndarray
+    weight_multiplier: np.ndarray
+
+    @property
+    def in_fit(self) -> np.ndarray:
+        return self.status == FIT
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"value_original": self.original, "value": self.value, "status": self.status,
+                             "reason": self.reason, "loss_multiplier": self.weight_multiplier})
+
+
+def check_rule(rule: ScaleRule) -> None:
+    """ReconcileError unless the rule names a child level below its parent level."""
+    order = {"district": 0, "state": 1, "national": 2}
+    if rule.child_level not in order or rule.parent_level not in order:
+        raise ReconcileError(f"reconcile.scale_children {rule.name!r}: levels must be district, state or national")
+    if order[rule.child_level] >= order[rule.parent_level]:
+        raise ReconcileError(f"reconcile.scale_children {rule.name!r}: child_level {rule.child_level!r} must be "
+                             f"below parent_level {rule.parent_level!r}")
+
+
+def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[ScaleRule, ...]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(scaled values, reason per target) after applying every rule in order (parents first
+    when rules chain, e.g. states to the nation, then CDs to the scaled states)."""
+    t = with_templates(targets)
+    values = np.asarray(values, dtype=np.float64).copy()
+    reason = np.full(len(t), "", dtype=object)
+    level = t.geo_level.to_numpy()
+    for rule in sorted(rules, key=lambda r: {"national": 0, "state": 1, "district": 2}.get(r.parent_level, 3)):
+        check_rule(rule)
+        selected = rule.matches(t)
+        for template in sorted(set(t.template[selected])):
+            same = selected & (t.template.to_numpy() == template)
+            parents = np.flatnonzero(same & (level == rule.parent_level))
+            children = np.flatnonzero(same & (level == rule.child_level))
+            for p in parents:
+                kids = children if rule.parent_level == "national" else children[
+                    _parent_of(t, children, rule.child_level) == t.geographic_id.iat[p]]
+                total = values[kids].sum()
+                if kids.size == 0 or total <= 0:
+                    continue
+                factor = values[p] / total
+                values[kids] *= factor
+                reason[kids] = f"scaled x{factor:.4f} to {t.label.iat[p]} (rule {rule.name})"
+    return values, reason
+
+
+def _parent_of(t: pd.DataFrame, rows: np.ndarray, child_level: str) -> np.ndarray:
+    geo = t.geographic_id.to_numpy()[rows]
+    return geo // 100 if child_level == "district" else np.zeros_like(geo)
+
+
+def plan_targets(targets: pd.DataFrame, settings: ReconcileSettings, analysis: pd.DataFrame | None = None,
+                 scaled: tuple[np.ndarray, np.ndarray] | None = None) -> TargetPlan:
+    """The plan: scaled values, then exclusions (by hand, then flagged targets as configured)."""
+    if settings.flagged not in ACTIONS:
+        raise ReconcileError(f"reconcile.flagged={settings.flagged!r}: choose one of {', '.join(ACTIONS)}")
+    original = targets.value.to_numpy(dtype=np.float64)
+    values, reason = scaled if scaled is not None else scale_children(targets, original, settings.scale_children)
+    status = np.full(len(targets), FIT, dtype=object)
+    multiplier = np.ones(len(targets))
+    by_hand = targets.target_id.isin(settings.exclude_target_ids).to_numpy()
+    status[by_hand] = EXCLUDED
+    reason[by_hand] = "excluded by config (reconcile.exclude_target_ids)"
+    if analysis is not None and len(analysis) and settings.flagged != "keep":
+        flagged = analysis[analysis.flag.isin(FLAGS_ACTED_ON)]
+        first = flagged.drop_duplicates("target_id").set_index("target_id")
+        rows = np.flatnonzero(targets.target_id.isin(first.index).to_numpy() & ~by_hand)
+        for i in rows:
+            finding = first.loc[targets.target_id.iat[i]]
+            note = f"{finding.flag}: {finding.detail}"
+            if settings.flagged == "exclude":
+                status[i], reason[i] = EXCLUDED, note
+            else:
+                multiplier[i] = settings.downweight
+                reason[i] = f"down-weighted x{settings.downweight:g}: {note}"
+    return TargetPlan(original, values, status, reason, multiplier)
+
+
+def unhandled_inconsistencies(targets: pd.DataFrame, hierarchy: pd.DataFrame,
+                              rules: tuple[ScaleRule, ...]) -> pd.DataFrame:
+    """Inconsistent hierarchy rows whose template and levels no scale rule covers."""
+    bad = hierarchy[hierarchy.flag == "inconsistent"]
+    if bad.empty:
+        return bad
+    t = with_templates(targets)
+    covered = set()
+    for rule in rules:
+        for template in set(t.template[rule.matches(t)]):
+            covered.add((template, rule.parent_level))
+    keep = [(tpl, lvl) not in covered for tpl, lvl in zip(bad.template, bad.geo_level)]
+    return bad[keep]
