@@ -230,7 +230,7 @@ def build_matrix(
         workers = workers or default_workers()
         if states_per_chunk is None:
             states_per_chunk = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_hh) if stack else 1
-        with open_executor(executor, workers) as runner:
+        with open_executor(executor, workers, period) as runner:
             jobs = plan_jobs(missing, templates, keys, dataset_path, period, runner.slots, states_per_chunk, stack)
             simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress)
 

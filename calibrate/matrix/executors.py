@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibrate.core.errors import CalibrateError
-from calibrate.matrix.simulate import JobResult, SimulationJob, run_job, run_job_with_file
+from calibrate.matrix.simulate import JobResult, SimulationJob, frozen_heap, run_job, run_job_with_file, warm_up
 
 EXECUTOR_KINDS = ("local", "dask")
 
@@ -63,7 +63,9 @@ class LocalExecutor:
     def run(self, jobs: list[SimulationJob]) -> Iterator[JobResult]:
         """Results of ``jobs`` in completion order."""
         if len(jobs) == 1:
-            yield run_job(jobs[0])
+            with frozen_heap():
+                result = run_job(jobs[0])
+            yield result
         else:
             yield from _run_forked(jobs, self.slots)
 
@@ -73,19 +75,18 @@ def _fork_context():
 
 
 def _run_forked(jobs: list[SimulationJob], slots: int) -> Iterator[JobResult]:
-    from calibrate.core import pe
-
-    pe.tax_benefit_system()  # import once in the parent; forked workers inherit it
+    warm_up(jobs[0].period)  # once here; the forked workers inherit policyengine-us warm
     pending, running = list(reversed(jobs)), {}
     try:
-        while pending or running:
-            while pending and len(running) < slots:
-                pool = ProcessPoolExecutor(1, mp_context=_fork_context())
-                running[pool.submit(run_job, pending.pop())] = pool
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                running.pop(future).shutdown()
-                yield future.result()
+        with frozen_heap():
+            while pending or running:
+                while pending and len(running) < slots:
+                    pool = ProcessPoolExecutor(1, mp_context=_fork_context())
+                    running[pool.submit(run_job, pending.pop())] = pool
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    running.pop(future).shutdown()
+                    yield future.result()
     except BrokenProcessPool as exc:
         raise ExecutorError(
             f"a matrix worker died ({exc}); likely out of memory: use fewer workers or a smaller dataset"
@@ -126,7 +127,7 @@ class DaskExecutor:
 
 
 @contextmanager
-def open_executor(settings: ExecutorSettings, workers: int):
+def open_executor(settings: ExecutorSettings, workers: int, period: int):
     """The configured executor, its cluster (if any) shut down on exit."""
     settings.check()
     if settings.kind == "local":
@@ -134,7 +135,7 @@ def open_executor(settings: ExecutorSettings, workers: int):
     elif settings.address:
         yield from _remote_dask(settings)
     else:
-        yield from _local_dask(settings, workers)
+        yield from _local_dask(settings, workers, period)
 
 
 def _remote_dask(settings: ExecutorSettings):
@@ -148,14 +149,12 @@ def _remote_dask(settings: ExecutorSettings):
         yield DaskExecutor(client)
 
 
-def _local_dask(settings: ExecutorSettings, workers: int):
+def _local_dask(settings: ExecutorSettings, workers: int, period: int):
     import dask
     from distributed import Client, LocalCluster
 
-    from calibrate.core import pe
-
-    pe.tax_benefit_system()  # forked workers inherit policyengine-us instead of importing it each
-    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
+    warm_up(period)  # forked workers inherit policyengine-us, imported and warm
+    with frozen_heap(), dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
         cluster = LocalCluster(n_workers=settings.n_workers or workers, threads_per_worker=1, processes=True,
                                memory_limit=settings.memory_limit, dashboard_address=None)
     with cluster, Client(cluster) as client:

@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,33 @@ def stacked_state_contributions(arrays: dict, states: list[int], targets: pd.Dat
             release(sim)
             del sim
     return values.reshape(len(targets), len(states), n_hh).transpose(1, 0, 2)
+
+
+def parameter_instants(period: int) -> list[str]:
+    """The instants at which a simulation of ``period`` reads policyengine-us's parameters
+    (observed with policyengine-us 2.68: the year's months, and a few around it)."""
+    months = [f"{period}-{m:02d}-01" for m in range(1, 13)]
+    return [f"{period - 1}-01-01", f"{period - 1}-10-01", *months, f"{period + 1}-06-01"]
+
+
+def warm_up(period: int) -> None:
+    """Build policyengine-us's parameter tree at ``period``'s instants (about 6 CPU-s, cached in
+    the process): done once in a parent, every process forked from it starts warm."""
+    parameters = pe.tax_benefit_system().parameters
+    for instant in parameter_instants(period):
+        parameters(instant)
+
+
+@contextmanager
+def frozen_heap():
+    """Keep the objects alive now (policyengine-us's millions) out of garbage collection: the
+    collection that frees a finished simulation (:func:`release`) then takes milliseconds, not
+    seconds, and forked workers do not copy the pages a collection would touch."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run_job(job: SimulationJob) -> JobResult:
