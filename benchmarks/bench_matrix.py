@@ -23,6 +23,7 @@ Every phase uses the CDs of ``--states`` (default: all), the target groups ``--g
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sqlite3
@@ -46,10 +47,11 @@ DEFAULT_GROUPS = "1,2,4,5,7"  # conf/config.yaml's target=[geography,age,snap,me
 
 
 class PeakRss:
-    """Peak RSS (GB) of this process, its largest child and all of them together, sampled."""
+    """Peak RSS (GB) of this process, its largest child, its children together and all together, sampled
+    (RSS counts pages a forked worker shares with its parent in both, so the sums overstate)."""
 
     def __init__(self, interval: float = 0.1):
-        self.interval, self.parent, self.child, self.total = interval, 0.0, 0.0, 0.0
+        self.interval, self.parent, self.child, self.children, self.total = interval, 0.0, 0.0, 0.0, 0.0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
@@ -62,6 +64,7 @@ class PeakRss:
                 continue
             self.parent = max(self.parent, own / 1e9)
             self.child = max(self.child, max(kids, default=0) / 1e9)
+            self.children = max(self.children, sum(kids) / 1e9)
             self.total = max(self.total, (own + sum(kids)) / 1e9)
             self._stop.wait(self.interval)
 
@@ -79,13 +82,14 @@ class PeakRss:
 
 
 def timed_build(label: str, results: list, **kw):
-    """One build, timed and memory-sampled; its line is appended to ``results``."""
+    """One build, timed and memory-sampled; its lines are appended to ``results``."""
     with PeakRss() as peak:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         m = build_matrix(progress=False, **kw)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     results.append((label, f"{seconds:8.2f} s   simulated {m.entries_simulated:5d} / cached {m.entries_cached:5d} "
-                           f"entries, {m.simulations} simulations; peak RSS {peak}"))
+                           f"entries in {m.simulations} simulations; build process CPU {cpu:.1f} s"))
+    results.append(("", f"           peak RSS {peak}"))
     return m, seconds, peak
 
 
@@ -113,7 +117,7 @@ def whole_run(dataset: Path, states: str, cache: Path, workers: int, results: li
         seconds = time.perf_counter() - t
     status = "ok" if proc.returncode == 0 else f"FAILED: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
     results.append(("whole run (python -m calibrate, warm cache, CPU fit)",
-                    f"{seconds:8.2f} s   {status}; peak RSS {peak}"))
+                    f"{seconds:8.2f} s   {status}; peak RSS of the run {peak.children:.2f} GB"))
 
 
 def main() -> None:
@@ -131,9 +135,13 @@ def main() -> None:
     a = p.parse_args()
 
     executor = ExecutorSettings(kind=a.executor, address=a.address)
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     pe.tax_benefit_system()
     import_s = time.perf_counter() - t0
+    # A warm build in its own process never imports policyengine-us; here it is imported, and a
+    # full garbage collection over its heap (~3 s) would land in whichever phase triggers one.
+    gc.freeze()
     states = parse_states(a.states)
     cds = [c for c in all_cds(paths.TARGET_DB) if state_of_cd(c) in states]
     flt = TargetFilter(stratum_group_ids=tuple(int(g) for g in a.groups.split(",")))
@@ -145,10 +153,12 @@ def main() -> None:
         m, cold, _ = timed_build("cold build", rows, cds=cds, target_filter=flt, workers=a.workers, cache_dir=cache,
                                  **common)
         busy = max(1, min(a.workers, m.simulations))
-        cpu = sum(m.state_cpu_seconds.values())
+        cpu, wall = sum(m.state_cpu_seconds.values()), sum(m.state_seconds.values())
         rows.append(("  sum of per-state simulation CPU s / workers busy",
                      f"{cpu / busy:8.2f} s   ({cpu:.1f} CPU-s over {busy} workers; overhead beyond policyengine-us "
                      f"{cold / (cpu / busy) - 1:+.1%})"))
+        rows.append(("  sum of per-state simulation wall s / workers busy",
+                     f"{wall / busy:8.2f} s   (above CPU when the workers waited for a core)"))
         rows.append(("  X", f"{m.X.shape[0]:,} x {m.X.shape[1]:,}, nnz {m.X.nnz:,}, {len(m.dropped)} all-zero rows dropped"))
         n_entries, size = disk_size(cache)
         rows.append(("  cache on disk", f"{n_entries} entries, {size / 1e6:.1f} MB for {len(states)} states "
@@ -191,7 +201,8 @@ def main() -> None:
 
     width = max(len(r[0]) for r in rows)
     print(f"\nmatrix benchmark: {a.dataset.name}, {len(states)} states, {len(cds)} CDs, groups {a.groups}, "
-          f"executor {a.executor}, workers {a.workers}, {os.cpu_count()} cores")
+          f"executor {a.executor}, workers {a.workers}, {os.cpu_count()} cores, load average at start "
+          f"{load_start:.1f}, at end {os.getloadavg()[0]:.1f}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
 

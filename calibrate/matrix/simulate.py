@@ -121,11 +121,13 @@ def frozen_heap():
     """Keep the objects alive now (policyengine-us's millions) out of garbage collection: the
     collection that frees a finished simulation (:func:`release`) then takes milliseconds, not
     seconds, and forked workers do not copy the pages a collection would touch."""
+    outermost = gc.get_freeze_count() == 0  # a caller's freeze is left as it was
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if outermost:
+            gc.unfreeze()
 
 
 def run_job(job: SimulationJob) -> JobResult:
