@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import scipy.sparse as sp
 from hydra import compose, initialize_config_dir
@@ -252,3 +257,35 @@ def test_tracer_rebuilds_a_run_from_its_config(age_cache, fixture_dataset, targe
     (run_dir / "summary.json").write_text(json.dumps({**summary, "matrix_cache_key": "other"}))
     assert tracer_main([str(run_dir), "structure"]) == 2
     assert "differs from the run's" in capsys.readouterr().err
+
+
+def _die_or_wait(job):
+    """Job body for the dead-worker test: one worker waits, the other is killed once it has started."""
+    waiting = Path(job.dataset_path).parent / "waiting.pid"
+    if job.states[0] == 11:
+        for _ in range(600):
+            if waiting.exists():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    waiting.write_text(str(os.getpid()))
+    time.sleep(30)
+    waiting.with_suffix(".finished").write_text("not killed")
+
+
+def test_a_killed_worker_fails_the_build_and_stops_the_others(fixture_dataset, tmp_path, monkeypatch):
+    """An out-of-memory kill is a SIGKILL: the build stops with an error, the other worker is killed too."""
+    from calibrate.matrix import executors
+    from calibrate.matrix.simulate import SimulationJob
+
+    monkeypatch.setattr(executors, "run_job", _die_or_wait)
+    dataset = tmp_path / "fixture.h5"
+    shutil.copy(fixture_dataset, dataset)
+    jobs = [SimulationJob(str(dataset), (state,), None, (), PERIOD, True) for state in (50, 11)]
+    with pytest.raises(executors.ExecutorError, match="worker died"):
+        for _ in executors.LocalExecutor(2).run(jobs):
+            pass
+    pid = int((tmp_path / "waiting.pid").read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    time.sleep(1)
+    assert not (tmp_path / "waiting.finished").exists()

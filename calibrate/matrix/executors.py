@@ -92,9 +92,18 @@ def _run_forked(jobs: list[SimulationJob], slots: int) -> Iterator[JobResult]:
             f"a matrix worker died ({exc}); likely out of memory: use fewer workers or a smaller dataset"
         ) from exc
     finally:
-        for future, pool in running.items():
-            future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+        for pool in running.values():  # only when stopped early (an error, an interrupt)
+            _kill(pool)
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Stop a job's process now instead of waiting for its simulation to finish."""
+    if hasattr(pool, "kill_workers"):  # Python 3.14+
+        pool.kill_workers()
+    else:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaskExecutor:
