@@ -187,7 +187,9 @@ def test_cache_hit_and_key(fixture_dataset, target_db, fixture_cds, tmp_path):
     assert not first.cache_hit and second.cache_hit
     assert (first.X != second.X).nnz == 0
     assert second.targets_df.equals(first.targets_df)
-    assert [p.name for p in tmp_path.iterdir()] == [f"matrix-{first.cache_key}.pkl"]  # no temp files left
+    assert second.entries_simulated == 0 and second.entries_cached == first.entries_simulated > 0
+    assert second.cache_key == first.cache_key
+    assert {p.suffix for p in tmp_path.rglob("*") if p.is_file()} == {".npz", ".json"}  # no temp files left
     targets = load_targets(target_db, GROUPS, cds, PERIOD)
     assert cache_key(fixture_dataset, targets, cds, PERIOD) == first.cache_key
     assert cache_key(fixture_dataset, targets, fixture_cds[:2], PERIOD) != first.cache_key

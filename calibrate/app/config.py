@@ -165,6 +165,23 @@ class PublishConf:
     options: dict[str, Any] = field(default_factory=dict)  # free-form settings for the publish stage
 
 
+class ExecutorKind(str, Enum):
+    """Engine that runs the matrix build's per-state simulations."""
+
+    local = "local"  # forked processes on this machine (``workers`` at a time)
+    dask = "dask"  # a Dask cluster: a LocalCluster here, or a running one at ``address``
+
+
+@dataclass
+class ExecutorConf:
+    """Where the matrix build's simulations run (``conf/executor/``); see docs/matrix.md."""
+
+    name: ExecutorKind = ExecutorKind.local  # local | dask
+    address: str | None = None  # dask scheduler address, e.g. tcp://10.0.0.5:8786 (null = start a LocalCluster)
+    n_workers: int | None = None  # LocalCluster worker processes (null = ``workers``)
+    memory_limit: str = "auto"  # LocalCluster memory limit per worker, e.g. 8GB ("auto" = RAM / workers)
+
+
 @dataclass
 class HoldoutConf:
     """Targets left out of the loss and scored after the fit (``calibrate.reconcile.holdout``), off by default."""
@@ -188,6 +205,7 @@ class CalibrateConfig:
     reconcile: ReconcileConf = field(default_factory=ReconcileConf)  # target analysis, reconciliation, loss weights
     gpu: GpuConf = field(default_factory=GpuConf)  # device profile
     publish: PublishConf = field(default_factory=PublishConf)  # publishing stage
+    executor: ExecutorConf = field(default_factory=ExecutorConf)  # where the matrix simulations run
     period: int = 2024  # target year: the latest target at or before it is used
     seed: int = 0  # random seed (feeds fit.seed)
     db_path: str = MISSING  # SQLite target database
@@ -387,6 +405,16 @@ def holdout_spec(conf: HoldoutConf, run_levels: list[str]):
     spec = HoldoutSpec(conf.share, tuple(conf.stratum_group_ids), tuple(conf.variables), tuple(conf.levels), conf.seed)
     validate_spec(spec, run_levels)
     return spec
+
+
+def executor_settings(executor: ExecutorConf):
+    """The matrix stage's ``ExecutorSettings`` from the executor section (checked: engine installed)."""
+    from calibrate.matrix.executors import ExecutorSettings
+
+    settings = ExecutorSettings(kind=ExecutorKind(executor.name).value, address=executor.address,
+                                n_workers=executor.n_workers, memory_limit=executor.memory_limit)
+    settings.check()
+    return settings
 
 
 def existing_file(path: str, key: str) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 from calibrate import outputs
 from calibrate.app.config import (
     CalibrateConfig,
+    executor_settings,
     existing_file,
     holdout_spec,
     l0_config,
@@ -100,6 +101,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     matrix = build_matrix(
         inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,
         workers=settings.workers, cache_dir=inputs.cache_dir, progress=settings.progress,
+        executor=executor_settings(settings.executor),
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)

@@ -5,20 +5,19 @@ Column ``cd_idx * n_households + hh_idx`` is household ``hh_idx`` placed in CD
 simulated once (a fresh simulation holding one copy of the households per state,
 ``state_fips`` set), and geography enters as column masks: a national target fills
 every CD block, a state target the blocks of its CDs, a CD target its own block.
+
+What is simulated is one household vector per (state, template) (:mod:`calibrate.matrix.cache`);
+a build looks every needed entry up first, simulates only the missing ones (on the
+configured executor, :mod:`calibrate.matrix.executors`), streams them into the cache as
+they arrive and assembles X from the entries (:mod:`calibrate.matrix.assembly`).
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
-import multiprocessing as mp
-import os
-import pickle
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,26 +25,28 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from calibrate.core import paths, pe
+from calibrate.core import paths
 from calibrate.core.errors import CalibrateError
-from calibrate.matrix.contributions import check_variables, household_contributions
-from calibrate.matrix.stacking import replicate
+from calibrate.matrix.assembly import assemble, needed_pairs
+from calibrate.matrix.cache import CacheContext, ContributionCache, Entry, policyengine_versions, template_key
+from calibrate.matrix.contributions import check_variables
+from calibrate.matrix.executors import ExecutorError, ExecutorSettings, default_workers, open_executor
+from calibrate.matrix.simulate import SimulationJob, state_contributions  # noqa: F401  (public re-export)
 from calibrate.targets import TargetFilter, TargetSelectionError, all_cds, load_targets
 from calibrate.targets.geography import state_of_cd
 
-MATRIX_FORMAT_VERSION = 1
+MATRIX_FORMAT_VERSION = 2
 # States per simulation = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_households). Measured on the
 # default 12k-household file (3 states, 1 process): stacked in one simulation 73 s and 3.4 GB peak,
-# one simulation per state 100 s. Forked workers are reused and policyengine's caches grow, so a
-# 4-state stack per worker reached ~10 GB in the all-CD build (2 workers, 24 GB: one was killed);
-# 24k household copies (2 states of the default file) keeps a worker's peak near 5 GB.
+# one simulation per state 100 s; 24k household copies (2 states of the default file) keeps a
+# worker's peak near 5 GB.
 MAX_HOUSEHOLDS_PER_SIMULATION = 24_000
-REQUIRED_DATASET_VARIABLES = ("household_id", "person_id", "person_household_id", "household_weight")
+REQUIRED_DATASET_VARIABLES = ("household_id", "person_id", "person_household_id", "household_weight", "state_fips")
 
 
 @dataclass
 class CalibrationMatrix:
-    """The targets, X and the household layout of its columns."""
+    """The targets, X and the household layout of its columns, with how the build went."""
 
     targets_df: pd.DataFrame
     X: sp.csr_matrix
@@ -55,9 +56,13 @@ class CalibrationMatrix:
     household_state_fips: np.ndarray
     dropped: pd.DataFrame
     build_seconds: float = 0.0
-    cache_hit: bool = False
-    cache_key: str = ""
-    state_seconds: dict = field(default_factory=dict)
+    cache_hit: bool = False  # nothing was simulated: every entry came from the cache
+    cache_key: str = ""  # identity of this matrix (dataset, targets with values, CDs, period, versions)
+    state_seconds: dict = field(default_factory=dict)  # simulated state -> wall seconds of its simulation
+    state_cpu_seconds: dict = field(default_factory=dict)  # simulated state -> CPU seconds of its simulation
+    entries_simulated: int = 0  # (state, template) entries computed by this build
+    entries_cached: int = 0  # (state, template) entries read from the cache
+    simulations: int = 0  # policyengine-us simulations run
 
     @property
     def n_households(self) -> int:
@@ -70,12 +75,6 @@ class CalibrationMatrix:
 
     def column(self, cd: int, household_index: int) -> int:
         return self.cds.index(cd) * self.n_households + household_index
-
-
-def _read_dataset(dataset_path: Path, period: int) -> dict[str, np.ndarray]:
-    from calibrate.core.dataset import read_h5
-
-    return read_h5(dataset_path, period)
 
 
 def _check_cds(cds: list[int], db_path: Path) -> list[int]:
@@ -92,111 +91,12 @@ def _check_cds(cds: list[int], db_path: Path) -> list[int]:
     return [int(c) for c in cds]
 
 
-def state_contributions(dataset_path: Path, state: int, targets: pd.DataFrame, period: int):
-    """Contributions (n_targets, n_hh) with every household placed in ``state``: a fresh simulation.
-
-    The original ids are kept (policyengine-us hashes ``person_id`` in some formulas, e.g.
-    the month a person's unemployment compensation starts), so a cell equals the value a
-    one-state simulation of the same file gives.
-    """
-    sim = pe.microsimulation(dataset_path)
-    n_hh = sim.populations["household"].count
-    sim.set_input("state_fips", period, np.full(n_hh, state, dtype=np.int64))
-    try:
-        return household_contributions(sim, targets, period)
-    finally:
-        release(sim)
-
-
-def release(sim) -> None:
-    """Free a finished simulation now: the shared tax-benefit system keeps a reference to the
-    last one, which would otherwise double a worker's peak memory when the next one starts."""
-    if getattr(sim.tax_benefit_system, "simulation", None) is sim:
-        sim.tax_benefit_system.simulation = None
-    gc.collect()
-
-
-def stacked_state_contributions(arrays: dict, states: list[int], targets: pd.DataFrame, period: int) -> np.ndarray:
-    """Contributions (n_states, n_targets, n_hh) from ONE simulation holding a copy of the
-    households per state (see :mod:`calibrate.stacking`); equal to :func:`state_contributions`
-    per state, at a fraction of the cost (policyengine's per-simulation overhead is paid once)."""
-    from calibrate.core.dataset import write_h5
-
-    n_hh = len(arrays["household_id"])
-    stacked = replicate(arrays, len(states))
-    stacked["state_fips"] = np.repeat(np.asarray(states, dtype=np.int64), n_hh)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "stacked.h5"
-        write_h5(stacked, path, period)
-        sim = pe.microsimulation(path)
-        try:
-            values = household_contributions(sim, targets, period)
-        finally:
-            release(sim)
-            del sim
-    return values.reshape(len(targets), len(states), n_hh).transpose(1, 0, 2)
-
-
-def _state_values(args) -> tuple[list[int], np.ndarray, float]:
-    """Worker: contributions (n_states, n_targets, n_hh) of a chunk of states."""
-    dataset_path, states, targets, period, stack = args
-    start = time.perf_counter()
-    if stack:
-        from calibrate.core.dataset import read_h5
-
-        values = stacked_state_contributions(read_h5(dataset_path, period), states, targets, period)
-    else:
-        values = np.stack([state_contributions(dataset_path, s, targets, period) for s in states])
-    return list(states), values, time.perf_counter() - start
-
-
-def _chunks(states: list[int], workers: int, states_per_chunk: int) -> list[list[int]]:
-    size = max(1, min(states_per_chunk, -(-len(states) // max(workers, 1))))
-    return [states[i : i + size] for i in range(0, len(states), size)]
-
-
-def compute_state_values(
-    dataset_path: Path, states: list[int], targets: pd.DataFrame, period: int, workers: int, states_per_chunk: int = 1,
-    progress: bool = True, stack: bool = True,
-) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-    """Contributions (n_targets, n_hh) for each state, computed in parallel worker processes."""
-    from tqdm.auto import tqdm
-
-    jobs = [(dataset_path, chunk, targets, period, stack) for chunk in _chunks(states, workers, states_per_chunk)]
-    values, seconds = {}, {}
-    bar = tqdm(total=len(states), desc="matrix: states", unit="state", disable=not progress)
-    pool = None
-    if workers <= 1 or len(jobs) == 1:
-        results = map(_state_values, jobs)
-    else:
-        pe.tax_benefit_system()  # import once in the parent; forked workers inherit it
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        # a worker killed (e.g. out of memory) raises BrokenProcessPool instead of hanging
-        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx)
-        results = pool.map(_state_values, jobs)
-    try:
-        for chunk, chunk_values, secs in results:
-            for state, v in zip(chunk, chunk_values):
-                values[state] = v
-                seconds[state] = secs / len(chunk)
-            bar.update(len(chunk))
-    except BrokenProcessPool as exc:
-        raise CalibrateError(
-            f"a matrix worker died ({exc}); likely out of memory: use fewer workers or a smaller dataset"
-        ) from exc
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return values, seconds
-
-
 def row_templates(targets: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """The distinct (variable, non-geographic constraints) pairs and each target row's index into them.
 
     Targets that differ only in geography (an age bin in every CD, state and the nation) share
     one template: it is computed once per state and reused by every row, which keeps the
-    per-state arrays small (tens of templates instead of thousands of rows).
+    per-state work small (tens of templates instead of thousands of rows).
     """
     keys = [(v, tuple(sorted((c.variable, c.operation, c.value) for c in cons)))
             for v, cons in zip(targets.variable, targets.constraints)]
@@ -207,62 +107,76 @@ def row_templates(targets: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     return templates, row_template
 
 
-def assemble(targets: pd.DataFrame, cds: list[int], state_values: dict[int, np.ndarray], n_hh: int,
-             row_template: np.ndarray | None = None) -> sp.csr_matrix:
-    """Stack per-state values into X with the geographic column masks.
-
-    ``state_values[s]`` holds one row per template (``row_template[i]`` is target row i's);
-    without ``row_template`` it holds one row per target.
-    """
-    level = targets.geo_level.to_numpy()
-    geo = targets.geographic_id.to_numpy()
-    if row_template is None:
-        row_template = np.arange(len(targets))
-    sparse_by_state = {s: sp.csr_matrix(v.astype(np.float32)) for s, v in state_values.items()}
-    blocks = []
-    for cd_idx, cd in enumerate(cds):
-        state = state_of_cd(cd)
-        rows = np.flatnonzero(
-            (level == "national") | ((level == "state") & (geo == state)) | ((level == "district") & (geo == cd))
-        )
-        block = sparse_by_state[state][row_template[rows]].tocoo()
-        blocks.append((rows[block.row], block.col + cd_idx * n_hh, block.data))
-    r = np.concatenate([b[0] for b in blocks])
-    c = np.concatenate([b[1] for b in blocks])
-    d = np.concatenate([b[2] for b in blocks])
-    X = sp.csr_matrix((d, (r, c)), shape=(len(targets), n_hh * len(cds)), dtype=np.float32)
-    X.sum_duplicates()
-    X.sort_indices()
-    return X
-
-
-def cache_key(dataset_path: Path, targets: pd.DataFrame, cds: list[int], period: int) -> str:
-    from calibrate.core.dataset import file_sha256
-
+def _matrix_key(dataset_sha256: str, targets: pd.DataFrame, cds: list[int], period: int) -> str:
     rows = targets[["target_id", "variable", "period", "value", "geo_level", "geographic_id"]].astype(str).values.tolist()
     constraints = [[(c.variable, c.operation, c.value) for c in cons] for cons in targets.constraints]
+    us, core = policyengine_versions()
     payload = {
-        "dataset": file_sha256(dataset_path),
-        "targets": rows,
-        "constraints": constraints,
-        "cds": list(cds),
-        "period": period,
-        "policyengine_us": pe.package_versions()["policyengine-us"],
-        "format": MATRIX_FORMAT_VERSION,
+        "dataset": dataset_sha256, "targets": rows, "constraints": constraints, "cds": list(cds), "period": period,
+        "policyengine_us": us, "policyengine_core": core, "format": MATRIX_FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _atomic_pickle(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def cache_key(dataset_path: Path, targets: pd.DataFrame, cds: list[int], period: int) -> str:
+    """Identity of the matrix these inputs give (recorded in a run's summary; the tracer checks it)."""
+    from calibrate.core.dataset import file_sha256
+
+    return _matrix_key(file_sha256(dataset_path), targets, cds, period)
+
+
+def _chunks(states: list[int], workers: int, states_per_chunk: int) -> list[list[int]]:
+    size = max(1, min(states_per_chunk, -(-len(states) // max(workers, 1))))
+    return [states[i : i + size] for i in range(0, len(states), size)]
+
+
+def plan_jobs(missing: dict[int, list[int]], templates: pd.DataFrame, template_keys: list[str], dataset_path: Path,
+              period: int, slots: int, states_per_chunk: int, stack: bool) -> list[SimulationJob]:
+    """Jobs computing exactly the missing entries: states missing the same templates share jobs."""
+    by_set = defaultdict(list)
+    for state, needed in sorted(missing.items()):
+        by_set[tuple(sorted(needed))].append(state)
+    jobs = []
+    for template_ids, states in sorted(by_set.items()):
+        subset = templates.iloc[list(template_ids)].reset_index(drop=True)
+        keys = tuple(template_keys[t] for t in template_ids)
+        for chunk in _chunks(states, slots, states_per_chunk):
+            jobs.append(SimulationJob(str(dataset_path), tuple(chunk), subset, keys, period, stack))
+    return jobs
+
+
+@dataclass
+class _Simulated:
+    """Bookkeeping of the simulations a build ran."""
+
+    entries: int = 0
+    simulations: int = 0
+    wall: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)
+
+
+def _simulate_missing(jobs: list[SimulationJob], executor, cache: ContributionCache,
+                      entries: dict[tuple[int, int], Entry], key_index: dict[str, int], progress: bool) -> _Simulated:
+    """Run ``jobs``; write each result's entries to the cache and ``entries`` as it arrives."""
+    from tqdm.auto import tqdm
+
+    done = _Simulated()
+    expected = cache.context.policyengine_us, cache.context.policyengine_core
+    with tqdm(total=sum(len(j.states) for j in jobs), desc="matrix: states", unit="state", disable=not progress) as bar:
+        for result in executor.run(jobs):
+            if tuple(result.versions) != expected:
+                raise ExecutorError(f"a worker runs policyengine-us/-core {result.versions}, this process {expected}: "
+                                    "install the same versions on the workers")
+            for state, state_entries in zip(result.states, result.entries):
+                for key, entry in zip(result.template_keys, state_entries):
+                    cache.save(state, key, entry)
+                    entries[(state, key_index[key])] = entry
+                done.wall[state] = result.wall_seconds / len(result.states)
+                done.cpu[state] = result.cpu_seconds / len(result.states)
+            done.entries += len(result.states) * len(result.template_keys)
+            done.simulations += result.simulations
+            bar.update(len(result.states))
+    return done
 
 
 def build_matrix(
@@ -276,63 +190,72 @@ def build_matrix(
     progress: bool = True,
     states_per_chunk: int | None = None,
     stack: bool = True,
+    executor: ExecutorSettings | None = None,
 ) -> CalibrationMatrix:
-    """Targets, sparse X and household layout for ``cds`` and the targets ``target_filter`` selects."""
+    """Targets, sparse X and household layout for ``cds`` and the targets ``target_filter`` selects.
+
+    Only (state, template) entries missing from ``cache_dir`` are simulated (``cache_dir=None``:
+    all, nothing written), on ``executor`` (default: forked local processes, ``workers`` at a time).
+    """
+    from calibrate.core.dataset import file_sha256, read_h5
+
     start = time.perf_counter()
+    executor = executor or ExecutorSettings()
+    executor.check()
     dataset_path = Path(dataset_path)
     if not dataset_path.is_file():
         raise CalibrateError(f"dataset file {dataset_path} does not exist")
     cds = _check_cds(list(cds), Path(db_path))
     targets = load_targets(Path(db_path), target_filter, cds, period)
-    arrays = _read_dataset(dataset_path, period)
-    missing = [v for v in REQUIRED_DATASET_VARIABLES if v not in arrays]
-    if missing:
-        raise CalibrateError(f"dataset {dataset_path} lacks required variable {missing[0]!r}")
-
-    key = cache_key(dataset_path, targets, cds, period)
-    cache_path = Path(cache_dir) / f"matrix-{key}.pkl" if cache_dir else None
-    if cache_path is not None and cache_path.is_file():
-        with open(cache_path, "rb") as fh:
-            cached: CalibrationMatrix = pickle.load(fh)
-        cached.cache_hit = True
-        cached.build_seconds = time.perf_counter() - start
-        return cached
-
-    check_variables(targets)  # imports policyengine-us: only on a cache miss
-    states = sorted({state_of_cd(c) for c in cds})
-    workers = workers or os.cpu_count() or 1
-    if states_per_chunk is None:
-        states_per_chunk = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // len(arrays["household_id"])) if stack else 1
-    templates, row_template = row_templates(targets)
-    values, seconds = compute_state_values(dataset_path, states, templates, period, workers, states_per_chunk, progress,
-                                           stack)
+    arrays = read_h5(dataset_path, period, REQUIRED_DATASET_VARIABLES)
     n_hh = len(arrays["household_id"])
-    X = assemble(targets, cds, values, n_hh, row_template)
+    dataset_sha256 = file_sha256(dataset_path)
 
-    empty = np.diff(X.indptr) == 0
+    templates, row_template = row_templates(targets)
+    keys = [template_key(v, c) for v, c in zip(templates.variable, templates.constraints)]
+    cache = ContributionCache(cache_dir, CacheContext(dataset_sha256, period, n_hh, *policyengine_versions()))
+    entries: dict[tuple[int, int], Entry] = {}
+    missing: dict[int, list[int]] = defaultdict(list)
+    for state, template in sorted(needed_pairs(targets, cds, row_template)):
+        entry = cache.load(state, keys[template])
+        if entry is None:
+            missing[state].append(template)
+        else:
+            entries[(state, template)] = entry
+    n_cached = len(entries)
+
+    simulated = _Simulated()
+    if missing:
+        check_variables(targets)  # imports policyengine-us: only when something must be simulated
+        workers = workers or default_workers()
+        if states_per_chunk is None:
+            states_per_chunk = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_hh) if stack else 1
+        with open_executor(executor, workers, period) as runner:
+            jobs = plan_jobs(missing, templates, keys, dataset_path, period, runner.slots, states_per_chunk, stack)
+            simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress)
+
+    X, kept = assemble(targets, cds, entries, n_hh, row_template)
+    del entries
+    empty = np.ones(len(targets), dtype=bool)
+    empty[kept] = False
     dropped = targets.loc[empty, ["target_id", "label", "variable", "geo_level", "value"]].reset_index(drop=True)
-    keep = np.flatnonzero(~empty)
-    targets = targets.iloc[keep].reset_index(drop=True)
+    key = _matrix_key(dataset_sha256, targets, cds, period)
+    targets = targets.iloc[kept].reset_index(drop=True)
     targets["group_id"] = pd.factorize(targets.variable + "|" + targets.geo_level)[0]
-    X = X[keep]
-    result = CalibrationMatrix(
+    return CalibrationMatrix(
         targets_df=targets,
         X=X,
         cds=cds,
         household_ids=arrays["household_id"].astype(np.int64),
         household_weights=arrays["household_weight"].astype(np.float64),
-        household_state_fips=_household_states(arrays),
+        household_state_fips=arrays["state_fips"].astype(np.int64),
         dropped=dropped,
         build_seconds=time.perf_counter() - start,
+        cache_hit=simulated.entries == 0,
         cache_key=key,
-        state_seconds=seconds,
+        state_seconds=simulated.wall,
+        state_cpu_seconds=simulated.cpu,
+        entries_simulated=simulated.entries,
+        entries_cached=n_cached,
+        simulations=simulated.simulations,
     )
-    if cache_path is not None:
-        _atomic_pickle(result, cache_path)
-    return result
-
-
-def _household_states(arrays: dict) -> np.ndarray:
-    if "state_fips" not in arrays:
-        raise CalibrateError("dataset lacks 'state_fips' (needed for initial weights)")
-    return arrays["state_fips"].astype(np.int64)

@@ -1,23 +1,28 @@
 """MatrixTracer: find your way around a built calibration matrix.
 
-    python -m calibrate.tracer storage/cache/matrix-<key>.pkl structure
-    python -m calibrate.tracer <matrix.pkl | run_dir> row 12
-    python -m calibrate.tracer <matrix.pkl | run_dir> column 120345
-    python -m calibrate.tracer <matrix.pkl | run_dir> cell 12 120345
-    python -m calibrate.tracer <matrix.pkl | run_dir> household 4711
+    python -m calibrate.tracer <run_dir> structure
+    python -m calibrate.tracer <run_dir> row 12
+    python -m calibrate.tracer <run_dir> column 120345
+    python -m calibrate.tracer <run_dir> cell 12 120345
+    python -m calibrate.tracer <run_dir> household 4711
+
+The run's matrix is rebuilt from its recorded config (``.hydra/config.yaml``) and the
+contribution cache (no simulation when the cache still holds the run's entries; nothing
+is unpickled).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from calibrate.core.errors import CalibrateError
 from calibrate.matrix.build import CalibrationMatrix
 from calibrate.targets.geography import cd_label
 
@@ -93,30 +98,17 @@ class MatrixTracer:
         }).sort_values(["row", "cd"]).reset_index(drop=True)
 
 
-def load_matrix(path: Path) -> CalibrationMatrix:
-    """A cached matrix pickle, or the one a run directory's summary.json names."""
-    path = Path(path)
-    if path.is_dir():
-        summary = json.loads((path / "summary.json").read_text())
-        from calibrate.core import paths
-
-        key = summary.get("matrix_cache_key") or summary.get("cache_key")
-        path = Path(summary.get("cache_dir") or paths.CACHE) / f"matrix-{key}.pkl"
-    if not path.is_file():
-        raise FileNotFoundError(f"matrix file {path} does not exist")
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
-
-
-def main(argv=None) -> int:
+def main(argv, load: Callable[[Path], CalibrationMatrix]) -> int:
+    """The tracer CLI; ``load`` turns the path argument into a matrix (``calibrate.tracer`` passes
+    :func:`calibrate.app.trace.matrix_of_run`, which knows how a run records its config)."""
     p = argparse.ArgumentParser(prog="python -m calibrate.tracer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("matrix", type=Path, help="cached matrix .pkl or a run directory")
+    p.add_argument("matrix", type=Path, help="a run directory (its matrix is rebuilt from its config and the cache)")
     p.add_argument("what", choices=["structure", "row", "column", "cell", "household"])
     p.add_argument("args", nargs="*", type=int)
     a = p.parse_args(argv)
     try:
-        tracer = MatrixTracer(load_matrix(a.matrix))
+        tracer = MatrixTracer(load(a.matrix))
         with pd.option_context("display.width", 160, "display.max_rows", 200):
             if a.what == "structure":
                 tracer.print_matrix_structure()
@@ -128,7 +120,7 @@ def main(argv=None) -> int:
                 print(json.dumps(tracer.lookup_matrix_cell(*a.args[:2]), indent=2, default=str))
             else:
                 print(tracer.trace_household(a.args[0]).to_string())
-    except (FileNotFoundError, KeyError, IndexError, TypeError) as exc:
+    except (CalibrateError, FileNotFoundError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,176 @@
+"""On-disk cache of what the simulation computes: one household contribution vector per
+(dataset, period, policyengine versions, state, template).
+
+X is assembled from these vectors with geographic column masks, so it never needs to be
+cached itself: target values, the CD list within cached states and the other templates do
+not enter an entry's key, and changing them costs no simulation.
+
+Layout (``<cache_dir>/contributions/<context>/<state>/<template>.npz``):
+
+- ``context`` hashes the dataset file's sha256, the period, the household count, the
+  policyengine-us and policyengine-core versions and :data:`CACHE_FORMAT_VERSION`;
+  ``context.json`` beside the state folders says which is which;
+- ``template`` hashes the template key: the target variable and its sorted
+  non-geographic constraints (see :func:`template_key`);
+- an entry holds the sorted positions of the households with a nonzero contribution
+  (``indices``, int32) and the contributions (``values``, float32, as in X), its full key
+  and a sha256 ``checksum`` of key and arrays.
+
+Entries are read with ``np.load(allow_pickle=False)`` (no code can ride in a cache file)
+and checked against their checksum; an unreadable, truncated or mismatching entry is
+reported with a :class:`CacheEntryWarning` naming the file and treated as missing, so it
+is recomputed and replaced. Writes go to a temporary file in the same folder and are
+moved into place with ``os.replace``: concurrent builds sharing a cache write identical
+entries and a reader never sees a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+CACHE_FORMAT_VERSION = 2  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
+SUBDIR = "contributions"
+
+
+class CacheEntryWarning(UserWarning):
+    """A cache entry could not be used (unreadable, truncated or corrupt); it is recomputed."""
+
+
+class Entry(NamedTuple):
+    """One template's contributions in one state: nonzero household positions and values."""
+
+    indices: np.ndarray  # int32, sorted
+    values: np.ndarray  # float32
+
+    @staticmethod
+    def from_dense(row: np.ndarray) -> "Entry":
+        values = np.asarray(row).astype(np.float32)
+        indices = np.flatnonzero(values).astype(np.int32)
+        return Entry(indices, values[indices])
+
+
+def policyengine_versions() -> tuple[str, str]:
+    """(policyengine-us, policyengine-core) versions, read without importing either."""
+    out = []
+    for package in ("policyengine-us", "policyengine-core"):
+        try:
+            out.append(version(package))
+        except PackageNotFoundError:
+            out.append("not installed")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CacheContext:
+    """Everything an entry depends on besides its state and template."""
+
+    dataset_sha256: str
+    period: int
+    n_households: int
+    policyengine_us: str
+    policyengine_core: str
+    format: int = CACHE_FORMAT_VERSION
+
+    @property
+    def key(self) -> str:
+        return _digest(json.dumps(asdict(self), sort_keys=True))
+
+
+def template_key(variable: str, constraints) -> str:
+    """Canonical text of a template: the variable and its sorted (variable, operation, value) constraints."""
+    return json.dumps([variable, sorted([c.variable, c.operation, str(c.value)] for c in constraints)])
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _checksum(key: str, indices: np.ndarray, values: np.ndarray) -> str:
+    digest = hashlib.sha256(key.encode())
+    digest.update(np.ascontiguousarray(indices).tobytes())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+class ContributionCache:
+    """Entries of one context under ``root`` (``root=None``: nothing is read or written)."""
+
+    def __init__(self, root: Path | None, context: CacheContext):
+        self.context = context
+        self.folder = Path(root) / SUBDIR / context.key if root is not None else None
+
+    def path(self, state: int, template: str) -> Path:
+        return self.folder / f"{int(state):02d}" / f"{_digest(template)}.npz"
+
+    def entry_key(self, state: int, template: str) -> str:
+        return f"{self.context.key}|{int(state)}|{template}"
+
+    def load(self, state: int, template: str) -> Entry | None:
+        """The cached entry, or None when it is absent or unusable (then with a warning)."""
+        if self.folder is None:
+            return None
+        path = self.path(state, template)
+        if not path.is_file():
+            return None
+        try:
+            return self._read(path, self.entry_key(state, template))
+        except Exception as exc:  # any unreadable file is recomputed, never trusted
+            warnings.warn(f"matrix cache entry {path} is unusable ({type(exc).__name__}: {exc}); recomputing it",
+                          CacheEntryWarning, stacklevel=2)
+            return None
+
+    def _read(self, path: Path, key: str) -> Entry:
+        with np.load(path, allow_pickle=False) as data:
+            indices, values = data["indices"], data["values"]
+            stored_key, checksum = str(data["key"]), str(data["checksum"])
+        if stored_key != key:
+            raise ValueError(f"it holds {stored_key!r}, not {key!r}")
+        if indices.dtype != np.int32 or values.dtype != np.float32 or indices.shape != values.shape:
+            raise ValueError("arrays of the wrong type or shape")
+        if _checksum(key, indices, values) != checksum:
+            raise ValueError("checksum mismatch")
+        if len(indices) and (indices[0] < 0 or indices[-1] >= self.context.n_households):
+            raise ValueError("household position out of range")
+        return Entry(indices, values)
+
+    def save(self, state: int, template: str, entry: Entry) -> None:
+        """Write an entry atomically (temporary file in the same folder, then ``os.replace``)."""
+        if self.folder is None:
+            return
+        path = self.path(state, template)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_context()
+        key = self.entry_key(state, template)
+        arrays = {"indices": entry.indices, "values": entry.values, "key": np.array(key),
+                  "checksum": np.array(_checksum(key, entry.indices, entry.values))}
+        _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+    def _write_context(self) -> None:
+        path = self.folder / "context.json"
+        if not path.is_file():
+            text = json.dumps(asdict(self.context), indent=2, sort_keys=True)
+            _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+    def entries_on_disk(self) -> list[Path]:
+        return sorted(self.folder.glob("*/*.npz")) if self.folder is not None else []
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
