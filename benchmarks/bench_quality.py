@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -88,6 +89,11 @@ def main() -> None:
     plan = reconciled.plan.frame().assign(label=matrix.targets_df.label.to_numpy())
     print(f"device {device.device}; matrix {matrix.X.shape[0]:,} x {matrix.X.shape[1]:,}, nnz {matrix.X.nnz:,} "
           f"({matrix_s:.1f}s{', cache hit' if matrix.cache_hit else ''}); reconcile {reconciled.seconds:.2f}s")
+    if matrix.entries_simulated:
+        cpu = sum(matrix.state_cpu_seconds.values())
+        busy = max(1, min(cfg.workers or os.cpu_count() or 1, matrix.simulations))
+        print(f"cold build: {matrix.entries_simulated} entries in {matrix.simulations} simulations, {cpu:.0f} CPU-s "
+              f"over {busy} workers = {cpu / busy:.1f}s; build / that - 1 = {matrix_s / (cpu / busy) - 1:+.1%}")
     excluded = plan[plan.status == "excluded"]
     print(f"\nexcluded {len(excluded)} of {len(plan):,} targets:")
     for row in excluded.itertuples():
@@ -101,11 +107,11 @@ def main() -> None:
     runs = [(e, cfg.fit.sparsity.active_share) for e in epochs]
     runs += [(max(epochs), float(s)) for s in a.shares.split(",") if s]
     rows, default_table = [], None
-    header = (f"\n{'epochs':>7}{'share':>7}{'fit s':>9}{'ms/ep':>8}{'zero':>8}{'active/CD min-med-max':>24}"
-              + "".join(f"{lvl[:5] + ' med/p95/max':>25}" for lvl in LEVELS) + f"{'goal':>6}")
+    header = (f"\n{'epochs':>7}{'share':>7}{'fit s':>9}{'ms/ep':>8}{'zero':>8}{'active/CD min/med/max':>24}"
+              + "".join(f"{lvl + ' med/p95/max':>25}" for lvl in LEVELS) + f"{'goal':>6}")
     print(header)
     for n_epochs, share in runs:
-        fit = replace(cfg.fit, epochs=n_epochs, polish_epochs=min(cfg.fit.polish_epochs, n_epochs // 4),
+        fit = replace(cfg.fit, epochs=n_epochs,
                       sparsity=replace(cfg.fit.sparsity, active_share=share))
         l0 = l0_config(fit, matrix.n_households)
         t1 = time.perf_counter()
@@ -124,9 +130,9 @@ def main() -> None:
                      "active_per_cd": active, "levels": levels, "goal": met})
         cells = "".join(f"{levels[lvl]['median']:>9.2%}{levels[lvl]['p95']:>8.2%}{levels[lvl]['max']:>8.2%}"
                         if lvl in levels else f"{'-':>25}" for lvl in LEVELS)
-        print(f"{n_epochs:>7}{share:>7.2f}{wall:>9.1f}{result.seconds_per_epoch * 1e3:>8.1f}{zero:>8.1%}"
-              f"{active['min']:>10,}-{active['median']:,.0f}-{active['max']:,}".ljust(24 + 39) + cells
-              + f"{'yes' if met else 'no':>6}", flush=True)
+        per_cd = f"{active['min']:,}/{active['median']:,.0f}/{active['max']:,}"
+        print(f"{n_epochs:>7}{share:>7.2f}{wall:>9.1f}{result.seconds_per_epoch * 1e3:>8.1f}{zero:>8.1%}{per_cd:>24}"
+              + cells + f"{'yes' if met else 'no':>6}", flush=True)
         if share == cfg.fit.sparsity.active_share and n_epochs == max(epochs):
             default_table = table
     if default_table is not None:

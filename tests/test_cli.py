@@ -225,8 +225,8 @@ def test_optuna_study(single_run, work):
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     space = yaml.safe_load((CONF_DIR / "hydra" / "sweeper" / "tune.yaml").read_text())["params"]
     best = result["best_params"]
-    assert set(best) == {"fit.lr", "fit.lambda_l0", "fit.epochs", "fit.jitter"}
-    for key in ("fit.lr", "fit.lambda_l0"):
+    assert set(best) == {"fit.lr", "fit.sparsity.active_share", "fit.epochs", "fit.jitter"}
+    for key in ("fit.lr", "fit.sparsity.active_share"):
         low, high = _interval(space[key])
         assert low <= best[key] <= high, key
     assert 10 <= best["fit.epochs"] <= 30 and isinstance(best["fit.epochs"], int) and best["fit.jitter"] == 0.01

@@ -146,10 +146,11 @@ def test_fit_conf_mirrors_l0config():
     from calibrate.fit import L0Config
 
     mine = {f.name: f.default for f in dataclasses.fields(FitConf)}
-    derived = {"target_active_share", "sparsity_ramp", "sparsity_gain", "balance_groups"}
+    derived = {"target_active_share", "sparsity_ramp", "sparsity_gain", "balance_groups", "polish_epochs"}
     theirs = {f.name: f.default for f in dataclasses.fields(L0Config) if f.name not in derived}
     assert {k: mine[k] for k in theirs} == theirs
-    assert set(mine) - set(theirs) == {"sparsity", "rescale_init"}
+    assert set(mine) - set(theirs) == {"sparsity", "rescale_init", "polish_share"}
+    assert l0_config(FitConf(epochs=500, polish_share=0.1)).polish_epochs == 50
     l0 = l0_config(FitConf(sparsity=SparsityConf(active_per_cd=300)), n_households=1200)
     assert l0.target_active_share == pytest.approx(0.25) and l0.sparsity_gain == SparsityConf().gain
     assert l0_config(FitConf(sparsity=SparsityConf(active_share=None))).target_active_share is None

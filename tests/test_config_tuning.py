@@ -80,7 +80,7 @@ def test_tune_sweeper_config():
     sweeper = cfg.hydra.sweeper
     assert get_class(sweeper._target_).__name__ == "OptunaSweeper"
     raw = _yaml("hydra/sweeper", "tune")
-    assert dict(sweeper.params) == raw["params"] and set(raw["params"]) == {"fit.lr", "fit.lambda_l0", "fit.epochs"}
+    assert dict(sweeper.params) == raw["params"] and set(raw["params"]) == {"fit.lr", "fit.sparsity.active_share", "fit.epochs"}
     assert sweeper.n_trials == raw["n_trials"] and sweeper.direction == "minimize"
     assert sweeper.max_failure_rate == 1.0 and sweeper.sampler.seed == 5
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"

@@ -81,7 +81,7 @@ class FitConf:
     log_every: int = 50  # history row every this many epochs
     checkpoint_every: int = 0  # write a checkpoint every this many epochs (0 = never)
     chunk_epochs: int = 50  # epochs per compiled chunk (device round trip granularity)
-    polish_epochs: int = 0  # final epochs with deterministic, frozen gates (only the weights move)
+    polish_share: float = 0.2  # final share of the epochs with deterministic, frozen gates (only weights move)
     rescale_init: bool = True  # scale the initial weights by the median target / initial-estimate ratio
     sparsity: SparsityConf = field(default_factory=SparsityConf)  # active households per CD
 
@@ -351,8 +351,11 @@ def l0_config(fit: FitConf, n_households: int | None = None):
         if sparsity.active_per_cd < 1:
             raise CalibrateError(f"fit.sparsity.active_per_cd={sparsity.active_per_cd} must be >= 1 (or null)")
         share = 1.0 if n_households is None else min(1.0, sparsity.active_per_cd / n_households)
+    if not 0 <= fit.polish_share < 1:
+        raise CalibrateError(f"fit.polish_share={fit.polish_share} must be in [0, 1)")
     plain = {f.name: getattr(fit, f.name) for f in fields(L0Config) if hasattr(fit, f.name)}
-    config = L0Config(**plain, target_active_share=share, sparsity_ramp=sparsity.ramp, sparsity_gain=sparsity.gain)
+    config = L0Config(**plain, target_active_share=share, sparsity_ramp=sparsity.ramp, sparsity_gain=sparsity.gain,
+                      polish_epochs=int(fit.polish_share * fit.epochs) if isinstance(fit.epochs, int) else 0)
     try:
         validate_config(config)
     except ValueError as exc:
