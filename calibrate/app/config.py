@@ -75,7 +75,7 @@ class FitConf:
     zeta: float = 1.1  # hard-concrete stretch upper bound
     init_keep_prob: float = 0.999  # initial probability that a gate is open
     lambda_l0: float = 1e-8  # L0 penalty (more = sparser weights)
-    lambda_l2: float = 1e-12  # L2 penalty on the weights
+    lambda_l2: float = 0.0  # L2 penalty on the weights (1e-12 outweighed the data loss on all 436 CDs)
     jitter: float = 0.01  # relative noise on the initial log-weights
     seed: int = 0  # random seed of the fit (defaults to the top-level seed)
     log_every: int = 50  # history row every this many epochs
