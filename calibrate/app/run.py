@@ -24,8 +24,17 @@ from calibrate.app.config import (
     target_filter,
     to_config,
 )
+from calibrate.app.checks import (
+    CHECKPOINT_FILE,
+    check_files,
+    check_target_values,
+    checkpoint_start,
+    reset_run_dir,
+)
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
+from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
+from calibrate.core.rundir import writable_dir
 from calibrate.outputs import plots
 from calibrate.targets.geography import state_of_cd
 
@@ -47,10 +56,12 @@ def prepare(cfg: CalibrateConfig) -> RunInputs:
     """Check files, CDs and the target selection; raises CalibrateError naming the problem."""
     dataset_path = existing_file(cfg.dataset.path, "dataset.path")
     db_path = existing_file(cfg.db_path, "db_path")
+    check_files(db_path, dataset_path, cfg.period)
     flt = target_filter(cfg.target)
     cds = resolve_cds(cfg.geo, db_path)
     levels = resolve_levels(cfg.geo, cds, db_path)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    check_target_values(db_path, flt, cds, levels, cfg.period)
+    cache_dir = writable_dir(cfg.cache_dir, "cache_dir") if cfg.cache_dir else None
     return RunInputs(dataset_path, db_path, cache_dir, cds, levels, sorted(cfg.target), flt)
 
 
@@ -115,6 +126,7 @@ class RunSummary:
     package_versions: dict
     total_seconds: float
     publish: str = "disabled"  # disabled | pending | done | failed: <reason>
+    fit_resumed_from_epoch: int = 0  # epoch of the fit checkpoint this run resumed from (0: fresh fit)
 
 
 def hydra_context() -> tuple[Path | None, list[str]]:
@@ -138,6 +150,8 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
     l0 = l0_config(settings.fit)
+    reset_run_dir(run_dir)
+    resumed = checkpoint_start(run_dir, l0)
 
     from calibrate.matrix import build_matrix
 
@@ -153,6 +167,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
     summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
     summary.n_excluded_by_level = n_other_levels
+    summary.fit_resumed_from_epoch = resumed
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
@@ -164,24 +179,31 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
 def fit_stage(matrix, l0, run_dir: Path, progress: bool):
     """Initial weights from the base weights, then the L0 fit (divergence -> CalibrateError)."""
-    from calibrate.fit import FitDivergedError, fit_l0, initial_weights
+    from calibrate.app.diagnose import divergence_advice
+    from calibrate.fit import CheckpointMismatchError, FitDivergedError, fit_l0, initial_weights
 
     cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
     init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
     targets = matrix.targets_df["value"].to_numpy(dtype=np.float64)
     groups = matrix.targets_df["group_id"].to_numpy() if l0.balance_groups else None
-    checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
+    checkpoint = run_dir / CHECKPOINT_FILE if l0.checkpoint_every > 0 else None
     if checkpoint is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        faults.kill_when_file_appears("fit-chunk", checkpoint)  # test facility
     try:
         return fit_l0(matrix.X, targets, init, l0, groups=groups, checkpoint_path=checkpoint, progress=progress)
     except FitDivergedError as exc:
-        raise CalibrateError(f"fit diverged: {exc} (try a smaller fit.lr)") from None
+        raise CalibrateError(f"fit diverged: {exc} ({divergence_advice(l0, matrix.X, targets, init)})") from None
+    except CheckpointMismatchError as exc:
+        raise CalibrateError(f"{exc}; or give another hydra.run.dir") from None
+    except OSError as exc:
+        raise CalibrateError(f"cannot write the fit checkpoint {checkpoint}: {exc.strerror or exc}") from None
 
 
 def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped) -> None:
     """Every run file except summary.json, each written atomically."""
     outputs.write_npy(run_dir / "weights.npy", weights)
+    faults.fault_point("outputs")  # test facility
     outputs.write_csv(run_dir / "targets.csv", table)
     outputs.write_csv(run_dir / "history.csv", history)
     outputs.write_csv(run_dir / "dropped_targets.csv", dropped)
@@ -256,4 +278,7 @@ def report_failure(exc: Exception, run_dir: Path | None) -> None:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
     if run_dir is not None and run_dir.is_dir():
-        outputs.write_json(run_dir / "error.json", {"status": "failed", "error": message})
+        try:
+            outputs.write_json(run_dir / "error.json", {"status": "failed", "error": message})
+        except CalibrateError:  # e.g. the disk that made the run fail is still full
+            pass

@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from calibrate.core import paths, pe
+from calibrate.core.faults import fault_point
 from calibrate.core.errors import CalibrateError
 from calibrate.matrix.contributions import check_variables, household_contributions
 from calibrate.matrix.stacking import replicate
@@ -180,6 +181,7 @@ def compute_state_values(
                 values[state] = v
                 seconds[state] = secs / len(chunk)
             bar.update(len(chunk))
+            fault_point("matrix-build")  # test facility (calibrate.core.faults)
     except BrokenProcessPool as exc:
         raise CalibrateError(
             f"a matrix worker died ({exc}); likely out of memory: use fewer workers or a smaller dataset"
@@ -259,6 +261,7 @@ def _atomic_pickle(obj, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        fault_point("matrix-cache-write")  # test facility (calibrate.core.faults)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

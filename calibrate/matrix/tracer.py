@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from calibrate.core.errors import CalibrateError
+from calibrate.core.rundir import require_finished_run
 from calibrate.matrix.build import CalibrationMatrix
 from calibrate.targets.geography import cd_label
 
@@ -97,7 +99,7 @@ def load_matrix(path: Path) -> CalibrationMatrix:
     """A cached matrix pickle, or the one a run directory's summary.json names."""
     path = Path(path)
     if path.is_dir():
-        summary = json.loads((path / "summary.json").read_text())
+        summary = json.loads((require_finished_run(path, "the tracer") / "summary.json").read_text())
         from calibrate.core import paths
 
         key = summary.get("matrix_cache_key") or summary.get("cache_key")
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
                 print(json.dumps(tracer.lookup_matrix_cell(*a.args[:2]), indent=2, default=str))
             else:
                 print(tracer.trace_household(a.args[0]).to_string())
-    except (FileNotFoundError, KeyError, IndexError, TypeError) as exc:
+    except (CalibrateError, FileNotFoundError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
