@@ -53,7 +53,8 @@ def cli() -> None:
     Hydra prints those itself (several lines, exit 1) unless ``HYDRA_FULL_ERROR=1``, which
     makes it raise them instead; set here for the call unless the user set it already.
     """
-    if os.environ.get("HYDRA_FULL_ERROR"):
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    if before == "1":  # Hydra's own test of the variable
         return main()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -65,7 +66,10 @@ def cli() -> None:
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     finally:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 if __name__ == "__main__":
