@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,3 +125,17 @@ def error_line(err: str) -> str:
     assert len(lines) == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     return lines[0]
+
+
+@pytest.fixture
+def absl_spares_pytest_streams(monkeypatch):
+    """Let Hydra reconfigure logging in-process without closing pytest's capture file.
+
+    Hydra's ``logging.config.dictConfig`` closes every existing handler; absl's handler
+    (absl comes with optax, imported by other test modules) closes its stream unless that is
+    the current ``sys.stderr``, and its stream is the capture file pytest had installed when
+    absl was imported. Pointing it at the real stderr makes it leave the stream alone.
+    """
+    if "absl.logging" in sys.modules:
+        handler = sys.modules["absl.logging"].get_absl_handler().python_handler
+        monkeypatch.setattr(handler, "stream", sys.__stderr__)

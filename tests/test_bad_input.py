@@ -31,6 +31,7 @@ from badinput import (
     MOUNTED,
     TARGET_ID,
     TARGET_LABEL,
+    absl_spares_pytest_streams,  # noqa: F401 - fixture
     dangling_tax_unit,
     db_copy,
     drop,
@@ -45,6 +46,8 @@ from badinput import (
     unwritable,
 )
 from calibrate.__main__ import cli
+
+pytestmark = pytest.mark.usefixtures("absl_spares_pytest_streams")
 from calibrate.core import paths, pe
 
 HYDRA_FILES = {".hydra", "calibrate.log"}
