@@ -194,5 +194,5 @@ def _describe(row: pd.Series) -> str:
     if "label" in row:
         parts.append(f"({row['label']})")
     if "value" in row:
-        parts.append(f"value {row['value']!r}")
+        parts.append(f"value {float(row['value'])!r}")
     return " ".join(parts)
