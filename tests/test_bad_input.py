@@ -141,6 +141,8 @@ CASES = [
     Case("bad-fit-value", lambda ws: {"fit.lr": "-1"}, ("fit", "lr=-1.0")),
     Case("checkpoint-unreadable", lambda ws: _checkpoint(ws, b"not a zip"), ("fit checkpoint", "cannot be read")),
     Case("checkpoint-beyond-epochs", lambda ws: _checkpoint(ws, epoch=5000), ("fit checkpoint", "epoch 5000", "fit.epochs=50")),
+    Case("fit-lambda-l0-huge", lambda ws: {"fit.lambda_l0": "1e300"},
+         ("fit.lambda_l0=1e+300 overflows float32", "600 weights", "default 1e-08")),
     # output folders
     Case("run-dir-unwritable", lambda ws: {"hydra.run.dir": ws / "ro" / "run"}, ("hydra.run.dir=", "cannot write"), "unwritable"),
     Case("cache-dir-unwritable", lambda ws: {"cache_dir": ws / "ro" / "cache"}, ("cache_dir=", "cannot write"), "unwritable"),
@@ -153,8 +155,8 @@ CASES = [
     Case("constraint-wrong-type", _db(("INSERT INTO stratum_constraints VALUES (?, 'is_blind', '==', ?, NULL)", (AGE_STRATUM, "maybe"))),
          ("target_id 6973", "stratum_id 6537", "is_blind == 'maybe'", "bool")),
     # during the run
-    Case("fit-lambda-l0-huge", lambda ws: {"fit.lambda_l0": "1e300"}, ("fit diverged", "likely cause: fit.lambda_l0=1e+300"),
-         "warm_cache"),
+    Case("fit-diverges-lambda-l2", lambda ws: {"fit.lambda_l2": "1e30"},
+         ("fit diverged at epoch 1", "likely cause: fit.lambda_l2=1e+30", "overflows float32"), "warm_cache"),
     Case("disk-full", lambda ws: {"hydra.run.dir": ws / "tiny" / "run"}, ("cannot write", "No space left on device"), "tiny_disk"),
 ]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from hydra.experimental.callback import Callback
 
-from calibrate.core.dataset import DatasetError, validate_dataset
+from calibrate.core.dataset import DatasetError, read_h5, validate_dataset
 from calibrate.core.errors import CalibrateError
 from calibrate.core.rundir import ERROR_FILE, SUMMARY_FILE, writable_dir
 from calibrate.targets import load_targets
@@ -48,6 +48,11 @@ def check_target_values(db_path: Path, target_filter, cds: list[int], levels: li
         raise CalibrateError(f"geo.levels={levels} keeps none of the selected targets (their levels: {found})")
     check_selection(kept, db_path)
     return len(kept)
+
+
+def n_households(dataset_path: Path, period: int) -> int:
+    """Households in the (already checked) dataset: a run fits n_households x n_cds weights."""
+    return len(read_h5(dataset_path, period, ["household_id"])["household_id"])
 
 
 def reset_run_dir(run_dir: Path) -> None:

@@ -43,6 +43,18 @@ def divergence_advice(l0, X, targets: np.ndarray, init_weights: np.ndarray) -> s
     return f"try a smaller fit.lr (now {l0.lr:g})"
 
 
+def check_penalty_scale(l0, n_weights: int) -> None:
+    """Before the matrix build: a lambda that overflows float32 by itself, or an L0 penalty that
+    does at the start (about ``lambda_l0 * n_weights``, all gates open), cannot be fitted."""
+    from calibrate.core.errors import CalibrateError
+
+    for key, start in (("lambda_l0", l0.lambda_l0 * n_weights), ("lambda_l2", l0.lambda_l2)):
+        if getattr(l0, key) > FLOAT32_MAX or start > FLOAT32_MAX:
+            raise CalibrateError(
+                f"fit.{key}={getattr(l0, key):g} overflows float32 in the fit's objective (penalty at the start "
+                f"{start:.3g} with {n_weights:,} weights); use a much smaller fit.{key} (default {_default(key):g})")
+
+
 def _default(key: str) -> float:
     from calibrate.fit import L0Config
 

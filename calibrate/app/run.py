@@ -29,8 +29,10 @@ from calibrate.app.checks import (
     check_files,
     check_target_values,
     checkpoint_start,
+    n_households,
     reset_run_dir,
 )
+from calibrate.app.diagnose import check_penalty_scale
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
@@ -150,6 +152,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
     l0 = l0_config(settings.fit)
+    check_penalty_scale(l0, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
     reset_run_dir(run_dir)
     resumed = checkpoint_start(run_dir, l0)
 
