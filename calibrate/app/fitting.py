@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrate.app.checks import CHECKPOINT_FILE
+from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
 from calibrate.targets.geography import state_of_cd
 
@@ -25,35 +27,34 @@ def rescale_factor(X, init: np.ndarray, values: np.ndarray, in_loss: np.ndarray)
     return float(np.exp(np.median(np.log(values[ok] / estimate[ok])))) if ok.any() else 1.0
 
 
-def divergence_advice(l0) -> str:
-    """The setting most likely to blame for a diverged fit, named for the user."""
-    if l0.lambda_l0 > 1.0 or l0.lambda_l2 > 1.0:
-        key = "fit.lambda_l0" if l0.lambda_l0 >= l0.lambda_l2 else "fit.lambda_l2"
-        return f"{key}={max(l0.lambda_l0, l0.lambda_l2):g} is huge: try 1e-8 or less"
-    return f"try a smaller fit.lr (now {l0.lr:g})"
-
-
 def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, loss_weights: np.ndarray,
               tolerances: np.ndarray | None = None, rescale_init: bool = True):
     """(FitResult, initial scale): the L0 fit of ``values`` with per-target ``loss_weights``.
 
     Columns are grouped by CD (``column_groups``), so a sparsity target is met in every CD.
     """
-    from calibrate.fit import FitDivergedError, fit_l0, initial_weights
+    from calibrate.app.diagnose import divergence_advice
+    from calibrate.fit import CheckpointMismatchError, FitDivergedError, fit_l0, initial_weights
 
     cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
     init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
     values = np.asarray(values, dtype=np.float64)
     scale = rescale_factor(matrix.X, init, values, np.asarray(loss_weights) > 0) if rescale_init else 1.0
-    checkpoint = run_dir / "fit_checkpoint.npz" if l0.checkpoint_every > 0 else None
+    init = init * scale
+    checkpoint = run_dir / CHECKPOINT_FILE if l0.checkpoint_every > 0 else None
     if checkpoint is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        faults.kill_when_file_appears("fit-chunk", checkpoint)  # test facility
     column_groups = np.arange(matrix.X.shape[1]) // len(matrix.household_weights)
     try:
-        result = fit_l0(matrix.X, values, init * scale, l0, checkpoint_path=checkpoint, progress=progress,
+        result = fit_l0(matrix.X, values, init, l0, checkpoint_path=checkpoint, progress=progress,
                         loss_weights=loss_weights, tolerances=tolerances, column_groups=column_groups)
     except FitDivergedError as exc:
-        raise CalibrateError(f"fit diverged: {exc} ({divergence_advice(l0)})") from None
+        raise CalibrateError(f"fit diverged: {exc} ({divergence_advice(l0, matrix.X, values, init)})") from None
+    except CheckpointMismatchError as exc:
+        raise CalibrateError(f"{exc}; or give another hydra.run.dir") from None
+    except OSError as exc:
+        raise CalibrateError(f"cannot write the fit checkpoint {checkpoint}: {exc.strerror or exc}") from None
     return result, scale
 
 

@@ -15,6 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from calibrate import outputs
+from calibrate.app.checks import (
+    check_files,
+    check_target_values,
+    checkpoint_start,
+    n_households,
+    reset_run_dir,
+)
 from calibrate.app.config import (
     CalibrateConfig,
     executor_settings,
@@ -28,9 +35,12 @@ from calibrate.app.config import (
     to_config,
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
+from calibrate.app.diagnose import check_penalty_scale
 from calibrate.app.fitting import fit_stage
 from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
+from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
+from calibrate.core.rundir import writable_dir
 from calibrate.outputs import plots
 from calibrate.reconcile import split_targets
 
@@ -52,10 +62,12 @@ def prepare(cfg: CalibrateConfig) -> RunInputs:
     """Check files, CDs and the target selection; raises CalibrateError naming the problem."""
     dataset_path = existing_file(cfg.dataset.path, "dataset.path")
     db_path = existing_file(cfg.db_path, "db_path")
+    check_files(db_path, dataset_path, cfg.period)
     flt = target_filter(cfg.target)
     cds = resolve_cds(cfg.geo, db_path)
     levels = resolve_levels(cfg.geo, cds, db_path)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    check_target_values(db_path, flt, cds, levels, cfg.period)
+    cache_dir = writable_dir(cfg.cache_dir, "cache_dir") if cfg.cache_dir else None
     return RunInputs(dataset_path, db_path, cache_dir, cds, levels, sorted(cfg.target), flt)
 
 
@@ -92,9 +104,12 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
-    l0_config(settings.fit)  # checked now; the sparsity share needs the household count (below)
+    l0 = l0_config(settings.fit)  # checked now; the sparsity share needs the household count (below)
+    check_penalty_scale(l0, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
     reconcile_cfg = reconcile_settings(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
+    reset_run_dir(run_dir)
+    resumed = checkpoint_start(run_dir, l0)
 
     from calibrate.matrix import build_matrix
 
@@ -118,6 +133,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     summary.n_excluded_by_level = n_other_levels
     record_holdout(summary, settings.holdout.name, table)
     record_reconcile(summary, settings.reconcile.name, reconciled, table, weights, len(matrix.cds), l0, init_scale)
+    summary.fit_resumed_from_epoch = resumed
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
@@ -147,6 +163,7 @@ def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped, c
     outputs.write_npy(run_dir / "weights.npy", weights)
     if consistency is not None:
         outputs.write_csv(run_dir / "consistency.csv", consistency)
+    faults.fault_point("outputs")  # test facility
     outputs.write_csv(run_dir / "targets.csv", table)
     outputs.write_csv(run_dir / "history.csv", history)
     outputs.write_csv(run_dir / "dropped_targets.csv", dropped)
@@ -175,4 +192,7 @@ def report_failure(exc: Exception, run_dir: Path | None) -> None:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
     if run_dir is not None and run_dir.is_dir():
-        outputs.write_json(run_dir / "error.json", {"status": "failed", "error": message})
+        try:
+            outputs.write_json(run_dir / "error.json", {"status": "failed", "error": message})
+        except CalibrateError:  # e.g. the disk that made the run fail is still full
+            pass

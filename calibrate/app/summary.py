@@ -60,6 +60,7 @@ class RunSummary:
     package_versions: dict
     total_seconds: float
     publish: str = "disabled"  # disabled | pending | done | failed: <reason>
+    fit_resumed_from_epoch: int = 0  # epoch of the fit checkpoint this run resumed from (0: fresh fit)
     holdout: str = "none"  # holdout setting (conf/holdout/); held-out targets are scored, not fitted
     n_holdout_targets: int = 0
     split_errors: dict = field(default_factory=dict)  # {train|holdout: {level|all: {n, median, p95, max}}}

@@ -26,9 +26,14 @@ def matrix_of_run(run_dir, progress: bool = False):
     """The run's ``CalibrationMatrix`` (restricted to its geo levels, as the fit saw it)."""
     from calibrate.matrix import build_matrix
 
+    from calibrate.core.rundir import require_finished_run
+
     run_dir = Path(run_dir)
     if run_dir.suffix == ".pkl":
         raise CalibrateError(f"{run_dir}: pickled matrices are no longer read (unsafe); pass a run directory")
+    if not run_dir.exists():
+        raise CalibrateError(f"run directory {run_dir} does not exist")
+    require_finished_run(run_dir, "the tracer")
     for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
             raise CalibrateError(f"{run_dir} is not a finished run directory: it has no {name}")

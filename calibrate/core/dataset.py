@@ -106,22 +106,146 @@ def file_sha256(path) -> str:
 
 
 def validate_dataset(path, required: Iterable[str] = REQUIRED_VARIABLES, period: int = DATASET_PERIOD) -> list[str]:
-    """Check ``path`` holds every ``required`` variable for ``period``; return all its variable names.
+    """Check ``path`` with :func:`dataset_problems`; return all its variable names.
 
-    Raises ``DatasetError`` naming the file and the first missing variable.
+    Raises ``DatasetError`` naming the file and the first problem.
     """
     path = Path(path)
+    problems = dataset_problems(path, required, period)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DatasetError(f"dataset {path}: {problems[0]}{more}")
+    with h5py.File(path, "r") as f:
+        return list(f.keys())
+
+
+def dataset_problems(path, required: Iterable[str] = REQUIRED_VARIABLES, period: int = DATASET_PERIOD) -> list[str]:
+    """Everything wrong with a dataset file, as messages (empty: fine).
+
+    The file exists, is named ``*.h5`` (policyengine-us reads any other name as CSV), opens
+    as HDF5, holds every ``required`` variable for ``period`` and every variable reads in
+    full (a truncated or corrupt file fails here); then :func:`entity_problems`.
+    """
+    path = Path(path)
+    required = tuple(required)
     if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
+        return ["file does not exist"]
+    if path.suffix != ".h5":
+        return [f"has suffix {path.suffix!r}: policyengine-us reads a dataset as HDF5 only from a *.h5 file"]
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DatasetError(f"{path} is not a readable h5 file: {exc}") from None
+        return [f"is not a readable HDF5 file (truncated, or not HDF5): {_first_line(exc)}"]
     with f:
-        names = list(f.keys())
-        for name in required:
-            if name not in f:
-                raise DatasetError(f"{path}: required variable {name!r} is missing")
-            if isinstance(f[name], h5py.Group):
-                _period_key(f[name], path, name, period)
-    return names
+        missing = [name for name in required if name not in f]
+        if missing:
+            return [f"required variable {missing[0]!r} is missing ({len(missing)} of {len(required)} required "
+                    "variables missing; is it a policyengine-us dataset?)"]
+        arrays, problems = _read_all(f, required, period)
+    return problems or entity_problems(arrays, required)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _read_all(f: h5py.File, required: tuple[str, ...], period: int) -> tuple[dict, list[str]]:
+    """Every variable's values for ``period`` (reading all of them finds damaged blocks)."""
+    arrays, problems = {}, []
+    for name in f.keys():
+        node = f[name]
+        try:
+            if isinstance(node, h5py.Group):
+                if str(period) not in node:
+                    if name in required:
+                        problems.append(f"variable {name!r} has no period {period} (periods: {list(node.keys())})")
+                    continue
+                node = node[str(period)]
+            arrays[name] = np.asarray(node[()])
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            problems.append(f"variable {name!r} cannot be read (damaged file?): {_first_line(exc)}")
+    return arrays, problems
+
+
+def entity_problems(arrays: Mapping[str, np.ndarray], required: Iterable[str] = REQUIRED_VARIABLES) -> list[str]:
+    """Entity structure: unique integer ids, every ``person_<entity>_id`` pointing at an existing
+    ``<entity>_id``, no empty group, no group across households, one weight and valid state
+    per household, every variable as long as one entity. Checks only what ``required`` names."""
+    required = set(required)
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    if "person_id" in required:
+        problems += _id_problems("person_id", arrays["person_id"])
+        counts["person"] = len(arrays["person_id"])
+    for entity in ENTITY_KEYS:
+        ids_name, link_name = f"{entity}_id", f"person_{entity}_id"
+        if not {ids_name, link_name, "person_id"} <= required:
+            continue
+        ids, links = arrays[ids_name], arrays[link_name]
+        counts[entity] = len(ids)
+        problems += _id_problems(ids_name, ids) + _link_problems(entity, ids, links, arrays["person_id"])
+    if not problems and "household" in counts:
+        problems += _household_problems(arrays, required, counts)
+    return problems
+
+
+def _integer_valued(values: np.ndarray) -> bool:
+    if values.dtype.kind in "iu":
+        return True
+    return values.dtype.kind == "f" and bool(np.all(np.isfinite(values))) and bool(np.all(values == np.round(values)))
+
+
+def _id_problems(name: str, ids: np.ndarray) -> list[str]:
+    if ids.ndim != 1 or not _integer_valued(ids):
+        return [f"{name} must be a vector of integer ids (got dtype {ids.dtype}, shape {ids.shape})"]
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) < len(ids):
+        return [f"{name} repeats id {unique[counts > 1][0]} ({len(ids) - len(unique)} duplicates)"]
+    return []
+
+
+def _link_problems(entity: str, ids: np.ndarray, links: np.ndarray, person_ids: np.ndarray) -> list[str]:
+    link_name = f"person_{entity}_id"
+    if links.ndim != 1 or not _integer_valued(links):
+        return [f"{link_name} must be a vector of integer ids (got dtype {links.dtype}, shape {links.shape})"]
+    if len(links) != len(person_ids):
+        return [f"{link_name} has {len(links)} values but person_id has {len(person_ids)}"]
+    dangling = ~np.isin(links, ids)
+    if dangling.any():
+        i = int(np.flatnonzero(dangling)[0])
+        return [f"{link_name}: person {person_ids[i]} points at {entity} {links[i]}, which is not in {entity}_id "
+                f"({int(dangling.sum())} such persons)"]
+    empty = ~np.isin(ids, links)
+    if empty.any():
+        return [f"{entity} {ids[np.flatnonzero(empty)[0]]} has no member (no {link_name} points at it; "
+                f"{int(empty.sum())} such)"]
+    return []
+
+
+def _household_problems(arrays: Mapping[str, np.ndarray], required: set, counts: dict[str, int]) -> list[str]:
+    problems = []
+    households = arrays["person_household_id"]
+    for entity in counts:
+        if entity in ("person", "household"):
+            continue
+        pairs = np.unique(np.stack([arrays[f"person_{entity}_id"], households]), axis=1)
+        groups, n_households = np.unique(pairs[0], return_counts=True)
+        if (n_households > 1).any():
+            problems.append(f"{entity} {groups[n_households > 1][0]} has members in several households")
+    n_hh = counts["household"]
+    for name in ("household_weight", "state_fips"):
+        if name not in required:
+            continue
+        values = arrays[name]
+        if values.shape != (n_hh,):
+            problems.append(f"{name} has shape {values.shape}, expected one value per household ({n_hh})")
+        elif name == "household_weight" and not (np.all(np.isfinite(values)) and np.all(values >= 0)):
+            problems.append("household_weight holds negative or non-finite weights")
+        elif name == "state_fips" and not (_integer_valued(values) and np.all(values > 0)):
+            problems.append("state_fips must hold positive integer state FIPS codes")
+    sizes = set(counts.values())
+    for name, values in arrays.items():
+        if np.ndim(values) != 1 or len(values) not in sizes:
+            problems.append(f"variable {name!r} has shape {np.shape(values)}: its length matches no entity {counts}")
+            break
+    return problems

@@ -27,13 +27,13 @@ import scipy.sparse as sp
 
 from calibrate.core import paths
 from calibrate.core.errors import CalibrateError
+from calibrate.core.faults import fault_point
 from calibrate.matrix.assembly import assemble, needed_pairs
 from calibrate.matrix.cache import CacheContext, ContributionCache, Entry, policyengine_versions, template_key
 from calibrate.matrix.contributions import check_variables
 from calibrate.matrix.executors import ExecutorError, ExecutorSettings, default_workers, open_executor
 from calibrate.matrix.simulate import SimulationJob, state_contributions  # noqa: F401  (public re-export)
 from calibrate.targets import TargetFilter, TargetSelectionError, all_cds, load_targets
-from calibrate.targets.geography import state_of_cd
 
 MATRIX_FORMAT_VERSION = 2
 # States per simulation = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_households). Measured on the
@@ -176,6 +176,7 @@ def _simulate_missing(jobs: list[SimulationJob], executor, cache: ContributionCa
             done.entries += len(result.states) * len(result.template_keys)
             done.simulations += result.simulations
             bar.update(len(result.states))
+            fault_point("matrix-build")  # test facility (calibrate.core.faults): after a job's entries are stored
     return done
 
 

@@ -38,6 +38,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from calibrate.core.faults import fault_point
+
 CACHE_FORMAT_VERSION = 2  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
 SUBDIR = "contributions"
 
@@ -170,6 +172,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        fault_point("matrix-cache-write")  # test facility (calibrate.core.faults): written, not yet renamed
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

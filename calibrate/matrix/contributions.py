@@ -165,11 +165,34 @@ def required_variables(targets: pd.DataFrame) -> list[str]:
 
 
 def check_variables(targets: pd.DataFrame) -> None:
-    """Fail before any simulation if a target or constraint is not computable."""
+    """Fail before any simulation if a target or constraint is not computable.
+
+    Needs only policyengine-us's variable list; the message names the target (id, label
+    and value when ``targets`` has them) and the stratum.
+    """
     for name in sorted(set(targets.variable)):
         if pe.variable(name) is None:
-            rows = targets.loc[targets.variable == name, "target_id"].tolist()[:5]
-            raise ConstraintError(f"target variable {name!r} (target ids {rows}) is not a policyengine-us variable")
-    for constraints in targets.constraints:
-        for c in constraints:
-            parse_constraint_value(c.variable, c.operation, c.value)
+            rows = targets.loc[targets.variable == name]
+            raise ConstraintError(f"{_describe(rows.iloc[0])}: target variable {name!r} is not a policyengine-us "
+                                  f"variable ({len(rows)} selected targets use it)")
+    checked: set = set()
+    for _, row in targets.iterrows():
+        for c in row["constraints"]:
+            if (c.variable, c.operation, c.value) in checked:
+                continue
+            checked.add((c.variable, c.operation, c.value))
+            try:
+                parse_constraint_value(c.variable, c.operation, c.value)
+            except ConstraintError as exc:
+                stratum = f" (stratum_id {row['stratum_id']})" if "stratum_id" in row else ""
+                raise ConstraintError(f"{_describe(row)}{stratum}: {exc}") from None
+
+
+def _describe(row: pd.Series) -> str:
+    """``target_id 117 (NC-01/person_count[...]) value 5.0`` from whatever columns the row has."""
+    parts = [f"target_id {row['target_id']}" if "target_id" in row else f"target {row['variable']}"]
+    if "label" in row:
+        parts.append(f"({row['label']})")
+    if "value" in row:
+        parts.append(f"value {float(row['value'])!r}")
+    return " ".join(parts)

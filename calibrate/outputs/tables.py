@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from calibrate.core.errors import CalibrateError
+
 TARGET_COLUMNS = [
     "target_id", "stratum_id", "stratum_group_id", "variable", "geo_level", "geographic_id", "label",
     "value", "estimate", "rel_error", "abs_rel_error",
@@ -25,19 +27,31 @@ PLAN_COLUMNS = ["value_original", "rel_error_original", "status", "reason", "los
 SUMMARY_FILE = "summary.json"
 
 
+class OutputWriteError(CalibrateError):
+    """A run file could not be written (disk full, folder not writable): names the file."""
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    An ``OSError`` while writing (no space left, read-only folder) becomes an
+    :class:`OutputWriteError` naming ``path``; the temporary file is removed either way.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f"{path.suffix}.tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f"{path.suffix}.tmp")
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the usual umask-based mode
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _file_mode() -> int:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from calibrate.core.dataset import file_sha256, read_h5
 from calibrate.core.errors import CalibrateError
+from calibrate.core.rundir import IncompleteRunError, require_finished_run, safe_name
 from calibrate.targets.geography import FIPS_STATE, GeographyError, state_fips_from_code, state_of_cd
 
 RUN_FILES = ("summary.json", "weights.npy", "targets.csv")
@@ -117,9 +118,10 @@ def _resolve_dataset(summary: dict, dataset_path: Path | None) -> Path:
 
 def load_run(run_dir, dataset_path=None, db_path=None) -> RunData:
     """Read and cross-check a run directory; raises :class:`PublishInputError` naming the problem."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PublishInputError(f"run directory {run_dir} does not exist")
+    try:
+        run_dir = require_finished_run(run_dir, "publish")
+    except IncompleteRunError as exc:
+        raise PublishInputError(str(exc)) from None
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise PublishInputError(f"run directory {run_dir} lacks {name} (is it a finished calibrate run?)")
@@ -204,6 +206,7 @@ def resolve_areas(specs, cds: tuple[int, ...]) -> list[Area]:
     seen, out = set(), []
     for item in items:
         for area in _parse_area(item, cds):
+            safe_name(area.name)  # names become file names under the output directory
             if area.name not in seen:
                 seen.add(area.name)
                 out.append(area)

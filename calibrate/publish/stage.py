@@ -30,6 +30,8 @@ import pandas as pd
 from calibrate import outputs
 from calibrate.core.dataset import read_h5
 from calibrate.core.errors import CalibrateError
+from calibrate.core.faults import fault_point
+from calibrate.core.rundir import writable_dir
 from calibrate.publish.inputs import Area, PublishInputError, RunData, load_run, resolve_areas
 from calibrate.publish.verify import (
     DEFAULT_RTOL,
@@ -164,13 +166,22 @@ def _run_jobs(context: _JobContext, jobs: list, workers: int) -> list:
     """
     _init_worker(context)
     if workers <= 1 or len(jobs) <= 1:
-        return [_job(j) for j in jobs]
+        return _collect(_job(j) for j in jobs)
     verifying = [i for i, (_, verify) in enumerate(jobs) if verify]
     first = [jobs.pop(verifying[-1])] if verifying else []
     results = [_job(j) for j in first]
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(context,)) as pool:
-        return results + list(pool.imap_unordered(_job, jobs, chunksize=1))
+        return results + _collect(pool.imap_unordered(_job, jobs, chunksize=1))
+
+
+def _collect(results) -> list:
+    """The job results as a list; ``CALIBRATE_FAULT=publish`` kills the process after the first (tests)."""
+    out = []
+    for result in results:
+        out.append(result)
+        fault_point("publish")
+    return out
 
 
 def _job_cost(area: Area, run: RunData) -> int:
@@ -202,6 +213,7 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
                         sample_size=sample_size, rtol=rtol, dataset_path=dataset_path, db_path=db_path)
     run = load_run(run_dir, opts.dataset_path, opts.db_path)
     chosen = resolve_areas(opts.areas, run.cds)
+    out = writable_dir(opts.out_dir or run.run_dir / "datasets", "out_dir")
     verified = (
         {a.name for a in chosen} if opts.verify == "all"
         else sample_areas(chosen, opts.sample_size) if opts.verify == "sample" else set()
@@ -213,7 +225,6 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
         pe.tax_benefit_system()  # import once here; forked workers inherit it
         spec = attach_constraints(run.targets, run.db_path, run.cds, run.period)
     layout = base_layout(read_h5(run.dataset_path, run.period))
-    out = Path(opts.out_dir or run.run_dir / "datasets")
     context = _JobContext(run, layout, spec, out, opts.rtol)
     jobs = sorted(((a, a.name in verified) for a in chosen), key=lambda j: -_job_cost(j[0], run))
     results = _run_jobs(context, jobs, opts.workers or os.cpu_count() or 1)

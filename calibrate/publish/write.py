@@ -26,6 +26,7 @@ from calibrate import outputs
 from calibrate.core import pe
 from calibrate.core.dataset import write_h5
 from calibrate.core.errors import CalibrateError
+from calibrate.core.rundir import safe_child
 from calibrate.matrix.stacking import class_preserving_ids
 from calibrate.targets.geography import state_of_cd
 
@@ -207,8 +208,8 @@ def write_area(layout: BaseLayout, area, weights: np.ndarray, run_cds, out_dir: 
     start = time.perf_counter()
     households, cds, w = area_entries(weights, tuple(run_cds), area.cds)
     arrays = area_arrays(layout, households, cds, w)
-    path = write_h5(arrays, Path(out_dir) / f"{area.name}.h5", period)
-    mapping_path = Path(out_dir) / f"{area.name}_households.csv"
+    path = write_h5(arrays, safe_child(out_dir, f"{area.name}.h5"), period)
+    mapping_path = safe_child(out_dir, f"{area.name}_households.csv")
     outputs.write_csv(mapping_path, mapping_table(arrays, layout.arrays["household_id"][households]))
     return PublishedFile(
         area=area.name, kind=area.kind, path=path, mapping_path=mapping_path, n_households=len(households),

@@ -12,6 +12,7 @@ import sqlite3
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -81,10 +82,12 @@ class Constraint:
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
+    """A read-only connection. The path is percent-quoted into the URI, so a file name holding
+    ``?``, ``#`` or ``%`` opens that file and cannot add URI parameters (e.g. ``mode=rwc``)."""
     db_path = Path(db_path)
     if not db_path.is_file():
         raise TargetSelectionError(f"target database {db_path} does not exist")
-    return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    return sqlite3.connect(f"file:{quote(str(db_path.resolve()))}?mode=ro", uri=True)
 
 
 def all_cds(db_path: Path) -> list[int]:

@@ -1,0 +1,129 @@
+"""Checks a run makes before heavy work, and the run-directory bookkeeping around them.
+
+All of it runs before the policyengine-us import: the target database (file, schema,
+rows), the dataset (file, variables, entity links), the selected targets' values at the
+kept geo levels, the output folders, and the fit checkpoint a rerun would resume from.
+Each failure is a :class:`~calibrate.core.errors.CalibrateError` naming the config key,
+the file and the row; the CLI prints it as one ``error:`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from hydra.experimental.callback import Callback
+
+from calibrate.core.dataset import DatasetError, read_h5, validate_dataset
+from calibrate.core.errors import CalibrateError
+from calibrate.core.rundir import ERROR_FILE, SUMMARY_FILE, writable_dir
+from calibrate.targets import load_targets
+from calibrate.targets.validate import DatabaseError, check_database, check_selection
+
+CHECKPOINT_FILE = "fit_checkpoint.npz"  # in the run directory; a rerun in the same directory resumes from it
+EXIT_BAD_INPUT = 2
+
+
+def check_files(db_path: Path, dataset_path: Path, period: int) -> None:
+    """The target database opens, has the schema and sane rows; the dataset opens, has the
+    required variables for ``period`` and consistent entity links."""
+    try:
+        check_database(db_path)
+    except DatabaseError as exc:
+        raise DatabaseError(f"db_path: {exc}") from None
+    try:
+        validate_dataset(dataset_path, period=period)
+    except DatasetError as exc:
+        raise DatasetError(f"dataset.path: {exc}") from None
+
+
+def check_target_values(db_path: Path, target_filter, cds: list[int], levels: list[str], period: int) -> int:
+    """The selected targets at the kept geo levels exist and have usable values; returns their count."""
+    targets = load_targets(db_path, target_filter, cds, period)
+    kept = targets.loc[targets.geo_level.isin(levels)]
+    if kept.empty:
+        found = sorted(set(targets.geo_level))
+        raise CalibrateError(f"geo.levels={levels} keeps none of the selected targets (their levels: {found})")
+    check_selection(kept, db_path)
+    return len(kept)
+
+
+def n_households(dataset_path: Path, period: int) -> int:
+    """Households in the (already checked) dataset: a run fits n_households x n_cds weights."""
+    return len(read_h5(dataset_path, period, ["household_id"])["household_id"])
+
+
+def reset_run_dir(run_dir: Path) -> None:
+    """Before a run writes anything: drop the previous attempt's ``summary.json`` / ``error.json``
+    and temporary files, so the directory never looks finished while it is being rewritten."""
+    if not run_dir.is_dir():
+        return
+    for name in (SUMMARY_FILE, ERROR_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    for tmp in run_dir.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_start(run_dir: Path, l0) -> int:
+    """The epoch a fit resumes from (0: fresh), checking the checkpoint a rerun would read."""
+    path = run_dir / CHECKPOINT_FILE
+    if l0.checkpoint_every <= 0 or not path.is_file():
+        return 0
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not an .npz archive")
+        with np.load(path, allow_pickle=False) as data:
+            epoch = int(data["epoch"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise CalibrateError(f"fit checkpoint {path} cannot be read ({exc}); delete it to start the fit afresh") from None
+    if epoch > l0.epochs:
+        raise CalibrateError(f"fit checkpoint {path} is at epoch {epoch}, beyond fit.epochs={l0.epochs}: "
+                             "raise fit.epochs, or delete the checkpoint")
+    print(f"fit: resuming from {path} at epoch {epoch} of {l0.epochs}", flush=True)
+    return epoch
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: the run (or sweep) directory must be writable before Hydra writes to it;
+    otherwise one ``error:`` line and exit 2 instead of a traceback from Hydra's own writes."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path, key: str) -> None:
+        try:
+            writable_dir(path, key)
+        except CalibrateError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+
+def hydra_error_line(exc: Exception) -> str:
+    """A Hydra/OmegaConf composition error (several lines, plus its cause) as one line:
+    option lists comma-separated, ``full_key`` kept, search paths and type internals dropped."""
+    segments: list[list[str]] = []  # [head, listed item, ...]
+    for source in (exc, exc.__cause__):
+        if source is None:
+            continue
+        listing = False
+        for line in (raw.strip() for raw in str(source).splitlines()):
+            if not line or line.startswith(("reference_type=", "object_type=", "See https://", "To append")):
+                continue
+            if line.startswith("Config search path"):
+                break
+            if line.startswith("full_key:"):
+                segments.append(["key " + line.removeprefix("full_key:").strip()])
+                listing = False
+            elif listing and not line.endswith(":"):
+                segments[-1].append(line)
+            else:
+                listing = line.endswith(":")
+                segments.append([line.rstrip(":") if listing else line])
+    text = "; ".join(head + (": " + ", ".join(items) if items else "") for head, *items in segments)
+    return text or type(exc).__name__
