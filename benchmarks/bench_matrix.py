@@ -132,6 +132,8 @@ def main() -> None:
     p.add_argument("--scaling", default="1,2", help="worker counts for cold-build scaling; '' skips")
     p.add_argument("--scaling-states", default=None, help="states of the scaling builds (default: --states)")
     p.add_argument("--whole-run", action="store_true", help="also run python -m calibrate on the warm cache")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="build the main cache here and keep it (must be empty or absent); default: a temporary folder")
     a = p.parse_args()
 
     executor = ExecutorSettings(kind=a.executor, address=a.address)
@@ -149,7 +151,9 @@ def main() -> None:
     rows: list = [("policyengine-us import (once per process)", f"{import_s:8.2f} s")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cache = tmp / "cache"
+        cache = a.cache_dir or tmp / "cache"
+        if cache.exists() and any(cache.iterdir()):
+            sys.exit(f"--cache-dir {cache} is not empty: a cold build needs an empty cache")
         m, cold, _ = timed_build("cold build", rows, cds=cds, target_filter=flt, workers=a.workers, cache_dir=cache,
                                  **common)
         busy = max(1, min(a.workers, m.simulations))

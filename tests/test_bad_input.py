@@ -230,7 +230,8 @@ def _assert_no_partial_output(ws: Path, run_dir: Path, cache_dir: Path, line: st
     if run_dir.is_dir() and os.access(run_dir, os.W_OK):
         left = {p.name for p in run_dir.iterdir()} - HYDRA_FILES - {"fit_checkpoint.npz"}
         if may_write:  # the run got as far as writing outputs: what it wrote is complete (atomic), no summary
-            left -= {"weights.npy", "targets.csv", "history.csv", "dropped_targets.csv", "loss.png", "errors.png"}
+            left -= {"weights.npy", "consistency.csv", "targets.csv", "history.csv", "dropped_targets.csv", "loss.png",
+                     "errors.png"}
         assert left <= {"error.json"}, left
         if not may_write:  # (a full disk may not even take error.json)
             assert json.loads((run_dir / "error.json").read_text()) == {"status": "failed", "error": line[len("error: "):]}

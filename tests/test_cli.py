@@ -57,12 +57,21 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def single_run(work, fixture_dataset, target_db):
+def excluded_target(target_db) -> int:
+    """A district age target the single run excludes by hand (reconcile.exclude_target_ids)."""
+    from calibrate.targets import TargetFilter, load_targets
+
+    age = load_targets(target_db, TargetFilter(stratum_group_ids=(2,)), CDS, 2024)
+    return int(age.target_id[age.geo_level == "district"].iloc[0])
+
+
+@pytest.fixture(scope="session")
+def single_run(work, fixture_dataset, target_db, excluded_target):
     run_dir = work / "run"
     proc = _calibrate(
         "dataset=fixture", CD_ARG, TARGETS, f"fit.epochs={EPOCHS}", "fit.log_every=10", "seed=3",
         "gpu=a100", "gpu.allow_cpu_fallback=true", f"hydra.run.dir={run_dir}", f"cache_dir={work / 'cache'}",
-        "workers=1", "progress=false",
+        "workers=1", "progress=false", f"reconcile.exclude_target_ids=[{excluded_target}]",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
@@ -105,7 +114,15 @@ def test_estimates_match_rebuilt_matrix(single_run, rebuilt):
     targets_df, X = _sub_national(rebuilt)
     assert list(table.target_id) == list(targets_df.target_id)
     assert set(table.geo_level) == {"state", "district"}
-    np.testing.assert_allclose(table.value, targets_df.value)
+    np.testing.assert_allclose(table.value_original, targets_df.value)  # the database values, unchanged
+    # CD SNAP households of the states whose CDs are all here (DC, VT) are scaled to their state's count
+    snap_hh = (table.stratum_group_id == 4) & (table.variable == "household_count")
+    for state in (11, 50):
+        cds = snap_hh & (table.geo_level == "district") & (table.geographic_id // 100 == state)
+        parent = table.value[snap_hh & (table.geo_level == "state") & (table.geographic_id == state)].iloc[0]
+        assert table.value[cds].sum() == pytest.approx(parent) and table.reason[cds].str.startswith("scaled").all()
+    same = ~(snap_hh & (table.geo_level == "district") & table.geographic_id.floordiv(100).isin([11, 50]))
+    np.testing.assert_allclose(table.value[same], table.value_original[same])
     estimate = X.astype(np.float64) @ weights
     np.testing.assert_allclose(table.estimate, estimate, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(table.rel_error, (estimate - table.value) / (table.value + 1), rtol=1e-5, atol=1e-9)
@@ -117,13 +134,31 @@ def test_estimates_match_rebuilt_matrix(single_run, rebuilt):
     assert np.median(table.abs_rel_error) < np.median(init_err)
 
 
+def test_excluded_target_is_reported_not_fitted(single_run, excluded_target):
+    run_dir, proc = single_run
+    table = pd.read_csv(run_dir / "targets.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row = table[table.target_id == excluded_target].iloc[0]
+    assert row.status == "excluded" and "by config" in row.reason
+    assert (table.status == "excluded").sum() == summary["n_excluded_targets"] == 1
+    assert summary["excluded_targets"][0]["target_id"] == excluded_target
+    assert summary["n_fitted_targets"] == len(table) - 1
+    fitted = table[table.status == "fit"]
+    assert summary["median_abs_rel_error"] == pytest.approx(fitted.abs_rel_error.median(), rel=1e-9)
+    consistency = pd.read_csv(run_dir / "consistency.csv")
+    assert set(consistency.check) >= {"hierarchy", "support", "feasibility"}
+    assert excluded_target not in set(consistency.target_id[consistency.check == "feasibility"])  # not in the LP
+    assert "excluded 1 targets" in proc.stdout
+
+
 def test_summary_matches_outputs(single_run, rebuilt, jax_sees_gpu):
     run_dir, _ = single_run
     summary = json.loads((run_dir / "summary.json").read_text())
     table = pd.read_csv(run_dir / "targets.csv")
     weights = np.load(run_dir / "weights.npy")
     history = pd.read_csv(run_dir / "history.csv")
-    err = np.sort(np.abs(table.estimate - table.value) / (table.value + 1))
+    fitted = table[table.status == "fit"]
+    err = np.sort(np.abs(fitted.estimate - fitted.value) / (fitted.value + 1))
     assert summary["status"] == "complete"
     n_national = int((rebuilt.targets_df.geo_level == "national").sum())
     assert summary["n_targets"] == len(table) == rebuilt.X.shape[0] - n_national

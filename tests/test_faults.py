@@ -97,7 +97,7 @@ def reference(zygote, work):
 
 def assert_unfinished_and_refused(run_dir: Path) -> None:
     """No summary.json; publish and the tracer refuse the directory, naming why."""
-    from calibrate.matrix.tracer import main as tracer_main
+    from calibrate.tracer import main as tracer_main
 
     assert run_dir.is_dir() and not (run_dir / "summary.json").exists()
     with pytest.raises(PublishInputError, match="lacks summary.json, so the run did not finish"):

@@ -66,16 +66,19 @@ def test_hierarchy_flags_by_hand(two_states):
 
 
 def test_scale_children_keeps_parent_totals_and_child_shares(two_states):
-    values, reason = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,))
+    values, reason = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 2, 2: 1})
     assert values[1] + values[2] == pytest.approx(100.0) and values[1] / values[2] == pytest.approx(3.0)
     assert values[4] == pytest.approx(50.0)  # already consistent: factor 1
     np.testing.assert_array_equal(values[5:], two_states.value.to_numpy()[5:])  # persons untouched
     assert "x2.5000" in reason[1] and reason[5] == ""
     chained = (ScaleRule("nation", ("person_count",), (), "state", "national"),
                ScaleRule("persons", ("person_count",), (), "district", "state"))
-    values, _ = scale_children(two_states, two_states.value.to_numpy(), chained)
+    values, _ = scale_children(two_states, two_states.value.to_numpy(), chained, {1: 2})
     assert values[5] == pytest.approx(1000.0)  # the only state scaled to the nation first ...
     assert values[6] + values[7] == pytest.approx(1000.0) and values[6] / values[7] == pytest.approx(500 / 400)
+    # a state with a CD missing from the selection is not imposed on the CDs that are there
+    values, reason = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 3, 2: 1})
+    assert values[1] == 30.0 and values[2] == 10.0 and "2 of its 3 children" in reason[1]
 
 
 def test_unhandled_inconsistencies(two_states):
@@ -194,6 +197,6 @@ def test_default_config_leaves_no_inconsistency_unhandled(target_db):
     hierarchy = check_hierarchy(targets, targets.value.to_numpy(), cds_per_state(cds), consistency)
     assert (hierarchy.flag == "inconsistent").sum() > 0  # the ACS-vs-USDA SNAP households are really there
     assert unhandled_inconsistencies(targets, hierarchy, settings.scale_children).empty
-    scaled, _ = scale_children(targets, targets.value.to_numpy(), settings.scale_children)
+    scaled, _ = scale_children(targets, targets.value.to_numpy(), settings.scale_children, cds_per_state(cds))
     after = check_hierarchy(targets, scaled, cds_per_state(cds), consistency)
     assert (after.flag == "inconsistent").sum() == 0

@@ -24,9 +24,8 @@ SUMMARY_FILE = "summary.json"
 
 def matrix_of_run(run_dir, progress: bool = False):
     """The run's ``CalibrationMatrix`` (restricted to its geo levels, as the fit saw it)."""
-    from calibrate.matrix import build_matrix
-
     from calibrate.core.rundir import require_finished_run
+    from calibrate.matrix import build_matrix
 
     run_dir = Path(run_dir)
     if run_dir.suffix == ".pkl":

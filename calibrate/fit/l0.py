@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from calibrate.core.linalg import float64_matvec
 from calibrate.fit.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint,
@@ -42,7 +43,6 @@ from calibrate.fit.model import (
     GateShape,
     build_layout,
     device_ops,
-    float64_matvec,
     join_vector,
     relative_loss,
     target_loss_weights,

@@ -99,8 +99,8 @@ def relative_errors(estimate: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 def estimates(X, weights: np.ndarray) -> np.ndarray:
-    """X·w in float64 (the figures reported for each target); see ``calibrate.fit.model.float64_matvec``."""
-    from calibrate.fit.model import float64_matvec
+    """X·w in float64 (the figures reported for each target); see ``calibrate.core.linalg.float64_matvec``."""
+    from calibrate.core.linalg import float64_matvec
 
     return float64_matvec(X, weights)
 

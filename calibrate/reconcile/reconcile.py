@@ -87,10 +87,15 @@ def check_rule(rule: ScaleRule) -> None:
                              f"below parent_level {rule.parent_level!r}")
 
 
-def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[ScaleRule, ...]
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[ScaleRule, ...],
+                   state_cds: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(scaled values, reason per target) after applying every rule in order (parents first
-    when rules chain, e.g. states to the nation, then CDs to the scaled states)."""
+    when rules chain, e.g. states to the nation, then CDs to the scaled states).
+
+    A parent is only imposed when the selection holds all its children (``state_cds``: CDs per
+    state in the database; the nation has ``len(state_cds)`` states and their CDs): with a
+    subset the children's own sum is unknown, so they are left as they are (reason says why).
+    """
     t = with_templates(targets)
     values = np.asarray(values, dtype=np.float64).copy()
     reason = np.full(len(t), "", dtype=object)
@@ -103,15 +108,28 @@ def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[Scale
             parents = np.flatnonzero(same & (level == rule.parent_level))
             children = np.flatnonzero(same & (level == rule.child_level))
             for p in parents:
+                geo = t.geographic_id.iat[p]
                 kids = children if rule.parent_level == "national" else children[
-                    _parent_of(t, children, rule.child_level) == t.geographic_id.iat[p]]
+                    _parent_of(t, children, rule.child_level) == geo]
+                expected = _n_children(rule, geo, state_cds)
                 total = values[kids].sum()
-                if kids.size == 0 or total <= 0:
+                if kids.size != expected:
+                    reason[kids] = (f"not scaled to {t.label.iat[p]} (rule {rule.name}): {kids.size} of its "
+                                    f"{expected} children selected")
+                    continue
+                if total <= 0:
                     continue
                 factor = values[p] / total
                 values[kids] *= factor
                 reason[kids] = f"scaled x{factor:.4f} to {t.label.iat[p]} (rule {rule.name})"
     return values, reason
+
+
+def _n_children(rule: ScaleRule, parent_geo: int, state_cds: dict[int, int]) -> int:
+    """How many children the parent has in the database."""
+    if rule.parent_level == "state":
+        return int(state_cds.get(int(parent_geo), -1))
+    return len(state_cds) if rule.child_level == "state" else int(sum(state_cds.values()))
 
 
 def _parent_of(t: pd.DataFrame, rows: np.ndarray, child_level: str) -> np.ndarray:
@@ -121,11 +139,12 @@ def _parent_of(t: pd.DataFrame, rows: np.ndarray, child_level: str) -> np.ndarra
 
 def plan_targets(targets: pd.DataFrame, settings: ReconcileSettings, analysis: pd.DataFrame | None = None,
                  scaled: tuple[np.ndarray, np.ndarray] | None = None) -> TargetPlan:
-    """The plan: scaled values, then exclusions (by hand, then flagged targets as configured)."""
+    """The plan: scaled values (``scaled``, from :func:`scale_children`; none given: the raw
+    values), then exclusions (by hand, then flagged targets as configured)."""
     if settings.flagged not in ACTIONS:
         raise ReconcileError(f"reconcile.flagged={settings.flagged!r}: choose one of {', '.join(ACTIONS)}")
     original = targets.value.to_numpy(dtype=np.float64)
-    values, reason = scaled if scaled is not None else scale_children(targets, original, settings.scale_children)
+    values, reason = scaled if scaled is not None else (original.copy(), np.full(len(targets), "", dtype=object))
     status = np.full(len(targets), FIT, dtype=object)
     multiplier = np.ones(len(targets))
     by_hand = targets.target_id.isin(settings.exclude_target_ids).to_numpy()

@@ -71,8 +71,9 @@ def reconcile_targets(matrix, settings: ReconcileSettings, consistency: Consiste
     start = time.perf_counter()
     targets = matrix.targets_df
     original = targets.value.to_numpy(dtype=np.float64)
-    hierarchy = check_hierarchy(targets, original, cds_per_state(all_cds), consistency)
-    scaled = scale_children(targets, original, settings.scale_children)
+    state_cds = cds_per_state(all_cds)
+    hierarchy = check_hierarchy(targets, original, state_cds, consistency)
+    scaled = scale_children(targets, original, settings.scale_children, state_cds)
     held_out = np.zeros(len(targets), bool) if split is None else np.asarray(split) == HOLDOUT
     by_hand = targets.target_id.isin(settings.exclude_target_ids).to_numpy()
     base = base_allocation(matrix.household_weights, matrix.household_state_fips, matrix.cds)
