@@ -104,12 +104,13 @@ def parse_states(text: str) -> list[int]:
     return sorted(STATE_FIPS[s.strip().upper()] for s in text.split(","))
 
 
-def whole_run(dataset: Path, states: str, cache: Path, workers: int, results: list) -> None:
-    """``python -m calibrate`` on the warm cache (build + CPU fit), peak RSS of its process tree."""
+def whole_run(dataset: Path, states: str, cache: Path, workers: int, results: list, run_dir: Path) -> None:
+    """``python -m calibrate`` on the warm cache (build + reconcile + a 300-epoch CPU fit: memory does
+    not depend on the epoch count), peak RSS of its process tree."""
     geo = ["geo=all"] + ([] if states == "all" else [f"geo.states=[{states}]"])
     cmd = [sys.executable, "-m", "calibrate", "dataset=path", f"dataset.path={dataset}", *geo, f"cache_dir={cache}",
-           f"workers={workers}", "progress=false", "publish.enabled=false", "gpu=cpu",
-           f"hydra.run.dir={cache.parent / 'run'}"]
+           f"workers={workers}", "progress=false", "publish.enabled=false", "gpu=cpu", "fit.epochs=300",
+           f"hydra.run.dir={run_dir}"]
     with PeakRss() as peak:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=paths.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -187,7 +188,7 @@ def main() -> None:
                                       workers=a.workers, cache_dir=tmp / "added", **common)
             rows.append(("  incremental / cold alone", f"{inc / alone:8.2f}"))
         if a.whole_run:
-            whole_run(a.dataset, a.states, cache, a.workers, rows)
+            whole_run(a.dataset, a.states, cache, a.workers, rows, tmp / "run")
 
         scaling_states = parse_states(a.scaling_states) if a.scaling_states else states
         scaling_cds = [c for c in all_cds(paths.TARGET_DB) if state_of_cd(c) in scaling_states]
