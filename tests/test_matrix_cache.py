@@ -177,10 +177,15 @@ def test_two_concurrent_builds_share_a_cache(age_cache, fixture_dataset, target_
     for p in procs:
         p.join(timeout=600)
     assert [p.exitcode for p in procs] == [0, 0]
+    simulated = []
     for out in outs:
         meta = json.loads((out.parent / f"{out.stem}.json").read_text())
-        assert meta["simulated"] == age.entries_simulated and meta["targets"] == list(age.targets_df.target_id)
+        assert meta["targets"] == list(age.targets_df.target_id)
         assert (sp.load_npz(out) != age.X).nnz == 0
+        simulated.append(meta["simulated"])
+    # started together on an empty cache: each simulated what it did not find (all of it when both
+    # raced, nothing when the other had already stored everything); together they cover every entry
+    assert all(0 <= s <= age.entries_simulated for s in simulated) and sum(simulated) >= age.entries_simulated
     assert not list(cache.rglob("*.tmp"))
     assert len(_entries(cache)) == age.entries_simulated
     with warnings.catch_warnings():
