@@ -100,6 +100,13 @@ def record_reconcile(summary: RunSummary, name: str, reconciled, table, weights,
     summary.reconcile = {"setting": name, **reconciled.summary()}
     summary.active_households_per_cd = active_per_cd(weights, n_cds)
     summary.sparsity_target_share = l0.target_active_share
+    share = summary.active_households_per_cd["median_share"]
+    if l0.target_active_share is not None and share > 1.05 * l0.target_active_share:
+        import sys
+
+        print(f"warning: the sparsity target was not reached (median active share {share:.1%} vs "
+              f"{l0.target_active_share:.1%} asked); fits shorter than ~300 epochs end less sparse: raise fit.epochs",
+              file=sys.stderr, flush=True)
     summary.init_scale = float(init_scale)
 
 
