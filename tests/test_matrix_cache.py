@@ -6,6 +6,7 @@ simulation), the blocks of a larger matrix, or a build with the local executor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ def _build(dataset, db, flt, cache, cds=CDS, **kw):
 
 
 def _entries(cache):
-    return sorted(p for p in (cache / "contributions").glob("*/*/*.npz"))
+    return sorted(p for p in (cache / "contributions").glob("*/*/*.entry"))
 
 
 def _same(a, b) -> bool:
@@ -121,14 +121,20 @@ def test_values_cds_and_filter_changes_cost_no_simulation(snap_cache, fixture_da
 def test_cache_holds_no_pickle(snap_cache):
     cache, snap = snap_cache
     files = [p for p in cache.rglob("*") if p.is_file()]
-    assert {p.suffix for p in files} == {".npz", ".json"}
+    assert {p.suffix for p in files} == {".entry", ".json"}
     assert len(_entries(cache)) == snap.entries_simulated
     for path in _entries(cache):
-        with np.load(path, allow_pickle=False) as data:
-            assert sorted(data.files) == ["checksum", "indices", "key", "values"]
-            assert all(data[name].dtype != object for name in data.files)
-        with zipfile.ZipFile(path) as zf:
-            assert all(name.endswith(".npy") for name in zf.namelist())
+        blob = path.read_bytes()
+        # plain bytes as docs/matrix.md lays them out, parsed here by hand: magic, header, two arrays, nothing else
+        assert blob[:16] == b"CALIBRATE-ENTRY\0"
+        header_length = int.from_bytes(blob[16:20], "little")
+        header = json.loads(blob[20 : 20 + header_length])
+        n = header["n"]
+        assert sorted(header) == ["checksum", "key", "n"] and len(blob) == 20 + header_length + 8 * n
+        indices = np.frombuffer(blob[20 + header_length :], "<i4", n)
+        values = np.frombuffer(blob[20 + header_length + 4 * n :], "<f4", n)
+        assert (np.diff(indices) > 0).all() and (values != 0).all()
+        assert hashlib.sha256(header["key"].encode() + indices.tobytes() + values.tobytes()).hexdigest() == header["checksum"]
 
 
 def test_corrupt_entries_are_recomputed_with_a_warning(age_cache, fixture_dataset, target_db, tmp_path):
@@ -138,10 +144,9 @@ def test_corrupt_entries_are_recomputed_with_a_warning(age_cache, fixture_datase
     entries = _entries(work)
     truncated, flipped, garbage, moved = entries[0], entries[len(entries) // 3], entries[-2], entries[-1]
     truncated.write_bytes(truncated.read_bytes()[:100])
-    with np.load(flipped, allow_pickle=False) as data:  # a valid file whose values no longer match its checksum
-        arrays = {name: data[name] for name in data.files}
-    arrays["values"] = arrays["values"] + np.float32(1)
-    np.savez(flipped, **arrays)
+    blob = bytearray(flipped.read_bytes())  # a well-formed file whose last value no longer matches its checksum
+    blob[-4:] = (np.frombuffer(bytes(blob[-4:]), "<f4") + np.float32(1)).tobytes()
+    flipped.write_bytes(bytes(blob))
     garbage.write_bytes(b"not a cache entry")
     shutil.copy(entries[1], moved)  # a valid entry under another entry's name
     with pytest.warns(CacheEntryWarning) as record:

@@ -19,7 +19,7 @@ from calibrate.targets import all_cds, connect
 
 PACKAGE = paths.REPO_ROOT / "calibrate"
 SQL_CALLS = {"execute", "executemany", "executescript", "read_sql_query", "read_sql"}
-PICKLE_EXEMPT: set[str] = set()  # none: the matrix cache stores checksummed .npz entries (docs/matrix.md)
+PICKLE_EXEMPT: set[str] = set()  # none: the matrix cache stores checksummed plain-bytes entries (docs/matrix.md)
 
 
 def _calls(path: Path):

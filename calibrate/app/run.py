@@ -40,6 +40,7 @@ from calibrate.app.fitting import fit_stage
 from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
+from calibrate.core.memory import return_freed_memory
 from calibrate.core.rundir import writable_dir
 from calibrate.outputs import plots
 from calibrate.reconcile import split_targets
@@ -97,6 +98,7 @@ def hydra_context() -> tuple[Path | None, list[str]]:
 def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) -> RunSummary:
     """Run the whole pipeline for a composed config; returns the summary written to ``run_dir``."""
     start = time.perf_counter()
+    return_freed_memory()  # before the big arrays come and go (calibrate.core.memory)
     settings = to_config(cfg)
     hydra_dir, hydra_overrides = hydra_context()
     run_dir = Path(run_dir or hydra_dir or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))

@@ -5,7 +5,7 @@ X is assembled from these vectors with geographic column masks, so it never need
 cached itself: target values, the CD list within cached states and the other templates do
 not enter an entry's key, and changing them costs no simulation.
 
-Layout (``<cache_dir>/contributions/<context>/<state>/<template>.npz``):
+Layout (``<cache_dir>/contributions/<context>/<state>/<template>.entry``):
 
 - ``context`` hashes the dataset file's sha256, the period, the household count, the
   policyengine-us and policyengine-core versions and :data:`CACHE_FORMAT_VERSION`;
@@ -16,8 +16,13 @@ Layout (``<cache_dir>/contributions/<context>/<state>/<template>.npz``):
   (``indices``, int32) and the contributions (``values``, float32, as in X), its full key
   and a sha256 ``checksum`` of key and arrays.
 
-Entries are read with ``np.load(allow_pickle=False)`` (no code can ride in a cache file)
-and checked against their checksum; an unreadable, truncated or mismatching entry is
+An entry file is plain bytes, read without any deserialiser that could run code: the magic
+``CALIBRATE-ENTRY\0`` (16 bytes), the header length (uint32, little-endian), a UTF-8 JSON
+header ``{"key", "n", "checksum"}``, then ``n`` little-endian int32 indices and ``n``
+float32 values, and nothing after them. (Format 2 stored the same four fields as ``.npz``;
+reading 2,550 of them took 1.1 s against 0.1 s for this layout, on 2 cores, warm page
+cache: the zip directory and four ``.npy`` headers per entry dominated a warm rebuild.)
+Every entry is checked against its length, key and checksum; an unreadable, truncated or mismatching entry is
 reported with a :class:`CacheEntryWarning` naming the file and treated as missing, so it
 is recomputed and replaced. Writes go to a temporary file in the same folder and are
 moved into place with ``os.replace``: concurrent builds sharing a cache write identical
@@ -29,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,8 +46,12 @@ import numpy as np
 
 from calibrate.core.faults import fault_point
 
-CACHE_FORMAT_VERSION = 2  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
+CACHE_FORMAT_VERSION = 3  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
 SUBDIR = "contributions"
+SUFFIX = ".entry"
+MAGIC = b"CALIBRATE-ENTRY\0"
+_HEADER_LENGTH = struct.Struct("<I")
+_MAX_HEADER = 1 << 20  # bytes; a longer header means a damaged file
 
 
 class CacheEntryWarning(UserWarning):
@@ -99,8 +109,8 @@ def _digest(text: str) -> str:
 
 def _checksum(key: str, indices: np.ndarray, values: np.ndarray) -> str:
     digest = hashlib.sha256(key.encode())
-    digest.update(np.ascontiguousarray(indices).tobytes())
-    digest.update(np.ascontiguousarray(values).tobytes())
+    digest.update(np.ascontiguousarray(indices, dtype="<i4"))
+    digest.update(np.ascontiguousarray(values, dtype="<f4"))
     return digest.hexdigest()
 
 
@@ -109,13 +119,14 @@ class ContributionCache:
 
     def __init__(self, root: Path | None, context: CacheContext):
         self.context = context
-        self.folder = Path(root) / SUBDIR / context.key if root is not None else None
+        self._context_key = context.key
+        self.folder = Path(root) / SUBDIR / self._context_key if root is not None else None
 
     def path(self, state: int, template: str) -> Path:
-        return self.folder / f"{int(state):02d}" / f"{_digest(template)}.npz"
+        return self.folder / f"{int(state):02d}" / f"{_digest(template)}{SUFFIX}"
 
     def entry_key(self, state: int, template: str) -> str:
-        return f"{self.context.key}|{int(state)}|{template}"
+        return f"{self._context_key}|{int(state)}|{template}"
 
     def load(self, state: int, template: str) -> Entry | None:
         """The cached entry, or None when it is absent or unusable (then with a warning)."""
@@ -132,13 +143,9 @@ class ContributionCache:
             return None
 
     def _read(self, path: Path, key: str) -> Entry:
-        with np.load(path, allow_pickle=False) as data:
-            indices, values = data["indices"], data["values"]
-            stored_key, checksum = str(data["key"]), str(data["checksum"])
+        stored_key, indices, values, checksum = decode_entry(path.read_bytes())
         if stored_key != key:
             raise ValueError(f"it holds {stored_key!r}, not {key!r}")
-        if indices.dtype != np.int32 or values.dtype != np.float32 or indices.shape != values.shape:
-            raise ValueError("arrays of the wrong type or shape")
         if _checksum(key, indices, values) != checksum:
             raise ValueError("checksum mismatch")
         if len(indices) and (indices[0] < 0 or indices[-1] >= self.context.n_households):
@@ -152,10 +159,8 @@ class ContributionCache:
         path = self.path(state, template)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_context()
-        key = self.entry_key(state, template)
-        arrays = {"indices": entry.indices, "values": entry.values, "key": np.array(key),
-                  "checksum": np.array(_checksum(key, entry.indices, entry.values))}
-        _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        blob = encode_entry(self.entry_key(state, template), entry)
+        _atomic_write(path, lambda fh: fh.write(blob))
 
     def _write_context(self) -> None:
         path = self.folder / "context.json"
@@ -164,7 +169,39 @@ class ContributionCache:
             _atomic_write(path, lambda fh: fh.write(text.encode()))
 
     def entries_on_disk(self) -> list[Path]:
-        return sorted(self.folder.glob("*/*.npz")) if self.folder is not None else []
+        return sorted(self.folder.glob(f"*/*{SUFFIX}")) if self.folder is not None else []
+
+
+def encode_entry(key: str, entry: Entry) -> bytes:
+    """The bytes of an entry file (layout in the module docstring)."""
+    indices = np.ascontiguousarray(entry.indices, dtype="<i4")
+    values = np.ascontiguousarray(entry.values, dtype="<f4")
+    if indices.shape != values.shape or indices.ndim != 1:
+        raise ValueError("indices and values must be 1-d arrays of one length")
+    header = json.dumps({"key": key, "n": len(indices), "checksum": _checksum(key, indices, values)}).encode()
+    return b"".join([MAGIC, _HEADER_LENGTH.pack(len(header)), header, indices.tobytes(), values.tobytes()])
+
+
+def decode_entry(blob: bytes) -> tuple[str, np.ndarray, np.ndarray, str]:
+    """(key, indices, values, checksum) of an entry file's bytes; ValueError when the layout is broken."""
+    start = len(MAGIC) + _HEADER_LENGTH.size
+    if len(blob) < start or not blob.startswith(MAGIC):
+        raise ValueError("not a cache entry (no magic bytes)")
+    (header_length,) = _HEADER_LENGTH.unpack_from(blob, len(MAGIC))
+    if header_length > min(_MAX_HEADER, len(blob) - start):
+        raise ValueError(f"header length {header_length} runs past the end of the file (truncated?)")
+    header = json.loads(blob[start : start + header_length].decode())
+    if not isinstance(header, dict) or set(header) != {"key", "n", "checksum"}:
+        raise ValueError("header is not {key, n, checksum}")
+    key, n, checksum = header["key"], header["n"], header["checksum"]
+    if not (isinstance(key, str) and isinstance(checksum, str) and isinstance(n, int) and n >= 0):
+        raise ValueError("header fields of the wrong type")
+    body = start + header_length
+    if len(blob) != body + 8 * n:
+        raise ValueError(f"{len(blob)} bytes where {n} households need {body + 8 * n} (truncated?)")
+    indices = np.frombuffer(blob, dtype="<i4", count=n, offset=body).astype(np.int32, copy=False)
+    values = np.frombuffer(blob, dtype="<f4", count=n, offset=body + 4 * n).astype(np.float32, copy=False)
+    return key, indices, values, checksum
 
 
 def _atomic_write(path: Path, write) -> None:
