@@ -107,8 +107,6 @@ CASES = [
          ("target_id 6973", TARGET_LABEL, "-5.0", "person_count is a count and cannot be negative")),
     Case("infinite-value", _db(("UPDATE targets SET value = ? WHERE target_id = ?", (float("inf"), TARGET_ID))),
          ("target_id 6973", TARGET_LABEL, "inf", "finite")),
-    Case("negative-agi-selected", lambda ws: {"target": "agi"},
-         ("target_id 10369", "NC/adjusted_gross_income", "is negative", "non-negative totals")),
     # dataset
     Case("dataset-missing", lambda ws: {"dataset.path": ws / "none.h5"}, ("dataset.path", "none.h5", "does not exist")),
     Case("dataset-truncated", lambda ws: {"dataset.path": file_copy(ws, paths.FIXTURE_DATASET, "trunc.h5", keep_bytes=60_000)},

@@ -66,6 +66,21 @@ def test_recovers_exact_solution(problem):
     assert res.epochs == 500 and res.final_loss == pytest.approx(res.history["loss"].iloc[-1])
 
 
+def test_recovers_negative_totals(problem):
+    """Negative contributions (AGI below $1) give negative totals that non-negative weights reach."""
+    X, _, w_star, groups = problem
+    signs = np.where(np.arange(X.shape[0]) % 3 == 0, -1.0, 1.0)  # every third target all-negative
+    X = sp.csr_matrix(sp.diags(signs) @ X)
+    y = X @ w_star
+    assert (y < 0).sum() == 8 and (y > 0).sum() == 16
+    cfg = dataclasses.replace(FAST, epochs=500, init_keep_prob=0.99999)
+    res = fit_l0(X, y, np.full(X.shape[1], 2.0), cfg, groups, progress=False)
+    dense = X.toarray() @ res.weights.astype(np.float64)
+    rel = np.abs(dense - y) / (np.abs(y) + 1)
+    assert rel.max() < 1e-2 and np.median(rel) < 1e-3
+    assert np.all(np.sign(dense) == np.sign(y)) and np.all(res.weights >= 0)
+
+
 def test_loss_decreases_and_history(problem):
     X, y, _, groups = problem
     res = fit_l0(X, y, np.full(X.shape[1], 0.5), FAST, groups, progress=False)

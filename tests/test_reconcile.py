@@ -21,6 +21,7 @@ from calibrate.reconcile.consistency import cds_per_state, check_hierarchy, temp
 from calibrate.reconcile.feasibility import min_l1_relative_errors
 from calibrate.reconcile.reconcile import EXCLUDED, FIT, plan_targets, scale_children, unhandled_inconsistencies
 from calibrate.targets import Constraint, TargetFilter, all_cds, load_targets
+from calibrate.targets.geography import state_of_cd
 
 PERIOD = 2024
 GROUPS = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7))
@@ -200,3 +201,42 @@ def test_default_config_leaves_no_inconsistency_unhandled(target_db):
     scaled, _ = scale_children(targets, targets.value.to_numpy(), settings.scale_children, cds_per_state(cds))
     after = check_hierarchy(targets, scaled, cds_per_state(cds), consistency)
     assert (after.flag == "inconsistent").sum() == 0
+
+
+def test_negative_agi_totals_in_the_consistency_analysis(fixture_dataset, target_db, tax_benefit_system, tmp_path):
+    """The AGI < $1 band's totals are negative, like their base estimates: the analysis measures them
+    with a positive ratio; the same totals with the sign flipped cannot be reached by non-negative
+    weights and are flagged unsupported (re-weighting factor below zero)."""
+    import dataclasses
+
+    from calibrate.matrix import build_matrix
+
+    cds = [1101, 3701, 3702, 5001]
+    matrix = build_matrix(fixture_dataset, cds, TargetFilter(stratum_group_ids=(3,)), PERIOD, target_db, workers=1,
+                          cache_dir=tmp_path, progress=False)
+    t = matrix.targets_df
+    negative = np.flatnonzero(t.value.to_numpy() < 0)
+    assert len(negative) == 3 and set(t.variable.iloc[negative]) == {"adjusted_gross_income"}  # DC, NC, VT
+    ids = t.target_id.iloc[negative]
+
+    def support(m):
+        consistency = ConsistencySettings(min_households=1)  # the fixture has 2 such households
+        a = reconcile_targets(m, ReconcileSettings(), consistency, "level", all_cds(target_db)).analysis
+        return a[a.check == "support"].set_index("target_id").loc[ids]
+
+    # base weights: each household in its home state, spread evenly over that state's CDs here
+    cd_state = np.array([state_of_cd(c) for c in cds])
+    home = matrix.household_state_fips
+    per_state = {s: (cd_state == s).sum() for s in set(cd_state)}
+    stacked = np.concatenate([np.where(home == s, matrix.household_weights / per_state[s], 0.0) for s in cd_state])
+    base = matrix.X.astype(np.float64) @ stacked
+    real = support(matrix)
+    measured = base[negative] != 0  # a fixture state may have no such household at home
+    assert measured.sum() >= 1 and (base[negative][measured] < 0).all()
+    np.testing.assert_allclose(real.ratio.to_numpy(float)[measured],
+                               t.value.to_numpy(float)[negative][measured] / base[negative][measured], rtol=1e-6)
+    assert (real.ratio > 0).all() and not real.detail.str.contains("x-").any()
+    flipped = dataclasses.replace(matrix, targets_df=t.assign(value=np.abs(t.value)))
+    wrong_sign = support(flipped)
+    assert (wrong_sign.ratio.to_numpy(float)[measured] < 0).all()
+    assert (wrong_sign.flag == "unsupported").all() and wrong_sign.detail.str.contains("x-").all()

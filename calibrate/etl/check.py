@@ -54,12 +54,12 @@ def database_section(db_path: Path, variables: bool) -> Section:
                                         "FROM stratum_constraints ORDER BY stratum_id", con)
         n_strata = con.execute("SELECT COUNT(*) FROM strata").fetchone()[0]
     rows = row_problems(db_path)
-    values = value_problems(targets, negative_fatal=False)
+    values = value_problems(targets)
     section.problems += [str(p) for p in rows + values if p.fatal]
     if not rows:
         section.ok.append(f"{len(targets):,} targets, {n_strata:,} strata, {len(constraints):,} constraints: types, "
                           "references, operations, numbers, geography (each CD inside its state)")
-    section.warnings += _negative_summary([p for p in values if not p.fatal], targets)
+    section.ok += _negative_summary(targets)
     if variables and not rows:
         found = variable_problems(targets, constraints)
         section.problems += [str(p) for p in found]
@@ -70,14 +70,15 @@ def database_section(db_path: Path, variables: bool) -> Section:
     return section
 
 
-def _negative_summary(warnings: list[Problem], targets: pd.DataFrame) -> list[str]:
-    if not warnings:
+def _negative_summary(targets: pd.DataFrame) -> list[str]:
+    """A line naming the negative totals (legitimate for variables such as AGI), if any."""
+    values = pd.to_numeric(targets.value, errors="coerce")
+    negative = targets[values < 0]
+    if negative.empty:
         return []
-    ids = {int(p.where.split()[2]) for p in warnings}
-    counts = Counter(targets.loc[targets.target_id.isin(ids), "variable"])
-    by_variable = ", ".join(f"{v} ({n})" for v, n in counts.most_common())
-    return [f"{len(warnings)} targets have negative values ({by_variable}); a run that selects one stops, "
-            f"since the L0 fit matches non-negative totals only; first: {warnings[0].where}"]
+    by_variable = ", ".join(f"{v} ({n})" for v, n in Counter(negative.variable).most_common())
+    return [f"{len(negative)} targets are negative totals ({by_variable}); they are fitted like any other, and a "
+            "run's consistency analysis flags one its households cannot reach (consistency.csv)"]
 
 
 def variable_problems(targets: pd.DataFrame, constraints: pd.DataFrame) -> list[Problem]:

@@ -154,9 +154,9 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_wei
     targets = np.asarray(targets, dtype=np.float64)
     if targets.shape != (m,):
         raise ValueError(f"targets has shape {targets.shape}, X has {m} rows")
-    bad = np.flatnonzero(~np.isfinite(targets) | (targets < 0))
+    bad = np.flatnonzero(~np.isfinite(targets))  # negative totals are fine: contributions may be negative
     if bad.size:
-        raise ValueError(f"targets must be finite and >= 0; bad target indices {bad[:10].tolist()}")
+        raise ValueError(f"targets must be finite; bad target indices {bad[:10].tolist()}")
     if not np.all(np.isfinite(X.data)):
         raise ValueError("X holds non-finite values")
     init_weights = np.asarray(init_weights, dtype=np.float64)

@@ -285,8 +285,10 @@ def target_loss_weights(groups: np.ndarray | None, n_targets: int, balance: bool
 
 
 def relative_errors(estimates: jax.Array, targets: jax.Array) -> jax.Array:
-    """(estimate - target) / (target + 1), as l0-python's 'relative' loss."""
-    return (estimates - targets) / (targets + 1.0)
+    """(estimate - target) / (|target| + 1): l0-python's 'relative' loss, which divides by
+    target + 1, with the magnitude so that a negative total (AGI of the ``< $1`` band) is
+    measured like a positive one (identical for targets >= 0)."""
+    return (estimates - targets) / (jnp.abs(targets) + 1.0)
 
 
 def excess_errors(rel: jax.Array, tolerances: jax.Array | None) -> jax.Array:

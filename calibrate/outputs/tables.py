@@ -89,13 +89,14 @@ def _json_default(value):
 
 
 def relative_errors(estimate: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """(estimate - value) / (value + 1), the fit's own measure (targets are >= 0).
+    """(estimate - value) / (|value| + 1), the fit's own measure.
 
-    For any target above a few hundred this is the plain relative error to within
-    1/value; the +1 keeps zero-valued targets finite.
+    For any target above a few hundred in magnitude this is the plain relative error to
+    within 1/|value|; the +1 keeps zero-valued targets finite, and the magnitude measures a
+    negative total (AGI of the ``< $1`` band) like a positive one.
     """
     value = np.asarray(value, dtype=np.float64)
-    return (np.asarray(estimate, dtype=np.float64) - value) / (value + 1.0)
+    return (np.asarray(estimate, dtype=np.float64) - value) / (np.abs(value) + 1.0)
 
 
 def estimates(X, weights: np.ndarray) -> np.ndarray:

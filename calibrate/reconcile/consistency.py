@@ -158,7 +158,7 @@ def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, b
                       f"(max_weight_factor {top:g})")
         else:
             flag, detail = OK, f"template re-weighting x{factor:.3g} nationally"
-        ratio = r.value / r.base if r.base > 0 else np.inf
+        ratio = r.value / r.base if r.base != 0 else np.inf  # negative: the signs differ
         rows.append(_row("support", flag, r.target_id, r.label, r.template, r.geo_level, r.geographic_id, r.value,
                          r.base, ratio, households[i], detail))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -180,13 +180,14 @@ def supporting_households(csr: sp.csr_matrix, n_households: int, enough: int) ->
 
 
 def _template_factors(t: pd.DataFrame) -> dict[str, float]:
-    """Template -> (total target) / (total at base weights), over its most aggregate complete level."""
+    """Template -> (total target) / (total at base weights), over its most aggregate complete level
+    (negative when the signs differ: no non-negative re-weighting reaches such a total)."""
     out = {}
     for template, tpl in t.groupby("template"):
         for level in ("national", "state", "district"):
             part = tpl[tpl.geo_level == level]
             if len(part):
                 base = float(part.base.sum())
-                out[template] = float(part.value.sum()) / base if base > 0 else np.inf
+                out[template] = float(part.value.sum()) / base if base != 0 else np.inf
                 break
     return out

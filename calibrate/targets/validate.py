@@ -234,13 +234,14 @@ def _describe(level: tuple[str, int]) -> str:
 # ----------------------------------------------------------------------------- target values
 
 
-def value_problems(targets: pd.DataFrame, negative_fatal: bool = True) -> list[Problem]:
-    """Values that are not finite, or negative: a count never is, and the L0 fit matches
-    non-negative totals only, so a run stops on any negative target it selects.
+def value_problems(targets: pd.DataFrame) -> list[Problem]:
+    """Values that are not finite, and negative counts (a ``*_count`` never is negative).
 
-    ``targets`` needs ``target_id``, ``variable``, ``value`` and optionally ``label``.
-    With ``negative_fatal=False`` (the database report) a negative value of a variable that
-    may be negative (e.g. adjusted_gross_income) is a warning, not a problem.
+    Other totals may be negative (adjusted_gross_income of the ``< $1`` band): non-negative
+    weights reach them through negative contributions. Whether a total's sign and size can
+    be reached is the consistency analysis's question (``calibrate.reconcile``), which flags
+    and by default excludes one that cannot. ``targets`` needs ``target_id``, ``variable``,
+    ``value`` and optionally ``label``.
     """
     out = []
     labels = targets["label"] if "label" in targets else targets["variable"]
@@ -251,9 +252,6 @@ def value_problems(targets: pd.DataFrame, negative_fatal: bool = True) -> list[P
             out.append(Problem(where, "targets must be finite numbers"))
         elif number < 0 and is_count(variable):
             out.append(Problem(where, f"{variable} is a count and cannot be negative"))
-        elif number < 0:
-            out.append(Problem(where, "is negative, and the L0 fit matches non-negative totals only "
-                                      "(leave this target out of the selection)", fatal=negative_fatal))
     return out
 
 
@@ -267,7 +265,7 @@ def database_problems(db_path) -> list[Problem]:
         return problems
     with connect(Path(db_path)) as con:
         values = pd.read_sql_query("SELECT target_id, variable, value FROM targets ORDER BY target_id", con)
-    return row_problems(db_path) + value_problems(values, negative_fatal=False)
+    return row_problems(db_path) + value_problems(values)
 
 
 def check_database(db_path) -> None:
