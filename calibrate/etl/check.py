@@ -55,7 +55,7 @@ def database_section(db_path: Path, variables: bool) -> Section:
         n_strata = con.execute("SELECT COUNT(*) FROM strata").fetchone()[0]
     rows = row_problems(db_path)
     values = value_problems(targets)
-    section.problems += [str(p) for p in rows + values if p.fatal]
+    section.problems += [str(p) for p in rows + values]
     if not rows:
         section.ok.append(f"{len(targets):,} targets, {n_strata:,} strata, {len(constraints):,} constraints: types, "
                           "references, operations, numbers, geography (each CD inside its state)")

@@ -2,7 +2,7 @@
 rows make sense. Pure SQLite + pandas (no policyengine-us), so a run fails in seconds.
 
 Each check returns :class:`Problem` rows (all of them, for ``python -m calibrate.etl check``);
-``check_database`` / ``check_selection`` raise the first fatal one as a :class:`DatabaseError`
+``check_database`` / ``check_selection`` raise the first as a :class:`DatabaseError`
 naming the file, the table and the row. What needs policyengine-us's variable list (unknown
 variables, constraint values of the variable's type) is checked later, right after the
 import and before the first simulation (:func:`calibrate.matrix.contributions.check_variables`).
@@ -38,11 +38,10 @@ class DatabaseError(TargetSelectionError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding: where (table and row), what is wrong, and whether a run must stop for it."""
+    """One finding that stops a run: where (table and row) and what is wrong."""
 
     where: str
     message: str
-    fatal: bool = True
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
@@ -269,7 +268,7 @@ def database_problems(db_path) -> list[Problem]:
 
 
 def check_database(db_path) -> None:
-    """Raise :class:`DatabaseError` for the first fatal problem of the file, schema or rows."""
+    """Raise :class:`DatabaseError` for the first problem of the file, schema or rows."""
     problems = open_problems(db_path) or row_problems(db_path)
     _raise_first(problems, f"target database {db_path}")
 
@@ -280,7 +279,6 @@ def check_selection(targets: pd.DataFrame, db_path) -> None:
 
 
 def _raise_first(problems: list[Problem], what: str) -> None:
-    fatal = [p for p in problems if p.fatal]
-    if fatal:
-        more = f" (and {len(fatal) - 1} more; python -m calibrate.etl check lists all)" if len(fatal) > 1 else ""
-        raise DatabaseError(f"{what}: {fatal[0]}{more}")
+    if problems:
+        more = f" (and {len(problems) - 1} more; python -m calibrate.etl check lists all)" if len(problems) > 1 else ""
+        raise DatabaseError(f"{what}: {problems[0]}{more}")
