@@ -190,3 +190,33 @@ def test_plot_sweep_draws_the_table(tmp_path):
     # a sweep without holdout draws the training errors only
     drawn = plots.plot_sweep(table.drop(columns="holdout_all_median"), tmp_path / "plain.png")
     assert ("total_seconds", "holdout_all_median") not in drawn and ("total_seconds", "train_all_median") in drawn
+
+
+def test_family_holdouts_hold_out_exactly_the_family():
+    """Whole-family holdouts (conf/holdout/snap_district, medicaid_state, age65) against a direct reading."""
+    import pandas as pd
+
+    from calibrate.reconcile.holdout import HoldoutFamily, HoldoutSpec, split_targets
+    from calibrate.targets.selection import Constraint
+
+    rows = []
+    for i, (group, level, variable, cons) in enumerate([
+        (4, "district", "household_count", (Constraint("snap", ">", "0"),)),
+        (4, "state", "snap", ()),
+        (5, "state", "person_count", (Constraint("medicaid_enrolled", "==", "True"),)),
+        (2, "district", "person_count", (Constraint("age", ">=", "65"), Constraint("age", "<", "70"))),
+        (2, "district", "person_count", (Constraint("age", ">=", "60"), Constraint("age", "<", "65"))),
+        (2, "state", "person_count", (Constraint("age", ">", "84"),)),
+        (1, "district", "person_count", ()),
+    ]):
+        rows.append(dict(target_id=i + 1, stratum_group_id=group, geo_level=level, variable=variable, constraints=cons))
+    targets = pd.DataFrame(rows)
+
+    def held(*families):
+        return (split_targets(targets, HoldoutSpec(families=families)) == "holdout").tolist()
+
+    assert held(HoldoutFamily(stratum_group_ids=(4,), levels=("district",))) == [1, 0, 0, 0, 0, 0, 0]
+    assert held(HoldoutFamily(stratum_group_ids=(5,), levels=("state",))) == [0, 0, 1, 0, 0, 0, 0]
+    assert held(HoldoutFamily(stratum_group_ids=(2,), age_from=65)) == [0, 0, 0, 1, 0, 1, 0]
+    assert held(HoldoutFamily(stratum_group_ids=(4,), levels=("district",)),
+                HoldoutFamily(stratum_group_ids=(2,), age_from=65)) == [1, 0, 0, 1, 0, 1, 0]

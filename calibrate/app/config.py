@@ -65,6 +65,25 @@ class SparsityConf:
 
 
 @dataclass
+class StartConf:
+    """Where the fit starts: each household's base weight spread over the CDs."""
+
+    home_state_share: float | None = 0.9  # share of a household's weight on its own state's CDs (null: proportional)
+
+
+@dataclass
+class ClassicalConf:
+    """Minimum-distance calibration (``fit.method=classical|sample``, ``fit.polish=classical``)."""
+
+    distance: str = "kl"  # kl (raking) | chi2 (GREG)
+    lower: float = 0.0  # smallest multiplier w / w0
+    upper: float = 10.0  # largest multiplier w / w0
+    penalty: float = 1.0e6  # weight of the squared relative errors against the distance
+    max_iter: int = 500  # L-BFGS iterations of the dual
+    tol: float = 1.0e-9  # L-BFGS projected-gradient tolerance
+
+
+@dataclass
 class FitConf:
     """L0 (hard-concrete) fit settings: ``calibrate.fit.L0Config`` (see ``l0_config``) plus the sparsity target."""
 
@@ -84,6 +103,10 @@ class FitConf:
     polish_share: float = 0.2  # final share of the epochs with deterministic, frozen gates (only weights move)
     rescale_init: bool = True  # scale the initial weights by the median target / initial-estimate ratio
     sparsity: SparsityConf = field(default_factory=SparsityConf)  # active households per CD
+    method: str = "l0"  # l0 | classical | sample | start (calibrate.app.calibration)
+    polish: str = "adam"  # l0's last phase: adam (frozen gates) | classical (carriers by minimum distance)
+    start: StartConf = field(default_factory=StartConf)  # the start of the fit
+    classical: ClassicalConf = field(default_factory=ClassicalConf)  # minimum-distance settings
 
 
 @dataclass
@@ -183,6 +206,16 @@ class ExecutorConf:
 
 
 @dataclass
+class HoldoutFamilyConf:
+    """A whole family held out: every condition given must hold (e.g. stratum group 4 at district level)."""
+
+    stratum_group_ids: list[int] = field(default_factory=list)  # any of these stratum groups
+    levels: list[str] = field(default_factory=list)  # at any of these geo levels
+    variables: list[str] = field(default_factory=list)  # of any of these variables
+    age_from: int | None = None  # only age bins starting at this age or later
+
+
+@dataclass
 class HoldoutConf:
     """Targets left out of the loss and scored after the fit (``calibrate.reconcile.holdout``), off by default."""
 
@@ -192,6 +225,17 @@ class HoldoutConf:
     variables: list[str] = field(default_factory=list)  # hold out every target of these variables
     levels: list[str] = field(default_factory=list)  # hold out every target at these geo levels
     seed: int = 0  # seed of the random share (defaults to the top-level seed)
+    families: list[HoldoutFamilyConf] = field(default_factory=list)  # whole families, OR-ed with the above
+
+
+@dataclass
+class QualityConf:
+    """Weight-quality gates checked after the fit (``calibrate.outputs.quality``); null disables a gate."""
+
+    min_ess: float | None = 200.0  # smallest Kish effective sample size of any CD
+    max_top10_share: float | None = 0.10  # largest share of a CD's weight on its 10 heaviest households
+    max_exhaustion: float | None = 20.0  # largest sum over CDs of a household's weight / its base weight
+    strict: bool = False  # a broken gate fails the run (one error line) instead of warning
 
 
 @dataclass
@@ -214,6 +258,7 @@ class CalibrateConfig:
     progress: bool = True  # show tqdm progress bars
     report_top: int = 10  # worst targets listed in the console report
     holdout: HoldoutConf = field(default_factory=HoldoutConf)  # holdout targets (scored, not fitted)
+    quality: QualityConf = field(default_factory=QualityConf)  # weight-quality gates
 
 
 def _storage_path(relative: str) -> str:
@@ -405,7 +450,12 @@ def holdout_spec(conf: HoldoutConf, run_levels: list[str]):
     """The reconcile stage's ``HoldoutSpec`` from the holdout section, checked against the run's levels."""
     from calibrate.reconcile.holdout import HoldoutSpec, validate_spec
 
-    spec = HoldoutSpec(conf.share, tuple(conf.stratum_group_ids), tuple(conf.variables), tuple(conf.levels), conf.seed)
+    from calibrate.reconcile.holdout import HoldoutFamily
+
+    families = tuple(HoldoutFamily(tuple(f.stratum_group_ids), tuple(f.levels), tuple(f.variables), f.age_from)
+                     for f in conf.families)
+    spec = HoldoutSpec(conf.share, tuple(conf.stratum_group_ids), tuple(conf.variables), tuple(conf.levels), conf.seed,
+                       families)
     validate_spec(spec, run_levels)
     return spec
 

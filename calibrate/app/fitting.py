@@ -28,7 +28,7 @@ def rescale_factor(X, init: np.ndarray, values: np.ndarray, in_loss: np.ndarray)
 
 
 def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, loss_weights: np.ndarray,
-              tolerances: np.ndarray | None = None, rescale_init: bool = True):
+              tolerances: np.ndarray | None = None, rescale_init: bool = True, init: np.ndarray | None = None):
     """(FitResult, initial scale): the L0 fit of ``values`` with per-target ``loss_weights``.
 
     Columns are grouped by CD (``column_groups``), so a sparsity target is met in every CD.
@@ -36,8 +36,9 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, los
     from calibrate.app.diagnose import divergence_advice
     from calibrate.fit import CheckpointMismatchError, FitDivergedError, fit_l0, initial_weights
 
-    cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
-    init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
+    if init is None:
+        cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
+        init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
     values = np.asarray(values, dtype=np.float64)
     scale = rescale_factor(matrix.X, init, values, np.asarray(loss_weights) > 0) if rescale_init else 1.0
     init = init * scale

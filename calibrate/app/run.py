@@ -36,7 +36,7 @@ from calibrate.app.config import (
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
 from calibrate.app.diagnose import check_penalty_scale
-from calibrate.app.fitting import fit_stage
+from calibrate.app.calibration import calibration_stage, check_method, quality_violations, record_quality
 from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
@@ -107,6 +107,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
     l0 = l0_config(settings.fit)  # checked now; the sparsity share needs the household count (below)
+    check_method(settings.fit)
     check_penalty_scale(l0, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
     reconcile_cfg = reconcile_settings(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
@@ -124,18 +125,23 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     split = split_targets(matrix.targets_df, holdout)
     reconciled = reconcile_stage(matrix, reconcile_cfg, split, settings.reconcile.use_db_tolerance, inputs.db_path)
     l0 = l0_config(settings.fit, matrix.n_households)
-    result, init_scale = fit_stage(matrix, l0, run_dir, settings.progress, reconciled.plan.value,
-                                   reconciled.loss_weights, reconciled.tolerances, settings.fit.rescale_init)
-    weights = np.asarray(result.weights, dtype=np.float64)
+    outcome = calibration_stage(matrix, settings.fit, run_dir, settings.progress, reconciled)
+    result, init_scale, weights = outcome.result, outcome.init_scale, outcome.weights
     table = outputs.targets_table(matrix.targets_df, result.estimates, split,
                                   reconciled.plan.frame())
     write_outputs(run_dir, weights, table, result.history, matrix.dropped, reconciled.analysis)
+    outputs.write_csv(run_dir / "weight_quality.csv", outcome.per_cd)
+    violations = quality_violations(outcome, settings.quality)
 
     summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
     summary.n_excluded_by_level = n_other_levels
     record_holdout(summary, settings.holdout.name, table)
     record_reconcile(summary, settings.reconcile.name, reconciled, table, weights, len(matrix.cds), l0, init_scale)
     summary.fit_resumed_from_epoch = resumed
+    record_quality(summary, outcome, matrix, violations)
+    summary.fit_method = settings.fit.method
+    if violations and settings.quality.strict:
+        raise CalibrateError(f"weight quality: {violations[0]} (quality.strict=true; see weight_quality.csv)")
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete

@@ -198,6 +198,14 @@ def console_report(table: pd.DataFrame, summary: dict, run_dir: Path, top: int =
         f"({summary['fraction_zero_weights']:.1%} zero){per_cd}; device {summary['device']}"
         + (" (CPU fallback)" if summary.get("cpu_fallback") else "")
     )
+    wq = summary.get("weight_quality") or {}
+    if wq:
+        lines.append(
+            f"weight quality: effective households per CD median {wq['ess']['median']:,.0f} min {wq['ess']['min']:,.0f}; "
+            f"top-10 share max {wq['top10_share']['max']:.1%}; exhaustion p99 {wq['exhaustion']['p99']:.1f} "
+            f"max {wq['exhaustion']['max']:.1f} (weight_quality.csv)")
+    for warning in summary.get("quality_warnings") or []:
+        lines.append(f"  quality warning: {warning}")
     lines.append(
         f"matrix {summary['matrix_seconds']:.1f}s{' (cache hit)' if summary['matrix_cache_hit'] else ''}, "
         f"fit {summary['fit_seconds']:.1f}s ({summary['seconds_per_epoch'] * 1000:.1f} ms/epoch, {summary['epochs']} epochs)"

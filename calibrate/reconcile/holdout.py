@@ -31,6 +31,37 @@ class HoldoutError(CalibrateError):
 
 
 @dataclass(frozen=True)
+class HoldoutFamily:
+    """A whole family of targets held out: every condition given must hold (AND)."""
+
+    stratum_group_ids: tuple[int, ...] = ()  # any of these stratum groups
+    levels: tuple[str, ...] = ()  # at any of these geo levels
+    variables: tuple[str, ...] = ()  # of any of these variables
+    age_from: int | None = None  # only age bins whose lower bound is at least this age
+
+    def mask(self, targets: pd.DataFrame) -> np.ndarray:
+        m = np.ones(len(targets), dtype=bool)
+        if self.stratum_group_ids:
+            m &= targets["stratum_group_id"].isin(list(self.stratum_group_ids)).to_numpy()
+        if self.levels:
+            m &= targets["geo_level"].isin(list(self.levels)).to_numpy()
+        if self.variables:
+            m &= targets["variable"].isin(list(self.variables)).to_numpy()
+        if self.age_from is not None:
+            m &= np.array([_age_lower_bound(cons) >= self.age_from for cons in targets["constraints"]], dtype=bool)
+        return m
+
+
+def _age_lower_bound(constraints) -> float:
+    """The lower bound an age bin's constraints put on age (-inf without one): age >= a, or age > a - 1."""
+    bound = -np.inf
+    for c in constraints or ():
+        if c.variable == "age" and c.operation in (">=", ">"):
+            bound = max(bound, float(c.value) + (1 if c.operation == ">" else 0))
+    return bound
+
+
+@dataclass(frozen=True)
 class HoldoutSpec:
     """What to hold out. Named groups are OR-ed; the random share applies to the rest."""
 
@@ -39,10 +70,11 @@ class HoldoutSpec:
     variables: tuple[str, ...] = ()  # every target of these variables, e.g. ("snap",)
     levels: tuple[str, ...] = ()  # every target at these geo levels, e.g. ("state",)
     seed: int = 0  # seed of the random draw
+    families: tuple[HoldoutFamily, ...] = ()  # whole families (each an AND of its conditions), OR-ed
 
     @property
     def enabled(self) -> bool:
-        return self.share > 0 or bool(self.stratum_group_ids or self.variables or self.levels)
+        return self.share > 0 or bool(self.stratum_group_ids or self.variables or self.levels or self.families)
 
 
 def validate_spec(spec: HoldoutSpec, run_levels: list[str] | None = None) -> None:
@@ -95,6 +127,11 @@ def _named_mask(targets: pd.DataFrame, spec: HoldoutSpec) -> np.ndarray:
                 f"(present: {', '.join(map(str, sorted(present, key=str)))})"
             )
         mask |= targets[column].isin(list(wanted)).to_numpy()
+    for i, family in enumerate(spec.families):
+        found = family.mask(targets)
+        if not found.any():
+            raise HoldoutError(f"holdout.families[{i}]: {family} matches none of the run's {len(targets)} targets")
+        mask |= found
     return mask
 
 

@@ -1,0 +1,201 @@
+"""The calibration step of a run: start, carriers, fit, weight quality (``fit.method``).
+
+- ``start``: no fit; the weights are the start (a baseline).
+- ``classical``: dense minimum-distance calibration from the start (raking or GREG with
+  multiplier bounds, :mod:`calibrate.fit.classical`).
+- ``sample``: each CD's carriers are a probability-proportional-to-size sample of
+  ``fit.sparsity.active_share`` of its households (:mod:`calibrate.fit.selection`), then
+  the same minimum-distance calibration on the carriers only.
+- ``l0``: the L0 (hard-concrete) fit picks the carriers; its last phase (``fit.polish``) is
+  either Adam on the weights with frozen gates (``adam``) or the minimum-distance
+  calibration of the carriers from their share of the start (``classical``).
+
+The start spreads each household's base weight over the CDs, ``fit.start.home_state_share``
+of it over its own state's CDs; with ``fit.rescale_init`` it is scaled by one number (the
+median target / estimate ratio).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from calibrate.core.errors import CalibrateError
+from calibrate.outputs import quality as wq
+from calibrate.targets.geography import state_of_cd
+
+METHODS = ("l0", "classical", "sample", "start")
+POLISHES = ("adam", "classical")
+
+
+@dataclass
+class CalibrationOutcome:
+    """Weights of the run and what was measured about them."""
+
+    weights: np.ndarray  # float64, stacked CD-major
+    start: np.ndarray  # the start the weights were measured against
+    result: object  # calibrate.fit.FitResult (a classical solve fills one in too)
+    init_scale: float
+    per_cd: pd.DataFrame  # weight quality per CD (calibrate.outputs.quality)
+    exhaustion: np.ndarray  # per household
+    quality_summary: dict
+    classical: dict | None = None  # solver figures of the minimum-distance step, if any
+
+
+def start_weights(matrix, home_state_share: float, values: np.ndarray, in_loss: np.ndarray,
+                  rescale: bool) -> tuple[np.ndarray, float]:
+    """(start, scale): base weights spread over the CDs, scaled by the median target/estimate ratio."""
+    from calibrate.app.fitting import rescale_factor
+    from calibrate.fit import initial_weights
+
+    cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
+    n_cds = len(matrix.cds)
+    if home_state_share is None:  # population-proportional: every CD gets 1/n_cds of every household
+        init = np.tile(np.asarray(matrix.household_weights, np.float64) / n_cds, n_cds)
+    else:
+        init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states, home_state_share)
+    scale = rescale_factor(matrix.X, init, values, in_loss) if rescale else 1.0
+    return init * scale, scale
+
+
+def classical_config(fit):
+    from calibrate.fit.classical import ClassicalConfig, validate_classical
+
+    c = fit.classical
+    config = ClassicalConfig(c.distance, c.lower, c.upper, c.penalty, c.max_iter, c.tol)
+    try:
+        validate_classical(config)
+    except ValueError as exc:
+        raise CalibrateError(f"fit.classical: {exc}") from None
+    return config
+
+
+def check_method(fit) -> None:
+    """Cheap checks of the method settings (before the matrix build)."""
+    if fit.method not in METHODS:
+        raise CalibrateError(f"fit.method={fit.method!r}: choose one of {', '.join(METHODS)}")
+    if fit.polish not in POLISHES:
+        raise CalibrateError(f"fit.polish={fit.polish!r}: choose one of {', '.join(POLISHES)}")
+    share = fit.start.home_state_share
+    if share is not None and not 0 < share < 1:
+        raise CalibrateError(f"fit.start.home_state_share={share} must be in (0, 1), or null (proportional)")
+    classical_config(fit)
+
+
+def _classical_result(weights, estimates, solve, l0, seconds: float):
+    """A FitResult for a solve without epochs (history: the start and the end)."""
+    from calibrate.fit.l0 import HISTORY_COLUMNS, FitResult
+
+    import jax
+
+    device = jax.devices()[0]
+    return FitResult(weights=weights.astype(np.float32), estimates=estimates, history=pd.DataFrame(
+        columns=HISTORY_COLUMNS), sparsity=float(np.mean(weights == 0)), final_loss=float(solve.distance),
+        epochs=int(solve.iterations), seconds_per_epoch=seconds / max(solve.iterations, 1), compile_seconds=0.0,
+        total_seconds=seconds, device=f"{device.platform}:{device.device_kind}", config=l0,
+        lambdas=np.zeros(0))
+
+
+def carriers_start(start: np.ndarray, active: np.ndarray, n_cds: int) -> np.ndarray:
+    """Each CD's start put on its active columns only, scaled so the CD keeps its start total."""
+    S = start.reshape(n_cds, -1)
+    A = active.reshape(n_cds, -1)
+    kept = np.where(A, S, 0.0).sum(axis=1, keepdims=True)
+    factor = np.divide(S.sum(axis=1, keepdims=True), kept, out=np.zeros_like(kept), where=kept > 0)
+    return np.where(A, S * factor, 0.0).ravel()
+
+
+def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, gates=None) -> CalibrationOutcome:
+    """The weights for ``fit.method`` (see module docstring) and their quality figures."""
+    from calibrate.app.config import l0_config
+    from calibrate.app.fitting import fit_stage
+    from calibrate.fit.classical import calibrate_classical
+    from calibrate.fit.selection import select_carriers
+    from calibrate.outputs import estimates as float64_estimates
+
+    check_method(fit)
+    t0 = time.perf_counter()
+    values = np.asarray(reconciled.plan.value, dtype=np.float64)
+    lw = np.asarray(reconciled.loss_weights, dtype=np.float64)
+    n_cds, n_hh = len(matrix.cds), matrix.n_households
+    start, scale = start_weights(matrix, fit.start.home_state_share, values, lw > 0, fit.rescale_init)
+    l0 = l0_config(fit, n_hh)
+    column_groups = np.repeat(np.arange(n_cds), n_hh)
+    solve_info = None
+    if fit.method == "start":
+        weights = start.copy()
+        result = None
+    elif fit.method in ("classical", "sample"):
+        base = start
+        if fit.method == "sample":
+            share = l0.target_active_share or 1.0
+            _, base = select_carriers(start, column_groups, share, seed=fit.seed)
+        solve = calibrate_classical(matrix.X, values, base, lw, classical_config(fit))
+        weights = solve.weights
+        solve_info = {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
+                      "distance": solve.distance, "seconds": solve.seconds}
+        result = None
+    else:
+        if fit.polish == "classical":
+            from dataclasses import replace
+
+            l0 = replace(l0, polish_epochs=0)
+        result, _ = fit_stage(matrix, l0, run_dir, progress, values, lw, reconciled.tolerances, False, init=start)
+        weights = np.asarray(result.weights, dtype=np.float64)
+        if fit.polish == "classical":
+            base = carriers_start(start, weights > 0, n_cds)
+            solve = calibrate_classical(matrix.X, values, base, lw, classical_config(fit))
+            weights = solve.weights
+            solve_info = {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
+                          "distance": solve.distance, "seconds": solve.seconds}
+    seconds = time.perf_counter() - t0
+    if result is None or solve_info is not None:
+        est = float64_estimates(matrix.X, weights)
+        if result is None:
+            result = _classical_result(weights, est, _Solve(solve_info), l0, seconds)
+        else:
+            from dataclasses import replace
+
+            result = replace(result, weights=weights.astype(np.float32), estimates=est,
+                             sparsity=float(np.mean(weights == 0)), total_seconds=seconds)
+    cd_states = [state_of_cd(c) for c in matrix.cds]
+    per_cd = wq.per_cd_quality(weights, start, matrix.cds, cd_states)
+    exhaust = wq.exhaustion(weights, matrix.household_weights)
+    return CalibrationOutcome(weights, start, result, scale, per_cd, exhaust, wq.quality_summary(per_cd, exhaust),
+                              solve_info)
+
+
+class _Solve:
+    """Solver figures as attributes (for :func:`_classical_result`)."""
+
+    def __init__(self, info: dict | None):
+        info = info or {"iterations": 0, "distance": 0.0}
+        self.iterations = info["iterations"]
+        self.distance = info["distance"]
+
+
+def quality_violations(outcome: CalibrationOutcome, quality) -> list[str]:
+    """Broken weight-quality gates (``quality`` section), each logged as a warning."""
+    import logging
+
+    gates = wq.QualityGates(quality.min_ess, quality.max_top10_share, quality.max_exhaustion)
+    found = wq.gate_violations(outcome.per_cd, outcome.exhaustion, gates)
+    for message in found:
+        logging.getLogger("calibrate").warning("weight quality: %s", message)
+    return found
+
+
+def record_quality(summary, outcome: CalibrationOutcome, matrix, violations: list[str], top: int = 10) -> None:
+    """Weight-quality figures, the heaviest households and the broken gates into the summary."""
+    n_cds = len(matrix.cds)
+    active_in = (outcome.weights.reshape(n_cds, -1) > 0).sum(axis=0)
+    heavy = wq.heaviest_households(outcome.exhaustion, matrix.household_ids, matrix.household_state_fips,
+                                   active_in, top)
+    summary.weight_quality = outcome.quality_summary
+    summary.heaviest_households = heavy.to_dict("records")
+    summary.quality_warnings = list(violations)
+    summary.classical = outcome.classical or {}

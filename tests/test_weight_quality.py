@@ -1,0 +1,175 @@
+"""Weight quality (ESS, top shares, multipliers, exhaustion), classical calibration, PPS carriers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from calibrate.fit import classical as cl
+from calibrate.fit.classical import ClassicalConfig, calibrate_classical
+from calibrate.fit.selection import pareto_sample, pps_probabilities, select_carriers
+from calibrate.outputs import quality as wq
+
+# --------------------------------------------------------------------------- quality figures
+
+
+def test_quality_figures_match_a_hand_computation():
+    # 2 CDs x 4 households; CD 0 uses households 0, 1, 3; CD 1 all four
+    weights = np.array([2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    start = np.array([1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    base = np.array([2.0, 4.0, 1.0, 1.0])
+    per_cd = wq.per_cd_quality(weights, start, [3701, 5001], [37, 50])
+    # ESS: (2+1+1)^2 / (4+1+1) = 16/6; (4)^2 / 4 = 4
+    assert per_cd.ess.tolist() == pytest.approx([16 / 6, 4.0])
+    assert per_cd.n_active.tolist() == [3, 4]
+    assert per_cd.zero_share.tolist() == pytest.approx([0.25, 0.0])
+    # multipliers of CD 0: w / (w0 * 4/3) = [1.5, 0.75, 0.75]; CD 1: w / (0.5 * 1) = 2
+    assert per_cd.multiplier_p50.tolist() == pytest.approx([0.75, 2.0])
+    assert per_cd.multiplier_max.tolist() == pytest.approx([1.5, 2.0])
+    # top-10 share is 1 with fewer than 10 households; top-1 by hand
+    assert per_cd.top10_share.tolist() == pytest.approx([1.0, 1.0])
+    assert wq.top_share(weights.reshape(2, 4), 1).tolist() == pytest.approx([0.5, 0.25])
+    # exhaustion: household 0: (2 + 1) / 2; 1: (1 + 1) / 4; 2: 1 / 1; 3: 2 / 1
+    assert wq.exhaustion(weights, base).tolist() == pytest.approx([1.5, 0.5, 1.0, 2.0])
+
+
+def test_gates_name_the_cds_that_break_them():
+    weights = np.concatenate([np.full(100, 1.0), np.r_[np.full(10, 50.0), np.full(90, 1.0)]])
+    start = np.ones(200)
+    per_cd = wq.per_cd_quality(weights, start, [101, 102], [1, 1])
+    exhaust = wq.exhaustion(weights, np.ones(100))
+    msgs = wq.gate_violations(per_cd, exhaust, wq.QualityGates(min_ess=50, max_top10_share=0.5, max_exhaustion=40))
+    assert len(msgs) == 3
+    assert "1 CDs (102)" in msgs[0] and "1 CDs (102)" in msgs[1]
+    assert "10 households" in msgs[2]
+    assert wq.gate_violations(per_cd, exhaust, wq.QualityGates()) == []
+
+
+# --------------------------------------------------------------------------- classical calibration
+
+
+def _tiny_problem(seed=0, n=200, m=5):
+    rng = np.random.default_rng(seed)
+    A = rng.uniform(0, 2, (m, n)) * (rng.uniform(size=(m, n)) < 0.7)
+    w0 = rng.uniform(1, 3, n)
+    t = A @ w0 * rng.uniform(0.9, 1.1, m)
+    return A, w0, t
+
+
+def test_chi2_calibration_equals_the_greg_closed_form():
+    A, w0, t = _tiny_problem()
+    beta = np.linalg.solve((A * w0) @ A.T, t - A @ w0)
+    greg = w0 * (1 + A.T @ beta)  # GREG: w = w0 (1 + x' beta), unbounded
+    assert greg.min() > 0  # inside the bounds used below, so the bounded solution is the same
+    res = calibrate_classical(sp.csr_matrix(A), t, w0, np.ones(len(t)),
+                              ClassicalConfig(distance="chi2", lower=0.0, upper=100.0, penalty=1e9, tol=1e-12))
+    assert np.abs(res.rel_errors).max() < 1e-4
+    assert np.abs(res.weights - greg).max() / greg.mean() < 5e-4
+
+
+def test_raking_meets_exact_constraints_and_keeps_bounds():
+    A, w0, t = _tiny_problem(1)
+    res = calibrate_classical(sp.csr_matrix(A), t, w0, np.ones(len(t)),
+                              ClassicalConfig(distance="kl", lower=0.5, upper=1.5, penalty=1e9, tol=1e-12))
+    np.testing.assert_allclose(A @ res.weights, t, rtol=1e-4)
+    x = res.weights / w0
+    assert x.min() >= 0.5 - 1e-6 and x.max() <= 1.5 + 1e-6
+    # raking: the multipliers are exp(A' lambda) inside the bounds, so log x is in the row space of A
+    inside = (x > 0.51) & (x < 1.49)
+    coef, *_ = np.linalg.lstsq(A[:, inside].T, np.log(x[inside]), rcond=None)
+    assert np.abs(A[:, inside].T @ coef - np.log(x[inside])).max() < 1e-3
+
+
+def test_zero_start_columns_stay_zero_and_unconstrained_targets_are_free():
+    A, w0, t = _tiny_problem(2)
+    w0 = w0.copy()
+    w0[::3] = 0.0
+    lw = np.array([1.0, 1.0, 1.0, 1.0, 0.0])  # the last target is only estimated
+    t = t.copy()
+    t[-1] *= 10  # unreachable if it were a constraint
+    res = calibrate_classical(sp.csr_matrix(A), t, w0, lw, ClassicalConfig(upper=100.0, penalty=1e9))
+    assert np.all(res.weights[::3] == 0)
+    assert np.abs(res.rel_errors[:4]).max() < 1e-3
+    assert abs(res.rel_errors[4]) > 0.5
+
+
+def test_dual_gradient_matches_finite_differences():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        A, w0, t = _tiny_problem(3, n=40, m=4)
+        from calibrate.fit.model import build_layout, device_ops
+
+        X = sp.csr_matrix(A.astype(np.float32))
+        layout, host = build_layout(X)
+        total = float(w0.sum())
+        scale = np.abs(t) + 1
+        lw = np.full(4, 0.25)
+        p = cl._Problem(device_ops(host), jnp.asarray(w0[layout.active_ids] / total),
+                        jnp.asarray(w0[layout.active_ids]), jnp.asarray(scale), jnp.asarray(t / scale),
+                        jnp.asarray(1 / (100.0 * lw)), jnp.ones(4))
+        for distance in ("kl", "chi2"):
+            dual = cl._make_dual(4, layout.active_ids.size, total, distance, 0.2, 3.0)
+            lam = np.array([0.01, -0.02, 0.03, 0.005])
+            _, g, _, _ = dual(jnp.asarray(lam), p)
+            h = 1e-6
+            fd = [(float(dual(jnp.asarray(lam + h * e), p)[0]) - float(dual(jnp.asarray(lam - h * e), p)[0])) / (2 * h)
+                  for e in np.eye(4)]
+            np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-4, atol=1e-8)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_conjugate_is_the_sup_over_the_box():
+    u = np.linspace(-3, 3, 13)
+    grid = np.linspace(0.2, 3.0, 20001)
+    for distance in ("kl", "chi2"):
+        phi = np.asarray(cl.distance_value(jnp.asarray(grid), distance))
+        brute = (u[:, None] * grid[None, :] - phi[None, :]).max(axis=1)
+        np.testing.assert_allclose(np.asarray(cl.conjugate(jnp.asarray(u), distance, 0.2, 3.0)), brute, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad, key", [({"distance": "l1"}, "distance"), ({"upper": 0.5}, "upper"),
+                                      ({"lower": 1.5}, "lower"), ({"penalty": -1.0}, "penalty")])
+def test_bad_classical_settings_name_the_key(bad, key):
+    with pytest.raises(ValueError, match=key):
+        cl.validate_classical(ClassicalConfig(**bad))
+
+
+# --------------------------------------------------------------------------- PPS carriers
+
+
+def test_pps_probabilities_sum_to_n_and_cap_at_one():
+    w0 = np.array([100.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    pi = pps_probabilities(w0, 3)
+    assert pi.sum() == pytest.approx(3.0)
+    assert pi[0] == 1.0 and pi[1:] == pytest.approx(np.full(5, 0.4))
+
+
+def test_pareto_sampling_has_the_wanted_size_and_inclusion_frequencies():
+    rng = np.random.default_rng(0)
+    w0 = rng.uniform(1, 5, 30)
+    pi = pps_probabilities(w0, 8)
+    hits = np.zeros(30)
+    draws = 4000
+    for _ in range(draws):
+        mask = pareto_sample(pi, rng.random(30))
+        assert mask.sum() == 8
+        hits += mask
+    # Pareto pi-ps: inclusion frequencies close to the target probabilities (Rosen 1997)
+    assert np.abs(hits / draws - pi).max() < 0.04
+
+
+def test_select_carriers_keeps_each_groups_total_in_expectation():
+    rng = np.random.default_rng(1)
+    start = rng.uniform(1, 3, 2 * 500)
+    groups = np.repeat([0, 1], 500)
+    totals = []
+    for seed in range(40):
+        mask, carried = select_carriers(start, groups, 0.2, seed)
+        assert mask.reshape(2, 500).sum(axis=1).tolist() == [100, 100]
+        assert np.all(carried[~mask] == 0)
+        totals.append(carried.reshape(2, 500).sum(axis=1) / start.reshape(2, 500).sum(axis=1))
+    assert np.abs(np.mean(totals, axis=0) - 1).max() < 0.02
