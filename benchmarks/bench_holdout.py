@@ -86,7 +86,7 @@ def main() -> None:
 
     from calibrate import outputs
     from calibrate.app.config import reconcile_settings
-    from calibrate.app.fitting import calibration_stage
+    from calibrate.app.calibration import calibration_stage
     from calibrate.app.run import keep_levels, prepare, reconcile_stage
     from calibrate.matrix import build_matrix
 
