@@ -7,6 +7,7 @@ the policyengine-us import and the matrix build, so bad input fails in seconds.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,9 +27,9 @@ from calibrate.app.config import (
     CalibrateConfig,
     executor_settings,
     existing_file,
+    fit_config,
     holdout_spec,
-    l0_config,
-    reconcile_settings,
+    reconcile_config,
     resolve_cds,
     resolve_levels,
     target_filter,
@@ -44,6 +45,8 @@ from calibrate.core.memory import return_freed_memory
 from calibrate.core.rundir import writable_dir
 from calibrate.outputs import plots
 from calibrate.reconcile import split_targets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,12 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
-    l0 = l0_config(settings.fit)  # checked now; the sparsity share needs the household count (below)
-    check_penalty_scale(l0, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
-    reconcile_cfg = reconcile_settings(settings.reconcile)
+    fit = fit_config(settings.fit)
+    check_penalty_scale(fit, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
+    reconcile = reconcile_config(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
     reset_run_dir(run_dir)
-    resumed = checkpoint_start(run_dir, l0)
+    resumed = checkpoint_start(run_dir, fit)
 
     from calibrate.matrix import build_matrix
 
@@ -122,10 +125,9 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)
-    reconciled = reconcile_stage(matrix, reconcile_cfg, split, settings.reconcile.use_db_tolerance, inputs.db_path)
-    l0 = l0_config(settings.fit, matrix.n_households)
-    result, init_scale = fit_stage(matrix, l0, run_dir, settings.progress, reconciled.plan.value,
-                                   reconciled.loss_weights, reconciled.tolerances, settings.fit.rescale_init)
+    reconciled = reconcile_stage(matrix, reconcile, split, inputs.db_path)
+    result, init_scale = fit_stage(matrix, fit, run_dir, settings.progress, reconciled.plan.value,
+                                   reconciled.loss_weights, reconciled.tolerances)
     weights = np.asarray(result.weights, dtype=np.float64)
     table = outputs.targets_table(matrix.targets_df, result.estimates, split,
                                   reconciled.plan.frame())
@@ -134,7 +136,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
     summary.n_excluded_by_level = n_other_levels
     record_holdout(summary, settings.holdout.name, table)
-    record_reconcile(summary, settings.reconcile.name, reconciled, table, weights, len(matrix.cds), l0, init_scale)
+    record_reconcile(summary, reconcile.name, reconciled, table, weights, matrix.layout, result, init_scale)
     summary.fit_resumed_from_epoch = resumed
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
@@ -145,18 +147,18 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     return summary
 
 
-def reconcile_stage(matrix, reconcile_cfg, split, use_db_tolerance: bool, db_path: Path):
-    """The reconcile stage; an unhandled hierarchy inconsistency is reported, not fatal."""
+def reconcile_stage(matrix, config, split, db_path: Path):
+    """The reconcile stage (``config``: a ReconcileConfig); an unhandled hierarchy inconsistency is
+    reported, not fatal."""
     from calibrate.reconcile import reconcile_targets
     from calibrate.targets import all_cds
 
-    settings, consistency, balance = reconcile_cfg
-    reconciled = reconcile_targets(matrix, settings, consistency, balance, all_cds(db_path), split, use_db_tolerance)
+    reconciled = reconcile_targets(matrix, config, all_cds(db_path), split)
     if len(reconciled.unhandled):
         first = reconciled.unhandled.iloc[0]
-        print(f"warning: {len(reconciled.unhandled)} target hierarchies are inconsistent and no "
-              f"reconcile.scale_children rule covers them (first: {first.label}, children/parent "
-              f"{first.ratio:.3f}); see consistency.csv", file=sys.stderr, flush=True)
+        log.warning("%d target hierarchies are inconsistent and no reconcile.scale_children rule covers them "
+                    "(first: %s, children/parent %.3f); see consistency.csv",
+                    len(reconciled.unhandled), first.label, first.ratio)
     return reconciled
 
 
