@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 from synthetic import SyntheticSpec, make_problem  # noqa: E402
 
 from calibrate.fit import FitConfig, fit_l0  # noqa: E402
-from calibrate.matrix.layout import StackedLayout  # noqa: E402
 from calibrate.fit.model import target_loss_weights  # noqa: E402
+from calibrate.matrix.layout import StackedLayout  # noqa: E402
 
 
 def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str]:

@@ -172,6 +172,24 @@ def test_bad_fit_value_names_the_key(override, key):
     assert "\n" not in str(info.value)
 
 
+def test_publish_section_is_typed():
+    """publish.options are typed fields (conf/publish/default.yaml restates their defaults) that reach
+    the stage's resolved options; a misspelled option fails at composition naming the key."""
+    from calibrate.publish import make_options
+    from calibrate.publish.config import PublishConfig, PublishOptionsConfig
+
+    cfg = to_config(_compose(["publish.options.verify=sample", "publish.options.workers=3", "publish.areas=[cd]"]))
+    assert type(cfg.publish) is PublishConfig and type(cfg.publish.options) is PublishOptionsConfig
+    opts = make_options(cfg.publish)
+    assert (opts.areas, opts.verify, opts.workers, opts.out_dir) == (("cd",), "sample", 3, None)
+    raw = _yaml("publish", "default")["options"]
+    assert raw == dataclasses.asdict(PublishOptionsConfig())
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="verfy"):
+        _compose(["publish.options.verfy=all"])
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="workers"):
+        _compose(["publish.options.workers=many"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("reconcile.balance=fair", "reconcile.balance='fair'"), ("reconcile.flagged=drop", "reconcile.flagged='drop'"),
     ("reconcile.downweight=0", "reconcile.downweight"),

@@ -13,9 +13,9 @@ from jax import enable_x64
 
 from calibrate.fit import (
     CheckpointMismatchError,
-    FitDivergedError,
     FitConfig,
     FitConfigError,
+    FitDivergedError,
     SparsityConfig,
     fit_l0,
     validate_config,

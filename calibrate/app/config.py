@@ -5,7 +5,8 @@ The dataclasses below are registered in Hydra's ConfigStore as the schema of
 key or a value of the wrong type fails at composition and Hydra names the key. A stage
 whose settings are one dataclass owns it and the schema uses it as it is: ``fit`` is
 :class:`calibrate.fit.config.FitConfig`, ``reconcile`` is
-:class:`calibrate.reconcile.config.ReconcileConfig` (one definition, one set of defaults).
+:class:`calibrate.reconcile.config.ReconcileConfig`, ``publish`` is
+:class:`calibrate.publish.config.PublishConfig` (one definition, one set of defaults).
 The helpers at the bottom check values once and turn the rest into the plain inputs of the
 stages (a :class:`~calibrate.targets.TargetFilter`, a CD list, executor settings).
 """
@@ -23,6 +24,7 @@ from omegaconf import MISSING, OmegaConf
 from calibrate.core import paths
 from calibrate.core.errors import CalibrateError
 from calibrate.fit.config import FitConfig, FitConfigError, validate_config
+from calibrate.publish.config import PublishConfig
 from calibrate.reconcile.config import ReconcileConfig
 
 SCHEMA_NAME = "calibrate_schema"
@@ -101,15 +103,6 @@ class GpuConf:
     cluster: ClusterConf = field(default_factory=ClusterConf)  # accelerator request for cluster launchers
 
 
-@dataclass
-class PublishConf:
-    """Optional publishing stage (``calibrate.publish.publish_run``), off by default."""
-
-    enabled: bool = False  # run the publish stage after a successful fit
-    areas: list[str] = field(default_factory=lambda: ["cd", "state"])  # area levels to publish
-    options: dict[str, Any] = field(default_factory=dict)  # free-form settings for the publish stage
-
-
 class ExecutorKind(str, Enum):
     """Engine that runs the matrix build's per-state simulations."""
 
@@ -149,7 +142,7 @@ class CalibrateConfig:
     fit: FitConfig = field(default_factory=FitConfig)  # L0 fit settings (calibrate.fit.config)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)  # target checks, scalings, loss weights
     gpu: GpuConf = field(default_factory=GpuConf)  # device profile
-    publish: PublishConf = field(default_factory=PublishConf)  # publishing stage
+    publish: PublishConfig = field(default_factory=PublishConfig)  # publishing stage (calibrate.publish.config)
     executor: ExecutorConf = field(default_factory=ExecutorConf)  # where the matrix simulations run
     period: int = 2024  # target year: the latest target at or before it is used
     seed: int = 0  # random seed (feeds fit.seed)

@@ -142,7 +142,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
     if settings.publish.enabled:
-        summary = _publish(run_dir, cfg, summary)
+        summary = _publish(run_dir, settings.publish, summary)
     print(outputs.console_report(table, asdict(summary), run_dir, settings.report_top), flush=True)
     return summary
 
@@ -175,12 +175,13 @@ def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped, c
     plots.plot_errors(table, run_dir / "errors.png")
 
 
-def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:
-    """Run the publish stage; its outcome is recorded in summary.json (rewritten atomically)."""
+def _publish(run_dir: Path, config, summary: RunSummary) -> RunSummary:
+    """Run the publish stage (``config``: the typed PublishConfig); its outcome is recorded in
+    summary.json (rewritten atomically)."""
     from calibrate.publish import publish_run
 
     try:
-        result = publish_run(run_dir, cfg.publish)
+        result = publish_run(run_dir, config)
     except Exception as exc:
         summary.publish = f"failed: {exc}"
         outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))

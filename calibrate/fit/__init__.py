@@ -11,7 +11,12 @@ The JAX parts load on first use, so ``calibrate.fit.config`` can be read (e.g. b
 config schema) before the device profile sets JAX's environment.
 """
 
-from calibrate.fit.config import FitConfig, FitConfigError, SparsityConfig, validate_config
+from calibrate.fit.config import (
+    FitConfig,
+    FitConfigError,
+    SparsityConfig,
+    validate_config,
+)
 
 _LAZY = {
     "CheckpointMismatchError": "calibrate.fit.checkpoint",
@@ -21,7 +26,10 @@ _LAZY = {
     "relative_loss": "calibrate.fit.model",
 }
 
-__all__ = ["FitConfig", "FitConfigError", "SparsityConfig", "validate_config", *_LAZY]
+__all__ = [  # noqa: RUF022 (settings first, then the lazily loaded JAX parts)
+    "FitConfig", "FitConfigError", "SparsityConfig", "validate_config",
+    "CheckpointMismatchError", "FitDivergedError", "FitResult", "fit_l0", "relative_loss",
+]
 
 
 def __getattr__(name: str):

@@ -50,7 +50,12 @@ from calibrate.fit.model import (
 from calibrate.fit.sparsity import GroupIndex, SparsitySchedule, build_group_index
 
 __all__ = [
-    "CheckpointMismatchError", "FitDivergedError", "FitResult", "FitConfig", "fit_l0", "relative_loss",
+    "CheckpointMismatchError",
+    "FitConfig",
+    "FitDivergedError",
+    "FitResult",
+    "fit_l0",
+    "relative_loss",
     "validate_config",
 ]
 

@@ -1,4 +1,4 @@
-"""Build the geo-stacked calibration matrix X (n_targets, n_households * n_cds).
+"""Build the geo-stacked calibration matrix X (n_targets, one column per household per CD).
 
 Its columns are households placed in CDs (:class:`~calibrate.matrix.layout.StackedLayout`
 owns that geometry). Values depend on the CD only through its state, so each state is

@@ -22,7 +22,12 @@ from calibrate.core.dataset import file_sha256, read_h5
 from calibrate.core.errors import CalibrateError
 from calibrate.core.rundir import IncompleteRunError, require_finished_run, safe_name
 from calibrate.matrix.layout import StackedLayout
-from calibrate.targets.geography import FIPS_STATE, GeographyError, state_fips_from_code, state_of_cd
+from calibrate.targets.geography import (
+    FIPS_STATE,
+    GeographyError,
+    state_fips_from_code,
+    state_of_cd,
+)
 
 RUN_FILES = ("summary.json", "weights.npy", "targets.csv")
 SUMMARY_KEYS = ("dataset_path", "dataset_sha256", "cds", "period", "n_households")
@@ -142,15 +147,15 @@ def load_run(run_dir, dataset_path=None, db_path=None) -> RunData:
         weights = np.load(run_dir / "weights.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise PublishInputError(f"{run_dir / 'weights.npy'} is not a readable .npy file: {exc}") from None
-    if weights.ndim != 1 or weights.size != n_hh * len(cds):
+    layout = StackedLayout.of(cds, household_ids)
+    if weights.shape != (layout.n_columns,):
         raise PublishInputError(
-            f"{run_dir / 'weights.npy'} has shape {weights.shape}, expected ({n_hh * len(cds)},) = "
+            f"{run_dir / 'weights.npy'} has shape {weights.shape}, expected ({layout.n_columns},) = "
             f"{n_hh} households x {len(cds)} CDs (summary.json)"
         )
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise PublishInputError(f"{run_dir / 'weights.npy'} holds negative or non-finite weights")
     db = db_path or summary.get("db_path")
-    layout = StackedLayout.of(cds, household_ids)
     return RunData(
         run_dir=run_dir,
         dataset_path=dataset,

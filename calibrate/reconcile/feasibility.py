@@ -22,7 +22,9 @@ from calibrate.reconcile.consistency import COLUMNS, OK, _row
 
 def min_l1_relative_errors(A: np.ndarray, values: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """Relative errors A w / values - 1 at the w in [0, upper] minimising their L1 norm."""
-    from scipy.optimize import linprog  # imported when solved: keeps the config schema's import light
+    from scipy.optimize import (
+        linprog,  # imported when solved: keeps the config schema's import light
+    )
 
     m, n = A.shape
     scaled = A / values[:, None]

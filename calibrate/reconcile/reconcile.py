@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from calibrate.reconcile.config import ACTIONS, ReconcileConfig, ReconcileError, ScaleRule, check_rule
+from calibrate.reconcile.config import (
+    ACTIONS,
+    ReconcileConfig,
+    ReconcileError,
+    ScaleRule,
+    check_rule,
+)
 from calibrate.reconcile.consistency import with_templates
 
 FLAGS_ACTED_ON = ("unsupported", "thin", "infeasible")
