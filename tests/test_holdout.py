@@ -122,8 +122,10 @@ def _fit_problem(seed: int = 0, m: int = 30, n_hh: int = 40):
     })
     targets_df["variable"] = np.where(targets_df.stratum_group_id == 2, "person_count", "snap")
     targets_df["group_id"] = pd.factorize(targets_df.variable + "|" + targets_df.geo_level)[0]
-    return SimpleNamespace(targets_df=targets_df, X=X, cds=cds, household_weights=np.full(n_hh, 10.0),
-                           household_state_fips=np.full(n_hh, 37))
+    from calibrate.matrix.layout import StackedLayout
+
+    layout = StackedLayout.of(cds, np.arange(n_hh), np.full(n_hh, 10.0), np.full(n_hh, 37))
+    return SimpleNamespace(targets_df=targets_df, X=X, layout=layout)
 
 
 def _fit_with_split(matrix, l0, tmp_path, split):
