@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from synthetic import SyntheticSpec, make_problem  # noqa: E402
 
-from calibrate.fit import L0Config, fit_l0, initial_weights  # noqa: E402
+from calibrate.fit import FitConfig, fit_l0  # noqa: E402
 from calibrate.fit.model import target_loss_weights  # noqa: E402
+from calibrate.matrix.layout import StackedLayout  # noqa: E402
 
 
 def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str]:
@@ -42,7 +43,10 @@ def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np
             print("note: no --init given, starting from weights 1.0 (l0-python's default)")
         return X, targets, groups, init, f"matrix {args.matrix}"
     p = make_problem(SyntheticSpec(seed=args.seed))
-    init = initial_weights(p.base_weights, p.household_state, p.cd_state)
+    rank = np.array([np.sum(p.cd_state[:i] == s) for i, s in enumerate(p.cd_state)]) + 1  # CD number in its state
+    layout = StackedLayout.of(np.asarray(p.cd_state) * 100 + rank, np.arange(len(p.base_weights)), p.base_weights,
+                              p.household_state)
+    init = layout.initial_weights()
     return p.X, p.targets, p.groups, init, "synthetic seed-shaped problem"
 
 
@@ -52,7 +56,7 @@ def data_loss(X, targets, loss_weights, weights) -> float:
     return float(np.sum(loss_weights * rel**2))
 
 
-def objective(X, targets, loss_weights, log_weight, log_alpha, cfg: L0Config) -> float:
+def objective(X, targets, loss_weights, log_weight, log_alpha, cfg: FitConfig) -> float:
     """Full objective with deterministic gates, numpy float64 (for l0-python's parameters)."""
     la = np.clip(log_alpha, -20, 20)
     gate = np.clip(1 / (1 + np.exp(-la / cfg.beta)) * (cfg.zeta - cfg.gamma) + cfg.gamma, 0, 1)
@@ -62,7 +66,7 @@ def objective(X, targets, loss_weights, log_weight, log_alpha, cfg: L0Config) ->
             + cfg.lambda_l0 * p_open.sum() + cfg.lambda_l2 * np.sum(pos**2))
 
 
-def run_l0python(X, targets, groups, init, cfg: L0Config, loss_weights):
+def run_l0python(X, targets, groups, init, cfg: FitConfig, loss_weights):
     """(seconds/epoch, objective, data loss, setup seconds) of l0-python, or None if missing."""
     try:
         import torch
@@ -102,7 +106,7 @@ def bytes_per_epoch(X: sp.csr_matrix) -> tuple[int, str]:
                    "(noise id, w, grad w) + 32 B/nonzero (two passes over rows/cols/vals + gathers)")
 
 
-def gpu_report(X, targets, groups, init, cfg: L0Config, bandwidth_gbs: float) -> None:
+def gpu_report(X, targets, groups, init, cfg: FitConfig, bandwidth_gbs: float) -> None:
     """Seconds/epoch, total for cfg.epochs incl. compilation, and the memory-bandwidth ratio.
 
     JAX's backend start-up (CUDA context) is timed apart: a pipeline pays it once per
@@ -139,7 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument("--groups", help=".npy of target group ids (optional, with --matrix)")
     ap.add_argument("--init", help=".npy of initial weights (optional, with --matrix)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic problem")
-    ap.add_argument("--fit-seed", type=int, default=0, help="seed of both fits (L0Config.seed)")
+    ap.add_argument("--fit-seed", type=int, default=0, help="seed of both fits (FitConfig.seed)")
     ap.add_argument("--no-l0python", action="store_true", help="skip the l0-python baseline")
     ap.add_argument("--gpu-report", action="store_true", help="2,000-epoch timing and bandwidth ratio")
     ap.add_argument("--gpu-epochs", type=int, default=2000, help="epochs for --gpu-report")
@@ -151,9 +155,9 @@ def main(argv=None) -> None:
     X, targets, groups, init, label = load_problem(args)
     print(f"{label}: {X.shape[0]} targets x {X.shape[1]:,} columns, nnz {X.nnz:,}")
     if args.gpu_report:
-        gpu_report(X, targets, groups, init, L0Config(epochs=args.gpu_epochs, seed=args.fit_seed), args.bandwidth_gbs)
+        gpu_report(X, targets, groups, init, FitConfig(epochs=args.gpu_epochs, seed=args.fit_seed), args.bandwidth_gbs)
         return
-    cfg = L0Config(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs, seed=args.fit_seed)
+    cfg = FitConfig(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs, seed=args.fit_seed)
     loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
     res = fit_l0(X, targets, init, cfg, groups, progress=False)
     ours = (res.seconds_per_epoch, res.final_loss, data_loss(X, targets, loss_weights, res.weights))

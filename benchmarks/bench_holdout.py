@@ -85,7 +85,7 @@ def main() -> None:
     a = p.parse_args()
 
     from calibrate import outputs
-    from calibrate.app.config import reconcile_settings
+    from calibrate.app.config import fit_config, reconcile_config
     from calibrate.app.calibration import calibration_stage
     from calibrate.app.run import keep_levels, prepare, reconcile_stage
     from calibrate.matrix import build_matrix
@@ -106,8 +106,7 @@ def main() -> None:
     results = []
     for holdout in a.holdouts.split(","):
         split = holdout_split(matrix.targets_df, holdout, inputs.levels)
-        reconciled = reconcile_stage(matrix, reconcile_settings(cfg.reconcile), split, cfg.reconcile.use_db_tolerance,
-                                     inputs.db_path)
+        reconciled = reconcile_stage(matrix, reconcile_config(cfg.reconcile), split, inputs.db_path)
         print(f"\n== holdout {holdout}: {int((split == 'holdout').sum())} held out", flush=True)
         header = f"{'method':<14}{'s':>7}{'zero':>7}{'ESS med':>9}{'ESS min':>9}{'top10':>7}{'exh p99':>8}{'max':>7}"
         header += "".join(f"{'train ' + lvl[:4]:>17}{'held ' + lvl[:4]:>17}" for lvl in LEVELS)
@@ -115,7 +114,7 @@ def main() -> None:
         for name, extra in methods:
             mcfg = compose(base_overrides + extra)
             t1 = time.perf_counter()
-            outcome = calibration_stage(matrix, mcfg.fit, Path("/tmp"), False, reconciled)
+            outcome = calibration_stage(matrix, fit_config(mcfg.fit), Path("/tmp"), False, reconciled)
             seconds = time.perf_counter() - t1
             weights = outcome.weights
             table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights), split,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 from calibrate import outputs  # noqa: E402
 from calibrate.core import paths, pe
 from calibrate.core.dataset import file_sha256, read_h5  # noqa: E402
-from calibrate.fit import initial_weights  # noqa: E402
+from calibrate.matrix.layout import StackedLayout  # noqa: E402
 from calibrate.publish import publish_run  # noqa: E402
 from calibrate.targets import TargetFilter, all_cds  # noqa: E402
 from calibrate.targets.geography import STATE_FIPS, state_of_cd  # noqa: E402
@@ -47,8 +47,7 @@ PERIOD = 2024
 
 def synthetic_weights(base_weights, household_states, cds, keep: float, seed: int = 0) -> np.ndarray:
     """The fit's initial weights with each column kept with probability ``keep`` (rescaled), float32."""
-    cd_states = np.array([state_of_cd(c) for c in cds])
-    w = initial_weights(base_weights, household_states, cd_states)
+    w = StackedLayout.of(cds, np.arange(len(base_weights)), base_weights, household_states).initial_weights()
     rng = np.random.default_rng(seed)
     kept = rng.random(w.size) < keep
     return np.where(kept, w / keep, 0.0).astype(np.float32)

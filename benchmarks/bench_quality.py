@@ -69,9 +69,9 @@ def main() -> None:
     a = p.parse_args()
 
     from calibrate import outputs
-    from calibrate.app.config import l0_config, reconcile_settings
+    from calibrate.app.config import fit_config, reconcile_config
     from calibrate.app.device import setup_device
-    from calibrate.app.fitting import active_per_cd, fit_stage
+    from calibrate.app.fitting import fit_stage
     from calibrate.app.run import keep_levels, prepare, reconcile_stage
 
     cfg = compose([f"geo={a.geo}", f"gpu={a.gpu}", "progress=false", *a.overrides])
@@ -84,8 +84,7 @@ def main() -> None:
                           workers=cfg.workers, cache_dir=inputs.cache_dir, progress=False)
     matrix, _ = keep_levels(matrix, inputs.levels)
     matrix_s = time.perf_counter() - t0
-    reconciled = reconcile_stage(matrix, reconcile_settings(cfg.reconcile), None, cfg.reconcile.use_db_tolerance,
-                                 inputs.db_path)
+    reconciled = reconcile_stage(matrix, reconcile_config(cfg.reconcile), None, inputs.db_path)
     plan = reconciled.plan.frame().assign(label=matrix.targets_df.label.to_numpy())
     print(f"device {device.device}; matrix {matrix.X.shape[0]:,} x {matrix.X.shape[1]:,}, nnz {matrix.X.nnz:,} "
           f"({matrix_s:.1f}s{', cache hit' if matrix.cache_hit else ''}); reconcile {reconciled.seconds:.2f}s")
@@ -98,7 +97,7 @@ def main() -> None:
     print(f"\nexcluded {len(excluded)} of {len(plan):,} targets:")
     for row in excluded.itertuples():
         print(f"  {row.label}: {row.reason}")
-    scaled = plan[plan.reason.astype(str).str.startswith("scaled")]
+    scaled = plan[plan.scaled]
     factors = scaled.value / scaled.value_original
     print(f"reconciled {len(scaled)} targets by scale rules (factor min {factors.min():.3f}, median "
           f"{factors.median():.3f}, max {factors.max():.3f})" if len(scaled) else "reconciled 0 targets")
@@ -113,17 +112,17 @@ def main() -> None:
     for n_epochs, share in runs:
         fit = replace(cfg.fit, epochs=n_epochs,
                       sparsity=replace(cfg.fit.sparsity, active_share=share))
-        l0 = l0_config(fit, matrix.n_households)
+        l0 = fit_config(fit)
         t1 = time.perf_counter()
         result, _ = fit_stage(matrix, l0, Path("."), False, reconciled.plan.value, reconciled.loss_weights,
-                              reconciled.tolerances, fit.rescale_init)
+                              reconciled.tolerances)
         wall = time.perf_counter() - t1
         weights = np.asarray(result.weights, dtype=np.float64)
         table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights), None,
                                       reconciled.plan.frame())
         levels = level_errors(table)
         zero = float(np.mean(weights == 0))
-        active = active_per_cd(weights, len(matrix.cds))
+        active = matrix.layout.active_per_cd(weights)
         met = goal_met(levels, zero)
         rows.append({"epochs": n_epochs, "share": share, "fit_seconds": wall, "seconds_per_epoch":
                      result.seconds_per_epoch, "compile_seconds": result.compile_seconds, "zero": zero,

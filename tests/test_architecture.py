@@ -66,3 +66,43 @@ def test_numerical_core_knows_no_hydra_or_policyengine():
 def test_no_module_far_over_400_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in _modules() if (n := len(p.read_text().splitlines())) > 440}
     assert not long
+
+
+# The stacked column formula (cd_idx * n_households + hh_idx) and its inverses, however spelled.
+STACKED_FORMULA = [
+    r"[\w)\]]\s*\*\s*(self\.|matrix\.|m\.)?(n_hh|n_households)\b",
+    r"\b(n_hh|n_households)\s*\*\s*\w",
+    r"%\s*(self\.|matrix\.)?(n_hh|n_households)\b",
+    r"divmod\([^)]*(n_hh|n_households)",
+    r"//\s*len\(",
+    r"reshape\(\s*(n_cds|len\(cds\)|len\(self\.cds\))",
+    r"cd_idx\s*\*",
+]
+LAYOUT_MODULE = PACKAGE / "matrix" / "layout.py"
+
+
+def test_stacked_column_formula_lives_in_one_module():
+    """Columns <-> (CD, household) only through calibrate.matrix.layout.StackedLayout."""
+    import re
+
+    found = []
+    for path in _modules():
+        if path == LAYOUT_MODULE:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if any(re.search(pattern, line) for pattern in STACKED_FORMULA):
+                found.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+    text = LAYOUT_MODULE.read_text()
+    assert re.search(STACKED_FORMULA[0], text) and "def column(" in text  # the owner does hold it
+
+
+def test_stage_configs_have_one_definition():
+    """The fit and reconcile settings are defined once, in their stage (the app's schema uses those
+    dataclasses), and no module maps config fields by name or parses error text to find a key."""
+    app_config = (PACKAGE / "app" / "config.py").read_text()
+    assert "class FitConf" not in app_config and "class SparsityConf" not in app_config
+    assert "class ReconcileConf" not in app_config and "class ScaleRuleConf" not in app_config
+    for path in _modules():
+        text = path.read_text()
+        assert "hasattr(fit," not in text and 'str(exc).split("=")' not in text, path.name

@@ -30,14 +30,14 @@ def test_divergence_advice_names_the_culprit():
     import scipy.sparse as sp
 
     from calibrate.app.diagnose import divergence_advice
-    from calibrate.fit import L0Config
+    from calibrate.fit import FitConfig
 
     X = sp.csr_matrix(np.ones((3, 4)))
     targets, init = np.array([4.0, 4.0, 4.0]), np.ones(4)  # X @ init == targets: data term 0
-    assert "fit.lambda_l0=1e+300" in divergence_advice(L0Config(lambda_l0=1e300), X, targets, init)
-    assert "fit.lambda_l0=1e+07" in divergence_advice(L0Config(lambda_l0=1e7), X, targets, init)  # 4e7 > 1e6 x 1
-    assert "fit.lambda_l2=1e+38" in divergence_advice(L0Config(lambda_l2=1e38), X, targets, init)
-    assert divergence_advice(L0Config(lambda_l0=1e-3, lr=5.0), X, targets, init) == "try a smaller fit.lr (now 5)"
+    assert "fit.lambda_l0=1e+300" in divergence_advice(FitConfig(lambda_l0=1e300), X, targets, init)
+    assert "fit.lambda_l0=1e+07" in divergence_advice(FitConfig(lambda_l0=1e7), X, targets, init)  # 4e7 > 1e6 x 1
+    assert "fit.lambda_l2=1e+38" in divergence_advice(FitConfig(lambda_l2=1e38), X, targets, init)
+    assert divergence_advice(FitConfig(lambda_l0=1e-3, lr=5.0), X, targets, init) == "try a smaller fit.lr (now 5)"
 
 
 # ----------------------------------------------------------------------------- publish, tracer, etl check

@@ -127,9 +127,7 @@ def test_estimates_match_rebuilt_matrix(single_run, rebuilt):
     np.testing.assert_allclose(table.estimate, estimate, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(table.rel_error, (estimate - table.value) / (table.value + 1), rtol=1e-5, atol=1e-9)
     # the fit improved on its starting point
-    from calibrate.fit import initial_weights
-
-    init = initial_weights(rebuilt.household_weights, rebuilt.household_state_fips, np.array([c // 100 for c in CDS]))
+    init = rebuilt.layout.initial_weights()
     init_err = np.abs((X.astype(np.float64) @ init - table.value) / (table.value + 1))
     assert np.median(table.abs_rel_error) < np.median(init_err)
 

@@ -27,10 +27,9 @@ from calibrate.app import sweep
 from calibrate.app.config import (
     CONF_DIR,
     CalibrateConfig,
-    FitConf,
     GpuConf,
-    SparsityConf,
-    l0_config,
+    fit_config,
+    reconcile_config,
     resolve_cds,
     resolve_levels,
     target_filter,
@@ -140,20 +139,66 @@ def test_every_fit_option(name):
     assert isinstance(cfg.fit.epochs, int) and isinstance(cfg.fit.lr, float)
 
 
-def test_fit_conf_mirrors_l0config():
-    """Every L0Config field is a FitConf field with the same default, except the sparsity fields
-    (FitConf.sparsity, in the user's terms) and balance_groups (the loss weights come from reconcile)."""
-    from calibrate.fit import L0Config
+def test_stage_configs_are_the_schema():
+    """The fit and reconcile sections are the stages' own dataclasses (one definition of every default),
+    and conf/fit/default.yaml and conf/reconcile/default.yaml restate those defaults."""
+    from calibrate.fit import FitConfig, SparsityConfig
+    from calibrate.reconcile import ReconcileConfig
 
-    mine = {f.name: f.default for f in dataclasses.fields(FitConf)}
-    derived = {"target_active_share", "sparsity_ramp", "sparsity_gain", "balance_groups", "polish_epochs"}
-    theirs = {f.name: f.default for f in dataclasses.fields(L0Config) if f.name not in derived}
-    assert {k: mine[k] for k in theirs} == theirs
-    assert set(mine) - set(theirs) == {"sparsity", "rescale_init", "polish_share"}
-    assert l0_config(FitConf(epochs=500, polish_share=0.1)).polish_epochs == 50
-    l0 = l0_config(FitConf(sparsity=SparsityConf(active_per_cd=300)), n_households=1200)
-    assert l0.target_active_share == pytest.approx(0.25) and l0.sparsity_gain == SparsityConf().gain
-    assert l0_config(FitConf(sparsity=SparsityConf(active_share=None))).target_active_share is None
+    types = {f.name: f.type for f in dataclasses.fields(CalibrateConfig)}
+    assert types["fit"] in ("FitConfig", FitConfig) and types["reconcile"] in ("ReconcileConfig", ReconcileConfig)
+    cfg = to_config(_compose(["seed=0"]))
+    assert type(cfg.fit) is FitConfig and type(cfg.fit.sparsity) is SparsityConfig
+    assert type(cfg.reconcile) is ReconcileConfig
+    raw = _yaml("fit", "default")
+    defaults = dataclasses.asdict(FitConfig())
+    assert set(raw) - {"seed"} <= set(defaults)
+    for key, value in raw.items():
+        if key != "seed":
+            assert defaults[key] == value, key
+    assert FitConfig(epochs=500, polish_share=0.1).polish_epochs == 50
+    assert SparsityConfig(active_per_cd=300).target_share(1200) == pytest.approx(0.25)
+    assert SparsityConfig(active_per_cd=3000).target_share(1200) == 1.0
+    assert SparsityConfig(active_share=None).target_share(1200) is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("fit.lr=-1", "fit.lr=-1.0"), ("fit.polish_share=1.0", "fit.polish_share=1.0"),
+    ("fit.sparsity.active_per_cd=0", "fit.sparsity.active_per_cd=0"), ("fit.sparsity.ramp=2", "fit.sparsity.ramp=2.0"),
+])
+def test_bad_fit_value_names_the_key(override, key):
+    with pytest.raises(CalibrateError, match="^" + key.replace(".", r"\.") + " ") as info:
+        fit_config(to_config(_compose([override])).fit)
+    assert "\n" not in str(info.value)
+
+
+def test_publish_section_is_typed():
+    """publish.options are typed fields (conf/publish/default.yaml restates their defaults) that reach
+    the stage's resolved options; a misspelled option fails at composition naming the key."""
+    from calibrate.publish import make_options
+    from calibrate.publish.config import PublishConfig, PublishOptionsConfig
+
+    cfg = to_config(_compose(["publish.options.verify=sample", "publish.options.workers=3", "publish.areas=[cd]"]))
+    assert type(cfg.publish) is PublishConfig and type(cfg.publish.options) is PublishOptionsConfig
+    opts = make_options(cfg.publish)
+    assert (opts.areas, opts.verify, opts.workers, opts.out_dir) == (("cd",), "sample", 3, None)
+    raw = _yaml("publish", "default")["options"]
+    assert raw == dataclasses.asdict(PublishOptionsConfig())
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="verfy"):
+        _compose(["publish.options.verfy=all"])
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="workers"):
+        _compose(["publish.options.workers=many"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("reconcile.balance=fair", "reconcile.balance='fair'"), ("reconcile.flagged=drop", "reconcile.flagged='drop'"),
+    ("reconcile.downweight=0", "reconcile.downweight"),
+    ("reconcile.scale_children.snap_households_cd_to_state.child_level=state",
+     "reconcile.scale_children.snap_households_cd_to_state: child_level 'state' must be below"),
+])
+def test_bad_reconcile_value_names_the_key(override, needle):
+    with pytest.raises(CalibrateError, match=needle.replace(".", r"\.")):
+        reconcile_config(to_config(_compose([override])).reconcile)
 
 
 @pytest.mark.parametrize("name", _options("gpu"))

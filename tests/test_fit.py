@@ -13,10 +13,11 @@ from jax import enable_x64
 
 from calibrate.fit import (
     CheckpointMismatchError,
+    FitConfig,
+    FitConfigError,
     FitDivergedError,
-    L0Config,
+    SparsityConfig,
     fit_l0,
-    initial_weights,
     validate_config,
 )
 from calibrate.fit.model import (
@@ -34,7 +35,8 @@ from calibrate.fit.model import (
 )
 
 SHAPE = GateShape(0.35, -0.1, 1.1)
-FAST = L0Config(epochs=300, lr=0.05, lambda_l0=0.0, lambda_l2=0.0, log_every=50, chunk_epochs=100)
+DENSE = {"sparsity": SparsityConfig(active_share=None), "polish_share": 0.0}  # fixed lambda_l0, no polish
+FAST = FitConfig(epochs=300, lr=0.05, lambda_l0=0.0, lambda_l2=0.0, log_every=50, chunk_epochs=100, **DENSE)
 
 
 def _problem(seed=0, m=24, n=240, density=0.15, empty_columns=40):
@@ -116,7 +118,7 @@ def test_same_weights_with_x64_enabled(problem):
 def test_resume_from_checkpoint_equals_uninterrupted(problem, tmp_path):
     X, y, _, groups = problem
     init = np.full(X.shape[1], 0.5)
-    cfg = L0Config(epochs=60, lr=0.05, lambda_l0=1e-3, lambda_l2=1e-6, log_every=10, checkpoint_every=20,
+    cfg = FitConfig(epochs=60, lr=0.05, lambda_l0=1e-3, lambda_l2=1e-6, log_every=10, checkpoint_every=20, **DENSE,
                    chunk_epochs=7)
     full = fit_l0(X, y, init, dataclasses.replace(cfg, checkpoint_every=0, chunk_epochs=60), groups, progress=False)
     path = tmp_path / "fit.npz"
@@ -223,31 +225,20 @@ def test_history_epoch0_matches_brute_force(problem):
     assert res.history["data_loss"].iloc[0] == pytest.approx(data, rel=1e-5)
 
 
-def test_initial_weights_closed_form():
-    base = np.array([100.0, 60.0, 30.0])
-    hh_state = np.array([6, 36, 99])  # 99: no CD in the list
-    cd_state = np.array([6, 6, 36, 48, 48])
-    w = initial_weights(base, hh_state, cd_state, home_state_share=0.8).reshape(5, 3)  # CD-major
-    np.testing.assert_allclose(w.sum(axis=0), base)
-    np.testing.assert_allclose(w[:, 0], [40, 40, 20 / 3, 20 / 3, 20 / 3])
-    np.testing.assert_allclose(w[:, 1], [3, 3, 48, 3, 3])
-    np.testing.assert_allclose(w[:, 2], np.full(5, 6.0))
-    assert np.all(w > 0)
-    with pytest.raises(ValueError, match="home_state_share"):
-        initial_weights(base, hh_state, cd_state, home_state_share=1.0)
-    with pytest.raises(ValueError, match="base_weights"):
-        initial_weights(np.array([1.0, -1.0, 1.0]), hh_state, cd_state)
-
-
 @pytest.mark.parametrize("key,value", [
     ("lr", 0.0), ("lr", -1.0), ("gamma", 0.0), ("zeta", 1.0), ("beta", 0.0), ("init_keep_prob", 1.0),
     ("init_keep_prob", 0.0), ("epochs", 0), ("lambda_l0", -1e-9), ("lambda_l2", -1.0), ("log_every", 0),
-    ("checkpoint_every", -1), ("chunk_epochs", 0), ("epochs", 2.5), ("lr", float("nan")),
+    ("checkpoint_every", -1), ("chunk_epochs", 0), ("epochs", 2.5), ("lr", float("nan")), ("polish_share", 1.0),
+    ("rescale_init", 1), ("sparsity.active_share", 0.0), ("sparsity.active_share", 1.5),
+    ("sparsity.active_per_cd", 0), ("sparsity.ramp", 0.0), ("sparsity.gain", -1.0),
 ])
 def test_bad_hyperparameters_rejected(key, value, problem):
-    cfg = dataclasses.replace(L0Config(), **{key: value})
-    with pytest.raises(ValueError, match=rf"L0Config\.{key}={value!r}"):
+    head, _, tail = key.rpartition(".")
+    cfg = FitConfig(sparsity=dataclasses.replace(SparsityConfig(), **{tail: value})) if head else \
+        dataclasses.replace(FitConfig(), **{key: value})
+    with pytest.raises(FitConfigError, match=rf"^fit\.{key}={value!r} ") as info:
         validate_config(cfg)
+    assert info.value.key == key
     X, y, _, _ = problem
     with pytest.raises(ValueError, match=key):
         fit_l0(X, y, np.ones(X.shape[1]), cfg, progress=False)

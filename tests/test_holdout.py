@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 from calibrate.outputs import evaluation, plots
-from calibrate.reconcile import HOLDOUT, TRAIN, HoldoutError, HoldoutSpec, apply_holdout, split_targets
+from calibrate.reconcile import HOLDOUT, TRAIN, HoldoutError, HoldoutSpec, split_targets
 
 # (stratum_group_id, variable, geo_level, n targets)
 STRATA = [(2, "person_count", "state", 18), (2, "person_count", "district", 90), (4, "snap", "state", 2),
@@ -78,13 +78,6 @@ def test_bad_holdout_is_named(spec, needle):
         split_targets(_targets(), spec)
 
 
-def test_apply_holdout():
-    split = np.array([TRAIN, HOLDOUT, TRAIN, HOLDOUT])
-    np.testing.assert_array_equal(apply_holdout(np.array([0.1, 0.2, 0.3, 0.4]), split), [0.1, 0.0, 0.3, 0.0])
-    with pytest.raises(ValueError, match="shape"):
-        apply_holdout(np.ones(3), split)
-
-
 def _table(seed: int = 0) -> pd.DataFrame:
     targets = _targets(seed)
     rng = np.random.default_rng(seed)
@@ -129,8 +122,10 @@ def _fit_problem(seed: int = 0, m: int = 30, n_hh: int = 40):
     })
     targets_df["variable"] = np.where(targets_df.stratum_group_id == 2, "person_count", "snap")
     targets_df["group_id"] = pd.factorize(targets_df.variable + "|" + targets_df.geo_level)[0]
-    return SimpleNamespace(targets_df=targets_df, X=X, cds=cds, household_weights=np.full(n_hh, 10.0),
-                           household_state_fips=np.full(n_hh, 37))
+    from calibrate.matrix.layout import StackedLayout
+
+    layout = StackedLayout.of(cds, np.arange(n_hh), np.full(n_hh, 10.0), np.full(n_hh, 37))
+    return SimpleNamespace(targets_df=targets_df, X=X, layout=layout)
 
 
 def _fit_with_split(matrix, l0, tmp_path, split):
@@ -145,9 +140,10 @@ def _fit_with_split(matrix, l0, tmp_path, split):
 
 def test_held_out_targets_do_not_change_the_fit(tmp_path):
     """Moving held-out target values leaves the weights bit-identical; moving a training target does not."""
-    from calibrate.fit import L0Config
+    from calibrate.fit import FitConfig, SparsityConfig
 
-    l0 = L0Config(epochs=60, lr=0.1, log_every=20, chunk_epochs=20, seed=3)
+    l0 = FitConfig(epochs=60, lr=0.1, log_every=20, chunk_epochs=20, seed=3, sparsity=SparsityConfig(active_share=None),
+                   polish_share=0.0)
     matrix = _fit_problem()
     split = split_targets(matrix.targets_df, HoldoutSpec(share=0.3, seed=2))
     held = np.flatnonzero(split == HOLDOUT)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from calibrate.fit import L0Config, fit_l0
-from calibrate.reconcile import ConsistencySettings, ReconcileSettings, ScaleRule, loss_weights, reconcile_targets
+from calibrate.fit import FitConfig, SparsityConfig, fit_l0
+from calibrate.reconcile import ReconcileConfig, ScaleRule, loss_weights, reconcile_targets
 from calibrate.reconcile.consistency import cds_per_state, check_hierarchy, template_key
 from calibrate.reconcile.feasibility import min_l1_relative_errors
 from calibrate.reconcile.reconcile import EXCLUDED, FIT, plan_targets, scale_children, unhandled_inconsistencies
@@ -56,34 +56,35 @@ def test_template_key_drops_redundant_self_constraint():
 
 
 def test_hierarchy_flags_by_hand(two_states):
-    table = check_hierarchy(two_states, two_states.value.to_numpy(), {1: 2, 2: 1}, ConsistencySettings())
+    table = check_hierarchy(two_states, two_states.value.to_numpy(), {1: 2, 2: 1}, ReconcileConfig())
     by_parent = table.set_index("target_id")
     assert by_parent.loc[1, "flag"] == "inconsistent" and by_parent.loc[1, "ratio"] == pytest.approx(40 / 100)
     assert by_parent.loc[4, "flag"] == "ok" and by_parent.loc[6, "flag"] == "ok"
     assert 9 not in by_parent.index  # the nation has 1 of 436 CDs here: incomplete children are not compared
     # if state 1 had a third CD its two children would be incomplete: no comparison for state 1
-    partial = check_hierarchy(two_states, two_states.value.to_numpy(), {1: 3, 2: 1}, ConsistencySettings())
+    partial = check_hierarchy(two_states, two_states.value.to_numpy(), {1: 3, 2: 1}, ReconcileConfig())
     assert 1 not in set(partial.target_id) and 4 in set(partial.target_id)
 
 
 def test_scale_children_keeps_parent_totals_and_child_shares(two_states):
-    values, reason = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 2, 2: 1})
+    values, reason, scaled = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 2, 2: 1})
+    assert scaled.tolist() == [False, True, True, False, True, False, False, False, False]  # SNAP CDs of both states
     assert values[1] + values[2] == pytest.approx(100.0) and values[1] / values[2] == pytest.approx(3.0)
     assert values[4] == pytest.approx(50.0)  # already consistent: factor 1
     np.testing.assert_array_equal(values[5:], two_states.value.to_numpy()[5:])  # persons untouched
     assert "x2.5000" in reason[1] and reason[5] == ""
     chained = (ScaleRule("nation", ("person_count",), (), "state", "national"),
                ScaleRule("persons", ("person_count",), (), "district", "state"))
-    values, _ = scale_children(two_states, two_states.value.to_numpy(), chained, {1: 2})
+    values, _, _ = scale_children(two_states, two_states.value.to_numpy(), chained, {1: 2})
     assert values[5] == pytest.approx(1000.0)  # the only state scaled to the nation first ...
     assert values[6] + values[7] == pytest.approx(1000.0) and values[6] / values[7] == pytest.approx(500 / 400)
     # a state with a CD missing from the selection is not imposed on the CDs that are there
-    values, reason = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 3, 2: 1})
-    assert values[1] == 30.0 and values[2] == 10.0 and "2 of its 3 children" in reason[1]
+    values, reason, scaled = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 3, 2: 1})
+    assert values[1] == 30.0 and values[2] == 10.0 and "2 of its 3 children" in reason[1] and not scaled[1]
 
 
 def test_unhandled_inconsistencies(two_states):
-    table = check_hierarchy(two_states, two_states.value.to_numpy(), {1: 2, 2: 1}, ConsistencySettings())
+    table = check_hierarchy(two_states, two_states.value.to_numpy(), {1: 2, 2: 1}, ReconcileConfig())
     assert list(unhandled_inconsistencies(two_states, table, ()).target_id) == [1]
     assert unhandled_inconsistencies(two_states, table, (SNAP_RULE,)).empty
 
@@ -91,14 +92,28 @@ def test_unhandled_inconsistencies(two_states):
 def test_excluded_targets_leave_the_loss_and_stay_in_the_plan(two_states):
     analysis = pd.DataFrame({"check": ["support"], "flag": ["unsupported"], "target_id": [8],
                              "detail": ["needs x40"]})
-    settings = ReconcileSettings((SNAP_RULE,), "exclude", exclude_target_ids=(9,))
+    settings = ReconcileConfig(scale_children={"snap": SNAP_RULE}, flagged="exclude", exclude_target_ids=[9])
     plan = plan_targets(two_states, settings, analysis)
     assert list(plan.status) == [FIT] * 7 + [EXCLUDED, EXCLUDED]
     assert plan.reason[7] == "unsupported: needs x40" and "by config" in plan.reason[8]
     w = loss_weights(two_states, "level", plan.in_fit)
     assert w[7] == 0 and w[8] == 0 and w.sum() == pytest.approx(1.0)
-    down = plan_targets(two_states, ReconcileSettings((), "downweight", 0.01), analysis)
+    down = plan_targets(two_states, ReconcileConfig(flagged="downweight", downweight=0.01), analysis)
     assert down.status[7] == FIT and down.weight_multiplier[7] == 0.01 and "down-weighted" in down.reason[7]
+
+
+def test_scaled_flag_survives_a_later_exclusion(two_states):
+    """'Was this target scaled?' is a plan column, not a guess from the reason an exclusion rewrites."""
+    from calibrate.reconcile import ReconciledTargets
+
+    scaled = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 2, 2: 1})
+    analysis = pd.DataFrame({"check": ["support"], "flag": ["thin"], "target_id": [2], "detail": ["1 household"]})
+    plan = plan_targets(two_states, ReconcileConfig(scale_children={"snap": SNAP_RULE}), analysis, scaled)
+    assert plan.status[1] == EXCLUDED and plan.reason[1] == "thin: 1 household" and plan.scaled[1]
+    assert plan.value[1] == pytest.approx(75.0)  # 30 x 2.5: the scaled value is kept
+    assert plan.frame()["scaled"].tolist() == [False, True, True, False, True, False, False, False, False]
+    summary = ReconciledTargets(plan, analysis, np.zeros(9), np.zeros(9), pd.DataFrame(), 0.0).summary()
+    assert summary["n_scaled"] == 3 and summary["n_excluded"] == 1
 
 
 def test_level_balanced_loss_weights_closed_form(two_states):
@@ -132,8 +147,8 @@ def test_sparsity_target_reached_per_group(share):
     X = sp.random(m, n_groups * per_group, density=0.3, random_state=rng, format="csr",
                   data_rvs=lambda k: rng.uniform(0.5, 2.0, k))
     y = X @ rng.uniform(1.0, 2.0, X.shape[1])
-    cfg = L0Config(epochs=600, lr=0.05, lambda_l2=0.0, target_active_share=share, polish_epochs=150,
-                   log_every=100, chunk_epochs=100)
+    cfg = FitConfig(epochs=600, lr=0.05, lambda_l2=0.0, sparsity=SparsityConfig(active_share=share),
+                    polish_share=0.25, log_every=100, chunk_epochs=100)
     groups = np.arange(X.shape[1]) // per_group
     res = fit_l0(X, y, np.full(X.shape[1], 1.5), cfg, column_groups=groups, progress=False)
     open_share = np.array([np.mean(res.weights[groups == g] > 0) for g in range(n_groups)])
@@ -169,7 +184,7 @@ def test_crafted_database_flags_both_problems(fixture_dataset, edited_db, tax_be
     wy_medicaid = int(t.target_id[t.label == "WY/person_count[medicaid>0]"].iloc[0])
     raw = load_targets(edited_db, GROUPS, cds, PERIOD).set_index("target_id").value
     assert t.set_index("target_id").value.loc[vt_persons] == raw.loc[vt_persons]  # the edit is what the run sees
-    result = reconcile_targets(matrix, ReconcileSettings(), ConsistencySettings(), "level", all_cds(edited_db))
+    result = reconcile_targets(matrix, ReconcileConfig(), all_cds(edited_db))
     a = result.analysis
     hierarchy = a[(a.check == "hierarchy") & (a.target_id == vt_persons)].iloc[0]
     vt01 = float(t.value[t.label == "VT-01/person_count"].iloc[0])
@@ -188,17 +203,17 @@ def test_default_config_leaves_no_inconsistency_unhandled(target_db):
     """geo=all with the default targets and reconcile config: every inconsistent hierarchy has a rule."""
     from hydra import compose, initialize_config_dir
 
-    from calibrate.app.config import CONF_DIR, reconcile_settings, target_filter, to_config
+    from calibrate.app.config import CONF_DIR, reconcile_config, target_filter, to_config
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=["geo=all"]))
-    settings, consistency, _ = reconcile_settings(cfg.reconcile)
+    settings = consistency = reconcile_config(cfg.reconcile)
     cds = all_cds(target_db)
     targets = load_targets(target_db, target_filter(cfg.target), cds, PERIOD)
     hierarchy = check_hierarchy(targets, targets.value.to_numpy(), cds_per_state(cds), consistency)
     assert (hierarchy.flag == "inconsistent").sum() > 0  # the ACS-vs-USDA SNAP households are really there
-    assert unhandled_inconsistencies(targets, hierarchy, settings.scale_children).empty
-    scaled, _ = scale_children(targets, targets.value.to_numpy(), settings.scale_children, cds_per_state(cds))
+    assert unhandled_inconsistencies(targets, hierarchy, settings.rules).empty
+    scaled, _, _ = scale_children(targets, targets.value.to_numpy(), settings.rules, cds_per_state(cds))
     after = check_hierarchy(targets, scaled, cds_per_state(cds), consistency)
     assert (after.flag == "inconsistent").sum() == 0
 
@@ -220,8 +235,8 @@ def test_negative_agi_totals_in_the_consistency_analysis(fixture_dataset, target
     ids = t.target_id.iloc[negative]
 
     def support(m):
-        consistency = ConsistencySettings(min_households=1)  # the fixture has 2 such households
-        a = reconcile_targets(m, ReconcileSettings(), consistency, "level", all_cds(target_db)).analysis
+        config = ReconcileConfig(min_households=1)  # the fixture has 2 such households
+        a = reconcile_targets(m, config, all_cds(target_db)).analysis
         return a[a.check == "support"].set_index("target_id").loc[ids]
 
     # base weights: each household in its home state, spread evenly over that state's CDs here

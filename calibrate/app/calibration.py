@@ -24,12 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibrate.core.errors import CalibrateError
 from calibrate.outputs import quality as wq
-from calibrate.targets.geography import state_of_cd
 
-METHODS = ("l0", "classical", "sample", "start")
-POLISHES = ("adam", "classical")
 
 
 @dataclass
@@ -46,44 +42,14 @@ class CalibrationOutcome:
     classical: dict | None = None  # solver figures of the minimum-distance step, if any
 
 
-def start_weights(matrix, home_state_share: float, values: np.ndarray, in_loss: np.ndarray,
+def start_weights(matrix, home_state_share: float | None, values: np.ndarray, in_loss: np.ndarray,
                   rescale: bool) -> tuple[np.ndarray, float]:
     """(start, scale): base weights spread over the CDs, scaled by the median target/estimate ratio."""
     from calibrate.app.fitting import rescale_factor
-    from calibrate.fit import initial_weights
 
-    cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
-    n_cds = len(matrix.cds)
-    if home_state_share is None:  # population-proportional: every CD gets 1/n_cds of every household
-        init = np.tile(np.asarray(matrix.household_weights, np.float64) / n_cds, n_cds)
-    else:
-        init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states, home_state_share)
+    init = matrix.layout.initial_weights(home_state_share)
     scale = rescale_factor(matrix.X, init, values, in_loss) if rescale else 1.0
     return init * scale, scale
-
-
-def classical_config(fit):
-    from calibrate.fit.classical import ClassicalConfig, validate_classical
-
-    c = fit.classical
-    config = ClassicalConfig(c.distance, c.lower, c.upper, c.penalty, c.max_iter, c.tol)
-    try:
-        validate_classical(config)
-    except ValueError as exc:
-        raise CalibrateError(f"fit.classical: {exc}") from None
-    return config
-
-
-def check_method(fit) -> None:
-    """Cheap checks of the method settings (before the matrix build)."""
-    if fit.method not in METHODS:
-        raise CalibrateError(f"fit.method={fit.method!r}: choose one of {', '.join(METHODS)}")
-    if fit.polish not in POLISHES:
-        raise CalibrateError(f"fit.polish={fit.polish!r}: choose one of {', '.join(POLISHES)}")
-    share = fit.start.home_state_share
-    if share is not None and not 0 < share < 1:
-        raise CalibrateError(f"fit.start.home_state_share={share} must be in (0, 1), or null (proportional)")
-    classical_config(fit)
 
 
 def _classical_result(weights, estimates, solve, l0, seconds: float):
@@ -100,10 +66,9 @@ def _classical_result(weights, estimates, solve, l0, seconds: float):
         lambdas=np.zeros(0))
 
 
-def carriers_start(start: np.ndarray, active: np.ndarray, n_cds: int) -> np.ndarray:
+def carriers_start(start: np.ndarray, active: np.ndarray, layout) -> np.ndarray:
     """Each CD's start put on its active columns only, scaled so the CD keeps its start total."""
-    S = start.reshape(n_cds, -1)
-    A = active.reshape(n_cds, -1)
+    S, A = layout.per_cd(start), layout.per_cd(active)
     kept = np.where(A, S, 0.0).sum(axis=1, keepdims=True)
     factor = np.divide(S.sum(axis=1, keepdims=True), kept, out=np.zeros_like(kept), where=kept > 0)
     return np.where(A, S * factor, 0.0).ravel()
@@ -111,20 +76,18 @@ def carriers_start(start: np.ndarray, active: np.ndarray, n_cds: int) -> np.ndar
 
 def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, gates=None) -> CalibrationOutcome:
     """The weights for ``fit.method`` (see module docstring) and their quality figures."""
-    from calibrate.app.config import l0_config
+    from dataclasses import replace
+
     from calibrate.app.fitting import fit_stage
     from calibrate.fit.classical import calibrate_classical
     from calibrate.fit.selection import select_carriers
     from calibrate.outputs import estimates as float64_estimates
 
-    check_method(fit)
     t0 = time.perf_counter()
     values = np.asarray(reconciled.plan.value, dtype=np.float64)
     lw = np.asarray(reconciled.loss_weights, dtype=np.float64)
-    n_cds, n_hh = len(matrix.cds), matrix.n_households
+    layout = matrix.layout
     start, scale = start_weights(matrix, fit.start.home_state_share, values, lw > 0, fit.rescale_init)
-    l0 = l0_config(fit, n_hh)
-    column_groups = np.repeat(np.arange(n_cds), n_hh)
     solve_info = None
     if fit.method == "start":
         weights = start.copy()
@@ -132,23 +95,20 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     elif fit.method in ("classical", "sample"):
         base = start
         if fit.method == "sample":
-            share = l0.target_active_share or 1.0
-            _, base = select_carriers(start, column_groups, share, seed=fit.seed)
-        solve = calibrate_classical(matrix.X, values, base, lw, classical_config(fit))
+            share = fit.sparsity.target_share(layout.n_households) or 1.0
+            _, base = select_carriers(start, layout.column_groups(), share, seed=fit.seed)
+        solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
         weights = solve.weights
         solve_info = {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
                       "distance": solve.distance, "seconds": solve.seconds}
         result = None
     else:
-        if fit.polish == "classical":
-            from dataclasses import replace
-
-            l0 = replace(l0, polish_epochs=0)
-        result, _ = fit_stage(matrix, l0, run_dir, progress, values, lw, reconciled.tolerances, False, init=start)
+        l0 = replace(fit, polish_share=0.0) if fit.polish == "classical" else fit
+        result, _ = fit_stage(matrix, l0, run_dir, progress, values, lw, reconciled.tolerances, init=start)
         weights = np.asarray(result.weights, dtype=np.float64)
         if fit.polish == "classical":
-            base = carriers_start(start, weights > 0, n_cds)
-            solve = calibrate_classical(matrix.X, values, base, lw, classical_config(fit))
+            base = carriers_start(start, weights > 0, layout)
+            solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
             weights = solve.weights
             solve_info = {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
                           "distance": solve.distance, "seconds": solve.seconds}
@@ -156,15 +116,12 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     if result is None or solve_info is not None:
         est = float64_estimates(matrix.X, weights)
         if result is None:
-            result = _classical_result(weights, est, _Solve(solve_info), l0, seconds)
+            result = _classical_result(weights, est, _Solve(solve_info), fit, seconds)
         else:
-            from dataclasses import replace
-
             result = replace(result, weights=weights.astype(np.float32), estimates=est,
                              sparsity=float(np.mean(weights == 0)), total_seconds=seconds)
-    cd_states = [state_of_cd(c) for c in matrix.cds]
-    per_cd = wq.per_cd_quality(weights, start, matrix.cds, cd_states)
-    exhaust = wq.exhaustion(weights, matrix.household_weights)
+    per_cd = wq.per_cd_quality(weights, start, layout.cds, layout.cd_states)
+    exhaust = wq.exhaustion(weights, layout.household_weights)
     return CalibrationOutcome(weights, start, result, scale, per_cd, exhaust, wq.quality_summary(per_cd, exhaust),
                               solve_info)
 
@@ -191,9 +148,9 @@ def quality_violations(outcome: CalibrationOutcome, quality) -> list[str]:
 
 def record_quality(summary, outcome: CalibrationOutcome, matrix, violations: list[str], top: int = 10) -> None:
     """Weight-quality figures, the heaviest households and the broken gates into the summary."""
-    n_cds = len(matrix.cds)
-    active_in = (outcome.weights.reshape(n_cds, -1) > 0).sum(axis=0)
-    heavy = wq.heaviest_households(outcome.exhaustion, matrix.household_ids, matrix.household_state_fips,
+    layout = matrix.layout
+    active_in = (layout.per_cd(outcome.weights) > 0).sum(axis=0)
+    heavy = wq.heaviest_households(outcome.exhaustion, layout.household_ids, layout.household_states,
                                    active_in, top)
     summary.weight_quality = outcome.quality_summary
     summary.heaviest_households = heavy.to_dict("records")

@@ -2,14 +2,18 @@
 
 The dataclasses below are registered in Hydra's ConfigStore as the schema of
 ``conf/config.yaml``: every YAML under ``conf/`` is merged onto them, so a misspelled
-key or a value of the wrong type fails at composition and Hydra names the key.
-The helpers at the bottom turn a composed config into the plain inputs of the stages
-(a :class:`~calibrate.targets.TargetFilter`, a CD list, an ``L0Config``).
+key or a value of the wrong type fails at composition and Hydra names the key. A stage
+whose settings are one dataclass owns it and the schema uses it as it is: ``fit`` is
+:class:`calibrate.fit.config.FitConfig`, ``reconcile`` is
+:class:`calibrate.reconcile.config.ReconcileConfig`, ``publish`` is
+:class:`calibrate.publish.config.PublishConfig` (one definition, one set of defaults).
+The helpers at the bottom check values once and turn the rest into the plain inputs of the
+stages (a :class:`~calibrate.targets.TargetFilter`, a CD list, executor settings).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,9 @@ from omegaconf import MISSING, OmegaConf
 
 from calibrate.core import paths
 from calibrate.core.errors import CalibrateError
+from calibrate.fit.config import FitConfig, FitConfigError, validate_config
+from calibrate.publish.config import PublishConfig
+from calibrate.reconcile.config import ReconcileConfig
 
 SCHEMA_NAME = "calibrate_schema"
 CONF_DIR = paths.REPO_ROOT / "conf"
@@ -52,89 +59,6 @@ class DatasetConf:
 
     name: str = "default"  # label of the dataset (recorded in the summary)
     path: str = MISSING  # path to the h5 file; relative paths are taken from the working directory
-
-
-@dataclass
-class SparsityConf:
-    """How many households keep a nonzero weight in each CD (the fit steers lambda_l0 to get there)."""
-
-    active_share: float | None = 0.2  # share of the households active in each CD (null: no target, fixed lambda_l0)
-    active_per_cd: int | None = None  # or a number of active households per CD (overrides active_share)
-    ramp: float = 0.5  # share of the (non-polish) epochs over which the active share falls from 1 to its target
-    gain: float = 20.0  # controller gain: lambda per unit of relative share error, in units of the loss scale
-
-
-@dataclass
-class StartConf:
-    """Where the fit starts: each household's base weight spread over the CDs."""
-
-    home_state_share: float | None = 0.9  # share of a household's weight on its own state's CDs (null: proportional)
-
-
-@dataclass
-class ClassicalConf:
-    """Minimum-distance calibration (``fit.method=classical|sample``, ``fit.polish=classical``)."""
-
-    distance: str = "kl"  # kl (raking) | chi2 (GREG)
-    lower: float = 0.0  # smallest multiplier w / w0
-    upper: float = 10.0  # largest multiplier w / w0
-    penalty: float = 1.0e6  # weight of the squared relative errors against the distance
-    max_iter: int = 500  # L-BFGS iterations of the dual
-    tol: float = 1.0e-9  # L-BFGS projected-gradient tolerance
-
-
-@dataclass
-class FitConf:
-    """L0 (hard-concrete) fit settings: ``calibrate.fit.L0Config`` (see ``l0_config``) plus the sparsity target."""
-
-    epochs: int = 2000  # gradient steps
-    lr: float = 0.15  # Adam learning rate
-    beta: float = 0.35  # hard-concrete temperature
-    gamma: float = -0.1  # hard-concrete stretch lower bound
-    zeta: float = 1.1  # hard-concrete stretch upper bound
-    init_keep_prob: float = 0.999  # initial probability that a gate is open
-    lambda_l0: float = 1e-8  # L0 penalty (more = sparser weights)
-    lambda_l2: float = 0.0  # L2 penalty on the weights (1e-12 outweighed the data loss on all 436 CDs)
-    jitter: float = 0.01  # relative noise on the initial log-weights
-    seed: int = 0  # random seed of the fit (defaults to the top-level seed)
-    log_every: int = 50  # history row every this many epochs
-    checkpoint_every: int = 0  # write a checkpoint every this many epochs (0 = never)
-    chunk_epochs: int = 50  # epochs per compiled chunk (device round trip granularity)
-    polish_share: float = 0.2  # final share of the epochs with deterministic, frozen gates (only weights move)
-    rescale_init: bool = True  # scale the initial weights by the median target / initial-estimate ratio
-    sparsity: SparsityConf = field(default_factory=SparsityConf)  # active households per CD
-    method: str = "l0"  # l0 | classical | sample | start (calibrate.app.calibration)
-    polish: str = "adam"  # l0's last phase: adam (frozen gates) | classical (carriers by minimum distance)
-    start: StartConf = field(default_factory=StartConf)  # the start of the fit
-    classical: ClassicalConf = field(default_factory=ClassicalConf)  # minimum-distance settings
-
-
-@dataclass
-class ScaleRuleConf:
-    """Scale the child_level targets of matching templates so they sum to their parent_level target."""
-
-    variables: list[str] = field(default_factory=list)  # target variables (empty: any)
-    stratum_group_ids: list[int] = field(default_factory=list)  # stratum groups (empty: any)
-    child_level: str = "district"  # district | state
-    parent_level: str = "state"  # state | national
-
-
-@dataclass
-class ReconcileConf:
-    """Consistency analysis and reconciliation of the targets before the fit (``calibrate.reconcile``)."""
-
-    name: str = "default"  # label of the setting (recorded in the summary)
-    balance: str = "level"  # loss weights: level (each level, then each group in it, a fair share) | group | none
-    scale_children: dict[str, ScaleRuleConf] = field(default_factory=dict)  # named proportional scalings
-    flagged: str = "exclude"  # unsupported / thin / infeasible targets: exclude | downweight | keep
-    downweight: float = 0.01  # loss-weight multiplier of down-weighted targets
-    exclude_target_ids: list[int] = field(default_factory=list)  # targets left out by hand
-    hierarchy_tolerance: float = 0.01  # |children sum / parent - 1| above this is inconsistent
-    max_weight_factor: float = 10.0  # a template needing its households re-weighted beyond this is unsupported
-    min_households: int = 5  # a target fewer households can reach is thin
-    feasibility_tolerance: float = 0.02  # least achievable error (area LP) above this is infeasible
-    feasibility_levels: list[str] = field(default_factory=lambda: ["national", "state"])  # areas solved
-    use_db_tolerance: bool = True  # use the database's tolerance column (relative) as a free band in the loss
 
 
 class Platform(str, Enum):
@@ -177,15 +101,6 @@ class GpuConf:
     preallocate: bool = False  # XLA_PYTHON_CLIENT_PREALLOCATE
     allow_cpu_fallback: bool = False  # run on CPU (recorded) instead of failing when no GPU is found
     cluster: ClusterConf = field(default_factory=ClusterConf)  # accelerator request for cluster launchers
-
-
-@dataclass
-class PublishConf:
-    """Optional publishing stage (``calibrate.publish.publish_run``), off by default."""
-
-    enabled: bool = False  # run the publish stage after a successful fit
-    areas: list[str] = field(default_factory=lambda: ["cd", "state"])  # area levels to publish
-    options: dict[str, Any] = field(default_factory=dict)  # free-form settings for the publish stage
 
 
 class ExecutorKind(str, Enum):
@@ -245,10 +160,10 @@ class CalibrateConfig:
     target: dict[str, TargetGroupConf] = field(default_factory=dict)  # selected target groups (OR-ed)
     geo: GeoConf = field(default_factory=GeoConf)  # congressional districts to stack into
     dataset: DatasetConf = field(default_factory=DatasetConf)  # base household file
-    fit: FitConf = field(default_factory=FitConf)  # L0 fit settings
-    reconcile: ReconcileConf = field(default_factory=ReconcileConf)  # target analysis, reconciliation, loss weights
+    fit: FitConfig = field(default_factory=FitConfig)  # L0 fit settings (calibrate.fit.config)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)  # target checks, scalings, loss weights
     gpu: GpuConf = field(default_factory=GpuConf)  # device profile
-    publish: PublishConf = field(default_factory=PublishConf)  # publishing stage
+    publish: PublishConfig = field(default_factory=PublishConfig)  # publishing stage (calibrate.publish.config)
     executor: ExecutorConf = field(default_factory=ExecutorConf)  # where the matrix simulations run
     period: int = 2024  # target year: the latest target at or before it is used
     seed: int = 0  # random seed (feeds fit.seed)
@@ -381,69 +296,18 @@ def resolve_levels(geo: GeoConf, cds: list[int], db_path) -> list[str]:
     return list(GEO_LEVELS) if every_cd else [lvl for lvl in GEO_LEVELS if lvl != "national"]
 
 
-def l0_config(fit: FitConf, n_households: int | None = None):
-    """The fit stage's ``L0Config`` from the fit section (validated by the fit module).
-
-    The sparsity target becomes a share of each CD's households: ``active_per_cd / n_households``
-    (capped at 1) when a number is given, else ``active_share``. Without ``n_households`` (the
-    early check, before the matrix exists) a number is only range-checked.
-    """
-    from calibrate.fit import L0Config, validate_config
-
-    sparsity = fit.sparsity
-    share = sparsity.active_share
-    if sparsity.active_per_cd is not None:
-        if sparsity.active_per_cd < 1:
-            raise CalibrateError(f"fit.sparsity.active_per_cd={sparsity.active_per_cd} must be >= 1 (or null)")
-        share = 1.0 if n_households is None else min(1.0, sparsity.active_per_cd / n_households)
-    if not 0 <= fit.polish_share < 1:
-        raise CalibrateError(f"fit.polish_share={fit.polish_share} must be in [0, 1)")
-    plain = {f.name: getattr(fit, f.name) for f in fields(L0Config) if hasattr(fit, f.name)}
-    config = L0Config(**plain, target_active_share=share, sparsity_ramp=sparsity.ramp, sparsity_gain=sparsity.gain,
-                      polish_epochs=int(fit.polish_share * fit.epochs) if isinstance(fit.epochs, int) else 0)
+def fit_config(fit: FitConfig) -> FitConfig:
+    """The fit section, its values checked (the schema already checked the keys and types)."""
     try:
-        validate_config(config)
-    except ValueError as exc:
-        key = str(exc).split("=")[0].replace("L0Config.", "")
-        prefix = "fit.sparsity" if key in ("target_active_share", "sparsity_ramp", "sparsity_gain") else "fit"
-        raise CalibrateError(f"{prefix}: {exc}") from None
-    return config
+        validate_config(fit)
+    except FitConfigError as exc:
+        raise CalibrateError(str(exc)) from None
+    return fit
 
 
-def reconcile_settings(conf: ReconcileConf):
-    """(ReconcileSettings, ConsistencySettings, balance) of the reconcile stage, checked."""
-    from calibrate.reconcile.consistency import ConsistencySettings
-    from calibrate.reconcile.loss import BALANCES
-    from calibrate.reconcile.reconcile import ACTIONS, ReconcileError, ReconcileSettings, ScaleRule, check_rule
-    from calibrate.targets import GEO_LEVELS
-
-    if conf.balance not in BALANCES:
-        raise CalibrateError(f"reconcile.balance={conf.balance!r}: choose one of {', '.join(BALANCES)}")
-    if conf.flagged not in ACTIONS:
-        raise CalibrateError(f"reconcile.flagged={conf.flagged!r}: choose one of {', '.join(ACTIONS)}")
-    bad = [lvl for lvl in conf.feasibility_levels if lvl not in ("national", "state")]
-    if bad:
-        raise CalibrateError(f"reconcile.feasibility_levels: {bad[0]!r} is not national or state")
-    for key, value in (("downweight", conf.downweight), ("max_weight_factor", conf.max_weight_factor - 1),
-                       ("hierarchy_tolerance", conf.hierarchy_tolerance),
-                       ("feasibility_tolerance", conf.feasibility_tolerance)):
-        if not value > 0:
-            raise CalibrateError(f"reconcile.{key} is out of range (must be > 0; max_weight_factor > 1)")
-    rules = []
-    for name, rule in conf.scale_children.items():
-        for level in (rule.child_level, rule.parent_level):
-            if level not in GEO_LEVELS:
-                raise CalibrateError(f"reconcile.scale_children.{name}: unknown level {level!r}")
-        rules.append(ScaleRule(name, tuple(rule.variables), tuple(rule.stratum_group_ids), rule.child_level,
-                               rule.parent_level))
-        try:
-            check_rule(rules[-1])
-        except ReconcileError as exc:
-            raise CalibrateError(str(exc)) from None
-    settings = ReconcileSettings(tuple(rules), conf.flagged, conf.downweight, tuple(conf.exclude_target_ids))
-    consistency = ConsistencySettings(conf.hierarchy_tolerance, conf.max_weight_factor, conf.min_households,
-                                      conf.feasibility_tolerance, tuple(conf.feasibility_levels))
-    return settings, consistency, conf.balance
+def reconcile_config(conf: ReconcileConfig) -> ReconcileConfig:
+    """The reconcile section, its values checked."""
+    return conf.validate()
 
 
 def holdout_spec(conf: HoldoutConf, run_levels: list[str]):

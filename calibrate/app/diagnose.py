@@ -58,6 +58,6 @@ def check_penalty_scale(l0, n_weights: int) -> None:
 
 
 def _default(key: str) -> float:
-    from calibrate.fit import L0Config
+    from calibrate.fit import FitConfig
 
-    return getattr(L0Config(), key)
+    return getattr(FitConfig(), key)

@@ -7,6 +7,7 @@ the policyengine-us import and the matrix build, so bad input fails in seconds.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,9 +27,9 @@ from calibrate.app.config import (
     CalibrateConfig,
     executor_settings,
     existing_file,
+    fit_config,
     holdout_spec,
-    l0_config,
-    reconcile_settings,
+    reconcile_config,
     resolve_cds,
     resolve_levels,
     target_filter,
@@ -36,7 +37,7 @@ from calibrate.app.config import (
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
 from calibrate.app.diagnose import check_penalty_scale
-from calibrate.app.calibration import calibration_stage, check_method, quality_violations, record_quality
+from calibrate.app.calibration import calibration_stage, quality_violations, record_quality
 from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
@@ -44,6 +45,8 @@ from calibrate.core.memory import return_freed_memory
 from calibrate.core.rundir import writable_dir
 from calibrate.outputs import plots
 from calibrate.reconcile import split_targets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,13 +109,12 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
 
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
-    l0 = l0_config(settings.fit)  # checked now; the sparsity share needs the household count (below)
-    check_method(settings.fit)
-    check_penalty_scale(l0, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
-    reconcile_cfg = reconcile_settings(settings.reconcile)
+    fit = fit_config(settings.fit)
+    check_penalty_scale(fit, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
+    reconcile = reconcile_config(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
     reset_run_dir(run_dir)
-    resumed = checkpoint_start(run_dir, l0)
+    resumed = checkpoint_start(run_dir, fit)
 
     from calibrate.matrix import build_matrix
 
@@ -123,9 +125,8 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)
-    reconciled = reconcile_stage(matrix, reconcile_cfg, split, settings.reconcile.use_db_tolerance, inputs.db_path)
-    l0 = l0_config(settings.fit, matrix.n_households)
-    outcome = calibration_stage(matrix, settings.fit, run_dir, settings.progress, reconciled)
+    reconciled = reconcile_stage(matrix, reconcile, split, inputs.db_path)
+    outcome = calibration_stage(matrix, fit, run_dir, settings.progress, reconciled)
     result, init_scale, weights = outcome.result, outcome.init_scale, outcome.weights
     table = outputs.targets_table(matrix.targets_df, result.estimates, split,
                                   reconciled.plan.frame())
@@ -136,33 +137,33 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     summary = make_summary(settings, inputs, device, matrix, result, table, weights, run_dir, overrides)
     summary.n_excluded_by_level = n_other_levels
     record_holdout(summary, settings.holdout.name, table)
-    record_reconcile(summary, settings.reconcile.name, reconciled, table, weights, len(matrix.cds), l0, init_scale)
+    record_reconcile(summary, reconcile.name, reconciled, table, weights, matrix.layout, result, init_scale)
     summary.fit_resumed_from_epoch = resumed
     record_quality(summary, outcome, matrix, violations)
-    summary.fit_method = settings.fit.method
+    summary.fit_method = fit.method
     if violations and settings.quality.strict:
         raise CalibrateError(f"weight quality: {violations[0]} (quality.strict=true; see weight_quality.csv)")
     summary.publish = "pending" if settings.publish.enabled else "disabled"
     summary.total_seconds = time.perf_counter() - start
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
     if settings.publish.enabled:
-        summary = _publish(run_dir, cfg, summary)
+        summary = _publish(run_dir, settings.publish, summary)
     print(outputs.console_report(table, asdict(summary), run_dir, settings.report_top), flush=True)
     return summary
 
 
-def reconcile_stage(matrix, reconcile_cfg, split, use_db_tolerance: bool, db_path: Path):
-    """The reconcile stage; an unhandled hierarchy inconsistency is reported, not fatal."""
+def reconcile_stage(matrix, config, split, db_path: Path):
+    """The reconcile stage (``config``: a ReconcileConfig); an unhandled hierarchy inconsistency is
+    reported, not fatal."""
     from calibrate.reconcile import reconcile_targets
     from calibrate.targets import all_cds
 
-    settings, consistency, balance = reconcile_cfg
-    reconciled = reconcile_targets(matrix, settings, consistency, balance, all_cds(db_path), split, use_db_tolerance)
+    reconciled = reconcile_targets(matrix, config, all_cds(db_path), split)
     if len(reconciled.unhandled):
         first = reconciled.unhandled.iloc[0]
-        print(f"warning: {len(reconciled.unhandled)} target hierarchies are inconsistent and no "
-              f"reconcile.scale_children rule covers them (first: {first.label}, children/parent "
-              f"{first.ratio:.3f}); see consistency.csv", file=sys.stderr, flush=True)
+        log.warning("%d target hierarchies are inconsistent and no reconcile.scale_children rule covers them "
+                    "(first: %s, children/parent %.3f); see consistency.csv",
+                    len(reconciled.unhandled), first.label, first.ratio)
     return reconciled
 
 
@@ -179,12 +180,13 @@ def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped, c
     plots.plot_errors(table, run_dir / "errors.png")
 
 
-def _publish(run_dir: Path, cfg, summary: RunSummary) -> RunSummary:
-    """Run the publish stage; its outcome is recorded in summary.json (rewritten atomically)."""
+def _publish(run_dir: Path, config, summary: RunSummary) -> RunSummary:
+    """Run the publish stage (``config``: the typed PublishConfig); its outcome is recorded in
+    summary.json (rewritten atomically)."""
     from calibrate.publish import publish_run
 
     try:
-        result = publish_run(run_dir, cfg.publish)
+        result = publish_run(run_dir, config)
     except Exception as exc:
         summary.publish = f"failed: {exc}"
         outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))

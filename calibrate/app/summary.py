@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import pandas as pd
 
 from calibrate import outputs
 from calibrate.app.config import CalibrateConfig
 from calibrate.app.device import DeviceInfo
 from calibrate.outputs import evaluation
 from calibrate.reconcile import HOLDOUT
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +84,18 @@ class RunSummary:
     classical: dict = field(default_factory=dict)  # minimum-distance solve: iterations, converged, distance, seconds
 
 
+def fitted_mask(table):
+    """Targets in the loss: fitted (not excluded) and not held out."""
+    mask = table["status"] == "fit" if "status" in table else pd.Series(True, index=table.index)
+    return mask & (table["split"] != HOLDOUT) if "split" in table else mask
+
+
+def headline_targets(table):
+    """The targets the headline error figures cover: those in the loss, or every target when none is."""
+    mask = fitted_mask(table)
+    return table[mask] if mask.any() else table
+
+
 def record_holdout(summary: RunSummary, name: str, table) -> None:
     """Train and holdout error figures per level, and the tuning score, into the summary."""
     summary.holdout = name
@@ -87,31 +104,21 @@ def record_holdout(summary: RunSummary, name: str, table) -> None:
     summary.score = evaluation.tuning_score(summary.split_errors)
 
 
-
-def record_reconcile(summary: RunSummary, name: str, reconciled, table, weights, n_cds: int, l0,
+def record_reconcile(summary: RunSummary, name: str, reconciled, table, weights, layout, result,
                      init_scale: float) -> None:
-    """Reconcile and sparsity figures into the summary; headline errors over the fitted targets."""
-    from calibrate.app.fitting import active_per_cd
-
-    fitted = table[table["status"] == "fit"]
-    fitted = fitted[fitted["split"] != HOLDOUT] if "split" in fitted else fitted
-    if len(fitted):
-        for key, value in outputs.error_stats(fitted).items():
-            setattr(summary, key, value)
+    """Reconcile and sparsity figures into the summary (``layout``: the matrix's StackedLayout,
+    ``result``: the FitResult)."""
     excluded = table[table["status"] == "excluded"]
-    summary.n_fitted_targets = int(len(fitted))
+    summary.n_fitted_targets = int(fitted_mask(table).sum())
     summary.n_excluded_targets = int(len(excluded))
     summary.excluded_targets = excluded[["target_id", "label", "reason"]].to_dict("records")
     summary.reconcile = {"setting": name, **reconciled.summary()}
-    summary.active_households_per_cd = active_per_cd(weights, n_cds)
-    summary.sparsity_target_share = l0.target_active_share
+    summary.active_households_per_cd = layout.active_per_cd(weights)
+    target = summary.sparsity_target_share = result.sparsity_target_share
     share = summary.active_households_per_cd["median_share"]
-    if l0.target_active_share is not None and share > 1.05 * l0.target_active_share:
-        import sys
-
-        print(f"warning: the sparsity target was not reached (median active share {share:.1%} vs "
-              f"{l0.target_active_share:.1%} asked); fits shorter than ~300 epochs end less sparse: raise fit.epochs",
-              file=sys.stderr, flush=True)
+    if target is not None and share > 1.05 * target:
+        log.warning("the sparsity target was not reached (median active share %.1f%% vs %.1f%% asked); fits "
+                    "shorter than ~300 epochs end less sparse: raise fit.epochs", 100 * share, 100 * target)
     summary.init_scale = float(init_scale)
 
 
@@ -128,15 +135,15 @@ def make_summary(settings: CalibrateConfig, inputs, device: DeviceInfo, matrix, 
         n_dropped_targets=len(matrix.dropped),
         n_excluded_by_level=0,
         geo_levels=inputs.levels,
-        n_households=len(matrix.household_ids),
-        n_cds=len(matrix.cds),
-        cds=[int(c) for c in matrix.cds],
+        n_households=matrix.layout.n_households,
+        n_cds=matrix.layout.n_cds,
+        cds=list(matrix.layout.cds),
         period=settings.period,
         target_groups=inputs.target_groups,
         geo=settings.geo.name,
         dataset=settings.dataset.name,
         dataset_path=str(inputs.dataset_path.resolve()),
-        dataset_sha256=file_sha256(inputs.dataset_path),
+        dataset_sha256=matrix.dataset_sha256,
         db_path=str(inputs.db_path.resolve()),
         db_sha256=file_sha256(inputs.db_path),
         matrix_seconds=float(matrix.build_seconds),
@@ -147,7 +154,7 @@ def make_summary(settings: CalibrateConfig, inputs, device: DeviceInfo, matrix, 
         seconds_per_epoch=float(result.seconds_per_epoch),
         epochs=int(result.epochs),
         final_loss=float(result.final_loss),
-        **outputs.error_stats(table),
+        **outputs.error_stats(headline_targets(table)),
         **outputs.weight_stats(weights),
         device=str(result.device or device.device),
         platform=device.platform,

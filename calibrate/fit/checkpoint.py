@@ -64,6 +64,8 @@ def problem_fingerprint(
         for f, value in zip(fields(config), astuple(config))
         if f.name not in _PATH_NEUTRAL_FIELDS
     ]
+    if hasattr(config, "polish_epochs"):  # derived from epochs, but it changes the path
+        relevant.append(("polish_epochs", config.polish_epochs))
     digest.update(repr(relevant).encode())
     return digest.hexdigest()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -31,22 +30,10 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse as sp
 
+from calibrate.fit.config import DISTANCES, ClassicalConfig
 from calibrate.fit.model import build_layout, device_ops, join_vector, sparse_matvec, transposed_matvec
 
-DISTANCES = ("kl", "chi2")
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClassicalConfig:
-    """Settings of the classical (minimum-distance) calibration."""
-
-    distance: str = "kl"  # kl (raking) | chi2 (GREG)
-    lower: float = 0.0  # smallest multiplier w / w0
-    upper: float = 10.0  # largest multiplier w / w0
-    penalty: float = 1e6  # weight of the squared relative errors against the distance (inf-like: exact)
-    max_iter: int = 500  # L-BFGS iterations
-    tol: float = 1e-9  # L-BFGS gradient tolerance (projected gradient, dual units)
 
 
 class ClassicalResult(NamedTuple):
@@ -63,17 +50,13 @@ class ClassicalResult(NamedTuple):
 
 
 def validate_classical(cfg: ClassicalConfig) -> None:
-    """ValueError naming the first bad setting."""
-    if cfg.distance not in DISTANCES:
-        raise ValueError(f"distance={cfg.distance!r}: choose one of {', '.join(DISTANCES)}")
-    if not (np.isfinite(cfg.lower) and 0 <= cfg.lower < 1):
-        raise ValueError(f"lower={cfg.lower!r} must be in [0, 1) (the bounds contain the start, 1)")
-    if not (np.isfinite(cfg.upper) and cfg.upper > 1):
-        raise ValueError(f"upper={cfg.upper!r} must be a finite number > 1 (the bounds contain the start, 1)")
-    if not (np.isfinite(cfg.penalty) and cfg.penalty > 0):
-        raise ValueError(f"penalty={cfg.penalty!r} must be a finite number > 0")
-    if not (isinstance(cfg.max_iter, (int, np.integer)) and cfg.max_iter >= 1):
-        raise ValueError(f"max_iter={cfg.max_iter!r} must be an integer >= 1")
+    """ValueError naming the first bad setting (``FitConfig`` checks the same rules in a run)."""
+    from calibrate.fit.config import _RULES, _ok
+
+    for name in ("distance", "lower", "upper", "penalty", "max_iter", "tol"):
+        kind, check, rule = _RULES[f"classical.{name}"]
+        if not _ok(kind, check, getattr(cfg, name)):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} {rule}")
 
 
 # --------------------------------------------------------------------------- distances

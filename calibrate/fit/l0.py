@@ -1,6 +1,6 @@
 """Sparse non-negative calibration weights by an L0 (hard-concrete) gradient fit in JAX.
 
-Public API: ``L0Config``, ``validate_config``, ``initial_weights``, ``fit_l0`` ->
+Public API: ``FitConfig``, ``validate_config``, ``fit_l0`` ->
 ``FitResult``, ``FitDivergedError``. Pure numerical core: knows nothing about
 policyengine, Hydra or project files. The model matches l0-python 0.6.2's
 ``SparseCalibrationWeights`` (see ``calibrate.fit.model``); the sparsity controller is
@@ -29,7 +29,7 @@ from calibrate.fit.checkpoint import (
     save_checkpoint,
     to_checkpoint,
 )
-from calibrate.fit.config import L0Config, validate_config
+from calibrate.fit.config import FitConfig, validate_config
 from calibrate.fit.loop import (
     DeviceProblem,
     Hyper,
@@ -50,8 +50,13 @@ from calibrate.fit.model import (
 from calibrate.fit.sparsity import GroupIndex, SparsitySchedule, build_group_index
 
 __all__ = [
-    "CheckpointMismatchError", "FitDivergedError", "FitResult", "L0Config", "fit_l0",
-    "initial_weights", "relative_loss", "validate_config",
+    "CheckpointMismatchError",
+    "FitConfig",
+    "FitDivergedError",
+    "FitResult",
+    "fit_l0",
+    "relative_loss",
+    "validate_config",
 ]
 
 HISTORY_COLUMNS = [
@@ -86,40 +91,9 @@ class FitResult:
     compile_seconds: float
     total_seconds: float
     device: str
-    config: L0Config
+    config: FitConfig
     lambdas: np.ndarray  # final L0 weight of each column group
-
-
-def initial_weights(base_weights, household_state_fips, cd_state_fips, home_state_share: float = 0.9) -> np.ndarray:
-    """Starting weights for the stacked columns (CD-major: index cd_idx*n_hh + hh_idx).
-
-    Each household's base weight is split: ``home_state_share`` evenly over the CDs of
-    its own state, the rest evenly over all other CDs (all of it evenly over all CDs when
-    its state has none in the list; all on the home CDs when no other CD exists). So
-    column totals per household equal its base weight and every weight is > 0, as the
-    log parametrisation needs, while the fit starts near a geographically plausible point.
-    """
-    base = np.asarray(base_weights, dtype=np.float64)
-    hh_state = np.asarray(household_state_fips)
-    cd_state = np.asarray(cd_state_fips)
-    if base.ndim != 1 or hh_state.shape != base.shape:
-        raise ValueError(f"base_weights {base.shape} and household_state_fips {hh_state.shape} must be equal 1-D shapes")
-    bad = np.flatnonzero(~np.isfinite(base) | (base <= 0))
-    if bad.size:
-        raise ValueError(f"base_weights must be finite and > 0; bad indices {bad[:10].tolist()}")
-    if cd_state.ndim != 1 or cd_state.size == 0:
-        raise ValueError("cd_state_fips must be a non-empty 1-D array")
-    if not 0 < home_state_share < 1:
-        raise ValueError(f"home_state_share={home_state_share!r} must be in (0, 1)")
-    n_cds = cd_state.size
-    in_home = cd_state[:, None] == hh_state[None, :]  # (n_cds, n_hh)
-    n_home = in_home.sum(axis=0)
-    n_other = n_cds - n_home
-    home_share = np.where(n_home == 0, 0.0, np.where(n_other == 0, 1.0, home_state_share))
-    per_home = np.divide(home_share, n_home, out=np.zeros(n_home.shape), where=n_home > 0)
-    per_other = np.divide(1.0 - home_share, n_other, out=np.zeros(n_other.shape), where=n_other > 0)
-    share = np.where(in_home, per_home[None, :], per_other[None, :])
-    return (share * base[None, :]).ravel()
+    sparsity_target_share: float | None = None  # open share asked of each column group (None: fixed lambda_l0)
 
 
 def _per_target(values, m: int, name: str, default: float) -> np.ndarray:
@@ -211,7 +185,7 @@ def _raise_if_diverged(divergence, ev, epoch: int) -> None:
                                "weights or deterministic-gate loss not finite")
 
 
-def _next_stop(epoch: int, cfg: L0Config) -> int:
+def _next_stop(epoch: int, cfg: FitConfig) -> int:
     """End of the next chunk: the nearest log/checkpoint boundary, chunk cap or the end."""
     stops = [cfg.epochs, epoch + cfg.chunk_epochs, (epoch // cfg.log_every + 1) * cfg.log_every]
     if cfg.checkpoint_every > 0:
@@ -219,18 +193,18 @@ def _next_stop(epoch: int, cfg: L0Config) -> int:
     return min(stops)
 
 
-def _schedule(cfg: L0Config) -> SparsitySchedule:
+def _schedule(cfg: FitConfig, share: float | None) -> SparsitySchedule:
     """The controller's static settings (target share -1: off)."""
-    share = -1.0 if cfg.target_active_share is None else float(cfg.target_active_share)
-    ramp = max(1, int(round(cfg.sparsity_ramp * (cfg.epochs - cfg.polish_epochs))))
-    return SparsitySchedule(share, ramp, float(cfg.sparsity_gain), int(cfg.epochs - cfg.polish_epochs))
+    share = -1.0 if share is None else float(share)
+    ramp = max(1, int(round(cfg.sparsity.ramp * (cfg.epochs - cfg.polish_epochs))))
+    return SparsitySchedule(share, ramp, float(cfg.sparsity.gain), int(cfg.epochs - cfg.polish_epochs))
 
 
 def fit_l0(
     X: sp.csr_matrix,
     targets: np.ndarray,
     init_weights: np.ndarray,
-    config: L0Config = L0Config(),
+    config: FitConfig = FitConfig(),
     groups: np.ndarray | None = None,
     checkpoint_path: Path | None = None,
     progress: bool = True,
@@ -245,7 +219,8 @@ def fit_l0(
     summing to 1: given by ``loss_weights`` (zeros allowed: such targets are estimated and
     reported, not fitted), else from ``groups`` / ``config.balance_groups``.
     ``column_groups`` (one id per column, e.g. the CD of each stacked column) are the
-    groups whose open share ``config.target_active_share`` controls (default: one group).
+    groups whose open share ``config.sparsity`` controls (default: one group; ``active_per_cd`` is
+    taken per group of columns).
     """
     t_start = time.perf_counter()
     validate_config(config)
@@ -253,7 +228,9 @@ def fit_l0(
     X, targets, init_weights, groups, loss_weights, tolerances, column_groups = _validate_inputs(
         X, targets, init_weights, groups, checkpoint_path, loss_weights, tolerances, column_groups)
     cfg = config
-    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, _schedule(cfg))
+    n_column_groups = 1 if column_groups is None else np.unique(column_groups).size
+    share = cfg.sparsity.target_share(X.shape[1] // n_column_groups)
+    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, _schedule(cfg, share))
     if loss_weights is None:
         loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
     else:
@@ -280,7 +257,7 @@ def fit_l0(
     )
     del host_ops
     key = jax.random.key(cfg.seed)
-    controlled = cfg.target_active_share is not None
+    controlled = share is not None
     n_groups = group_arrays["sizes"].size
     state = initial_state(initial_params(layout, init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed),
                           hyper, X.shape[0], np.full(n_groups, 0.0 if controlled else cfg.lambda_l0))
@@ -338,4 +315,5 @@ def fit_l0(
         device=f"{device.platform}:{device.device_kind}",
         config=cfg,
         lambdas=np.asarray(lambdas, np.float64),
+        sparsity_target_share=share,
     )

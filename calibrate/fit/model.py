@@ -102,12 +102,6 @@ def deterministic_gates(log_alpha: jax.Array, shape: GateShape) -> jax.Array:
     return jnp.clip(s * (shape.zeta - shape.gamma) + shape.gamma, 0.0, 1.0)
 
 
-def expected_open_gates(log_alpha: jax.Array, shape: GateShape) -> jax.Array:
-    """Sum over columns of P(z > 0) = sigmoid(log_alpha - beta*log(-gamma/zeta))."""
-    shift = float(-shape.beta * np.log(-shape.gamma / shape.zeta))  # Python float: weakly typed
-    return jnp.sum(jax.nn.sigmoid(_clamped(log_alpha) + shift))
-
-
 def l2_penalty(log_weight: jax.Array) -> jax.Array:
     """Sum of squared (ungated) positive weights exp(log_weight)**2 (exp shared with w)."""
     return jnp.sum(jnp.square(jnp.exp(log_weight)))

@@ -1,7 +1,7 @@
-"""Build the geo-stacked calibration matrix X (n_targets, n_households * n_cds).
+"""Build the geo-stacked calibration matrix X (n_targets, one column per household per CD).
 
-Column ``cd_idx * n_households + hh_idx`` is household ``hh_idx`` placed in CD
-``cds[cd_idx]``. Values depend on the CD only through its state, so each state is
+Its columns are households placed in CDs (:class:`~calibrate.matrix.layout.StackedLayout`
+owns that geometry). Values depend on the CD only through its state, so each state is
 simulated once (a fresh simulation holding one copy of the households per state,
 ``state_fips`` set), and geography enters as column masks: a national target fills
 every CD block, a state target the blocks of its CDs, a CD target its own block.
@@ -32,6 +32,7 @@ from calibrate.matrix.assembly import assemble, needed_pairs
 from calibrate.matrix.cache import CacheContext, ContributionCache, Entry, policyengine_versions, template_key
 from calibrate.matrix.contributions import check_variables
 from calibrate.matrix.executors import ExecutorError, ExecutorSettings, default_workers, open_executor
+from calibrate.matrix.layout import StackedLayout
 from calibrate.matrix.simulate import SimulationJob, state_contributions  # noqa: F401  (public re-export)
 from calibrate.targets import TargetFilter, TargetSelectionError, all_cds, load_targets
 
@@ -46,27 +47,28 @@ REQUIRED_DATASET_VARIABLES = ("household_id", "person_id", "person_household_id"
 
 @dataclass
 class CalibrationMatrix:
-    """The targets, X and the household layout of its columns, with how the build went."""
+    """The targets, X and the layout of its columns, with how the build went."""
 
     targets_df: pd.DataFrame
     X: sp.csr_matrix
-    cds: list[int]
-    household_ids: np.ndarray
-    household_weights: np.ndarray
-    household_state_fips: np.ndarray
+    layout: StackedLayout  # CDs, their states, households, column <-> (CD, household)
     dropped: pd.DataFrame
     build_seconds: float = 0.0
     cache_hit: bool = False  # nothing was simulated: every entry came from the cache
     cache_key: str = ""  # identity of this matrix (dataset, targets with values, CDs, period, versions)
+    dataset_sha256: str = ""  # of the dataset file the matrix was built from
     state_seconds: dict = field(default_factory=dict)  # simulated state -> wall seconds of its simulation
     state_cpu_seconds: dict = field(default_factory=dict)  # simulated state -> CPU seconds of its simulation
     entries_simulated: int = 0  # (state, template) entries computed by this build
     entries_cached: int = 0  # (state, template) entries read from the cache
     simulations: int = 0  # policyengine-us simulations run
 
-    @property
-    def n_households(self) -> int:
-        return len(self.household_ids)
+    # Read-only views of the layout (its one owner).
+    cds = property(lambda self: self.layout.cds)
+    n_households = property(lambda self: self.layout.n_households)
+    household_ids = property(lambda self: self.layout.household_ids)
+    household_weights = property(lambda self: self.layout.household_weights)
+    household_state_fips = property(lambda self: self.layout.household_states)
 
     @property
     def household_id_mapping(self) -> dict[int, np.ndarray]:
@@ -74,7 +76,7 @@ class CalibrationMatrix:
         return {cd: self.household_ids for cd in self.cds}
 
     def column(self, cd: int, household_index: int) -> int:
-        return self.cds.index(cd) * self.n_households + household_index
+        return int(self.layout.column(self.layout.cd_index(cd), household_index))
 
 
 def _check_cds(cds: list[int], db_path: Path) -> list[int]:
@@ -209,7 +211,9 @@ def build_matrix(
     cds = _check_cds(list(cds), Path(db_path))
     targets = load_targets(Path(db_path), target_filter, cds, period)
     arrays = read_h5(dataset_path, period, REQUIRED_DATASET_VARIABLES)
-    n_hh = len(arrays["household_id"])
+    layout = StackedLayout(tuple(cds), arrays["household_id"].astype(np.int64),
+                           arrays["household_weight"].astype(np.float64), arrays["state_fips"].astype(np.int64))
+    n_hh = layout.n_households
     dataset_sha256 = file_sha256(dataset_path)
 
     templates, row_template = row_templates(targets)
@@ -217,7 +221,7 @@ def build_matrix(
     cache = ContributionCache(cache_dir, CacheContext(dataset_sha256, period, n_hh, *policyengine_versions()))
     entries: dict[tuple[int, int], Entry] = {}
     missing: dict[int, list[int]] = defaultdict(list)
-    for state, template in sorted(needed_pairs(targets, cds, row_template)):
+    for state, template in sorted(needed_pairs(targets, layout, row_template)):
         entry = cache.load(state, keys[template])
         if entry is None:
             missing[state].append(template)
@@ -235,7 +239,7 @@ def build_matrix(
             jobs = plan_jobs(missing, templates, keys, dataset_path, period, runner.slots, states_per_chunk, stack)
             simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress)
 
-    X, kept = assemble(targets, cds, entries, n_hh, row_template)
+    X, kept = assemble(targets, layout, entries, row_template)
     del entries
     empty = np.ones(len(targets), dtype=bool)
     empty[kept] = False
@@ -246,14 +250,12 @@ def build_matrix(
     return CalibrationMatrix(
         targets_df=targets,
         X=X,
-        cds=cds,
-        household_ids=arrays["household_id"].astype(np.int64),
-        household_weights=arrays["household_weight"].astype(np.float64),
-        household_state_fips=arrays["state_fips"].astype(np.int64),
+        layout=layout,
         dropped=dropped,
         build_seconds=time.perf_counter() - start,
         cache_hit=simulated.entries == 0,
         cache_key=key,
+        dataset_sha256=dataset_sha256,
         state_seconds=simulated.wall,
         state_cpu_seconds=simulated.cpu,
         entries_simulated=simulated.entries,

@@ -32,25 +32,28 @@ class MatrixTracer:
 
     def __init__(self, matrix: CalibrationMatrix):
         self.m = matrix
+        self.layout = matrix.layout
         self.X = matrix.X.tocsr()
-        self.n_hh = matrix.n_households
         self._hh_pos = {int(h): i for i, h in enumerate(matrix.household_ids)}
 
     def structure(self) -> str:
         X, t = self.X, self.m.targets_df
         n_cells = X.shape[0] * X.shape[1]
+        lay = self.layout
         lines = [
-            f"X: {X.shape[0]} targets x {X.shape[1]} columns ({len(self.m.cds)} CDs x {self.n_hh} households)",
+            f"X: {X.shape[0]} targets x {X.shape[1]} columns ({lay.n_cds} CDs x {lay.n_households} households)",
             f"nnz: {X.nnz:,}  density: {X.nnz / max(n_cells, 1):.3e}  sparsity: {1 - X.nnz / max(n_cells, 1):.6f}",
             f"dropped all-zero targets: {len(self.m.dropped)}",
             "CD column ranges:",
         ]
-        for i, cd in enumerate(self.m.cds[:5]):
-            lines.append(f"  {cd_label(cd):>6} ({cd}): columns {i * self.n_hh}-{(i + 1) * self.n_hh - 1}")
-        if len(self.m.cds) > 5:
-            i = len(self.m.cds) - 1
-            lines.append(f"  ... {len(self.m.cds) - 6} more ...")
-            lines.append(f"  {cd_label(self.m.cds[i]):>6} ({self.m.cds[i]}): columns {i * self.n_hh}-{(i + 1) * self.n_hh - 1}")
+        shown = list(range(min(lay.n_cds, 5)))
+        if lay.n_cds > 5:
+            shown.append(lay.n_cds - 1)
+        for i in shown:
+            if i == lay.n_cds - 1 and lay.n_cds > 5:
+                lines.append(f"  ... {lay.n_cds - 6} more ...")
+            cd, first = lay.cds[i], int(lay.block_start(i))
+            lines.append(f"  {cd_label(cd):>6} ({cd}): columns {first}-{first + lay.n_households - 1}")
         lines.append("row groups (geo level, variable): rows")
         groups = t.reset_index().groupby(["geo_level", "variable"], sort=False)["index"].agg(["min", "max", "count"])
         for (level, variable), g in groups.iterrows():
@@ -72,8 +75,8 @@ class MatrixTracer:
         col = int(col)
         if not 0 <= col < self.X.shape[1]:
             raise IndexError(f"column {col} outside 0..{self.X.shape[1] - 1}")
-        cd_idx, hh_idx = divmod(col, self.n_hh)
-        cd = self.m.cds[cd_idx]
+        cd_idx, hh_idx = (int(v) for v in self.layout.split(col))
+        cd = self.layout.cds[cd_idx]
         return {"column": col, "cd": cd, "cd_label": cd_label(cd), "cd_index": cd_idx,
                 "household_index": hh_idx, "household_id": int(self.m.household_ids[hh_idx])}
 
@@ -86,13 +89,13 @@ class MatrixTracer:
         if int(household_id) not in self._hh_pos:
             raise KeyError(f"household id {household_id} is not in the matrix")
         hh = self._hh_pos[int(household_id)]
-        cols = np.arange(len(self.m.cds)) * self.n_hh + hh
+        cols = self.layout.column(np.arange(self.layout.n_cds), hh)
         sub = self.X[:, cols].tocoo()
         t = self.m.targets_df
         return pd.DataFrame({
             "row": sub.row,
             "label": t.label.to_numpy()[sub.row],
-            "cd": np.asarray(self.m.cds)[sub.col],
+            "cd": np.asarray(self.layout.cds)[sub.col],
             "column": cols[sub.col],
             "value": sub.data,
         }).sort_values(["row", "cd"]).reset_index(drop=True)

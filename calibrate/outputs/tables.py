@@ -23,7 +23,7 @@ TARGET_COLUMNS = [
     "target_id", "stratum_id", "stratum_group_id", "variable", "geo_level", "geographic_id", "label",
     "value", "estimate", "rel_error", "abs_rel_error",
 ]
-PLAN_COLUMNS = ["value_original", "rel_error_original", "status", "reason", "loss_multiplier"]
+PLAN_COLUMNS = ["value_original", "rel_error_original", "status", "reason", "loss_multiplier", "scaled"]
 SUMMARY_FILE = "summary.json"
 
 
@@ -113,7 +113,7 @@ def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndar
     With the reconcile stage's ``plan`` (columns value_original, value, status, reason,
     loss_multiplier), ``value`` is the value fitted and ``rel_error`` is measured against
     it; ``value_original`` (the database value) and ``rel_error_original`` follow, then
-    ``status`` (fit | excluded), ``reason`` and ``loss_multiplier``.
+    ``status`` (fit | excluded), ``reason``, ``loss_multiplier`` and ``scaled`` (a scale rule set the value).
     """
     table = targets_df[[c for c in TARGET_COLUMNS if c in targets_df.columns]].copy()
     if plan is not None:
@@ -125,7 +125,7 @@ def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndar
     if plan is not None:
         table["value_original"] = plan["value_original"].to_numpy(dtype=np.float64)
         table["rel_error_original"] = relative_errors(table["estimate"].to_numpy(), table["value_original"].to_numpy())
-        for column in ("status", "reason", "loss_multiplier"):
+        for column in ("status", "reason", "loss_multiplier", "scaled"):
             table[column] = plan[column].to_numpy()
         columns += PLAN_COLUMNS
     if split is not None:

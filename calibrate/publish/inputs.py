@@ -4,7 +4,7 @@ Everything here is cheap (no policyengine-us import) and runs before any file is
 written, so bad input fails in seconds and leaves nothing behind.
 
 A run directory (see :mod:`calibrate.outputs` / :mod:`calibrate.run`) holds
-``weights.npy`` (CD-major: ``cd_idx * n_households + hh_idx``), ``targets.csv`` and
+``weights.npy`` (stacked columns, :class:`~calibrate.matrix.layout.StackedLayout`), ``targets.csv`` and
 ``summary.json`` (``dataset_path``, ``dataset_sha256``, ``cds``, ``period``,
 ``n_households``, ``db_path``).
 """
@@ -21,7 +21,13 @@ import pandas as pd
 from calibrate.core.dataset import file_sha256, read_h5
 from calibrate.core.errors import CalibrateError
 from calibrate.core.rundir import IncompleteRunError, require_finished_run, safe_name
-from calibrate.targets.geography import FIPS_STATE, GeographyError, state_fips_from_code, state_of_cd
+from calibrate.matrix.layout import StackedLayout
+from calibrate.targets.geography import (
+    FIPS_STATE,
+    GeographyError,
+    state_fips_from_code,
+    state_of_cd,
+)
 
 RUN_FILES = ("summary.json", "weights.npy", "targets.csv")
 SUMMARY_KEYS = ("dataset_path", "dataset_sha256", "cds", "period", "n_households")
@@ -42,17 +48,21 @@ class RunData:
     dataset_path: Path
     db_path: Path | None
     period: int
-    cds: tuple[int, ...]
-    weights: np.ndarray  # (n_cds, n_households), CD-major rows
+    layout: StackedLayout  # the run's CDs and households (geometry only: no base weights)
+    weights: np.ndarray  # (n_cds, n_households), CD-major rows (``layout.per_cd``)
     targets: pd.DataFrame  # targets.csv
 
     @property
+    def cds(self) -> tuple[int, ...]:
+        return self.layout.cds
+
+    @property
     def n_households(self) -> int:
-        return self.weights.shape[1]
+        return self.layout.n_households
 
     @property
     def states(self) -> tuple[int, ...]:
-        return tuple(sorted({state_of_cd(c) for c in self.cds}))
+        return self.layout.states
 
 
 @dataclass(frozen=True)
@@ -129,16 +139,18 @@ def load_run(run_dir, dataset_path=None, db_path=None) -> RunData:
     cds = tuple(int(c) for c in summary["cds"])
     n_hh = int(summary["n_households"])
     dataset = _resolve_dataset(summary, dataset_path)
-    n_dataset = len(read_h5(dataset, int(summary["period"]), ["household_id"])["household_id"])
+    household_ids = read_h5(dataset, int(summary["period"]), ["household_id"])["household_id"]
+    n_dataset = len(household_ids)
     if n_dataset != n_hh:
         raise PublishInputError(f"dataset {dataset} has {n_dataset} households, summary.json n_households {n_hh}")
     try:
         weights = np.load(run_dir / "weights.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise PublishInputError(f"{run_dir / 'weights.npy'} is not a readable .npy file: {exc}") from None
-    if weights.ndim != 1 or weights.size != n_hh * len(cds):
+    layout = StackedLayout.of(cds, household_ids)
+    if weights.shape != (layout.n_columns,):
         raise PublishInputError(
-            f"{run_dir / 'weights.npy'} has shape {weights.shape}, expected ({n_hh * len(cds)},) = "
+            f"{run_dir / 'weights.npy'} has shape {weights.shape}, expected ({layout.n_columns},) = "
             f"{n_hh} households x {len(cds)} CDs (summary.json)"
         )
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
@@ -149,8 +161,8 @@ def load_run(run_dir, dataset_path=None, db_path=None) -> RunData:
         dataset_path=dataset,
         db_path=Path(db) if db else None,
         period=int(summary["period"]),
-        cds=cds,
-        weights=weights.reshape(len(cds), n_hh),
+        layout=layout,
+        weights=layout.per_cd(weights),
         targets=_read_targets(run_dir),
     )
 

@@ -22,7 +22,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -32,9 +32,9 @@ from calibrate.core.dataset import read_h5
 from calibrate.core.errors import CalibrateError
 from calibrate.core.faults import fault_point
 from calibrate.core.rundir import writable_dir
+from calibrate.publish.config import DEFAULT_RTOL, DEFAULT_SAMPLE_SIZE, VERIFY_MODES, PublishConfig
 from calibrate.publish.inputs import Area, PublishInputError, RunData, load_run, resolve_areas
 from calibrate.publish.verify import (
-    DEFAULT_RTOL,
     VERIFY_COLUMNS,
     PublishVerificationError,
     TargetSpec,
@@ -45,8 +45,6 @@ from calibrate.publish.verify import (
 )
 from calibrate.publish.write import BaseLayout, PublishedFile, base_layout, write_area
 
-VERIFY_MODES = ("all", "sample", "none")
-DEFAULT_SAMPLE_SIZE = 6
 CLI_KEYS = ("run_dir", "area", "areas", "verify", "workers", "out_dir", "sample_size", "rtol", "dataset_path", "db_path")
 EXIT_BAD_INPUT = 2
 
@@ -95,10 +93,14 @@ def _verify_mode(value) -> str:
     return text
 
 
-def make_options(cfg_publish=None, **kwargs) -> PublishOptions:
-    """Options from a Hydra ``publish`` node (``areas`` + ``options`` dict) and/or keyword args."""
+def make_options(cfg_publish: PublishConfig | None = None, **kwargs) -> PublishOptions:
+    """Options from the run's typed ``publish`` section (a :class:`PublishConfig`; a plain mapping
+    with ``areas`` and ``options`` is read alike) and/or keyword args (which win)."""
     merged: dict = {}
-    if cfg_publish is not None:
+    if isinstance(cfg_publish, PublishConfig):
+        merged["areas"] = list(cfg_publish.areas)
+        merged.update(asdict(cfg_publish.options))
+    elif cfg_publish is not None:
         get = cfg_publish.get if hasattr(cfg_publish, "get") else lambda k, d=None: getattr(cfg_publish, k, d)
         if get("areas", None) is not None:
             merged["areas"] = list(get("areas"))

@@ -25,9 +25,9 @@ import pandas as pd
 from calibrate.core import pe
 from calibrate.core.errors import CalibrateError
 from calibrate.matrix.contributions import household_contributions
+from calibrate.publish.config import DEFAULT_RTOL
 from calibrate.targets import TargetFilter, load_targets
 
-DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
 _MEDICAID_REASON = (
     "policyengine-us normalises Medicaid dollars by the simulation's weighted state enrollment "

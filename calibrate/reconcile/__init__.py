@@ -9,14 +9,14 @@ balances the loss across geographic levels, ``holdout`` splits targets into a tr
 (fitted) and a holdout set (loss weight 0, scored after the fit).
 """
 
-from calibrate.reconcile.consistency import ConsistencySettings, template_key
-from calibrate.reconcile.holdout import HOLDOUT, TRAIN, HoldoutError, HoldoutSpec, apply_holdout, split_targets
+from calibrate.reconcile.config import ReconcileConfig, ReconcileError, ScaleRule
+from calibrate.reconcile.consistency import template_key
+from calibrate.reconcile.holdout import HOLDOUT, TRAIN, HoldoutError, HoldoutSpec, split_targets
 from calibrate.reconcile.loss import loss_weights
-from calibrate.reconcile.reconcile import ReconcileSettings, ScaleRule, TargetPlan
+from calibrate.reconcile.reconcile import TargetPlan
 from calibrate.reconcile.stage import ReconciledTargets, reconcile_targets
 
 __all__ = [
-    "HOLDOUT", "TRAIN", "ConsistencySettings", "HoldoutError", "HoldoutSpec", "ReconcileSettings",
-    "ReconciledTargets", "ScaleRule", "TargetPlan", "apply_holdout", "loss_weights", "reconcile_targets",
-    "split_targets", "template_key",
+    "HOLDOUT", "TRAIN", "HoldoutError", "HoldoutSpec", "ReconcileConfig", "ReconcileError", "ReconciledTargets",
+    "ScaleRule", "TargetPlan", "loss_weights", "reconcile_targets", "split_targets", "template_key",
 ]

@@ -24,8 +24,6 @@ Every check returns rows of one flat table (``consistency.csv``); see ``docs/fit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -38,17 +36,6 @@ COLUMNS = [
     "ratio", "n", "detail",
 ]
 OK = "ok"
-
-
-@dataclass(frozen=True)
-class ConsistencySettings:
-    """Thresholds of the checks (``conf/reconcile/*.yaml``)."""
-
-    hierarchy_tolerance: float = 0.01  # |children / parent - 1| above this is inconsistent
-    max_weight_factor: float = 10.0  # weights may grow at most this much (support and feasibility)
-    min_households: int = 5  # rows supported by fewer distinct households are thin
-    feasibility_tolerance: float = 0.02  # LP relative error above this is infeasible
-    feasibility_levels: tuple[str, ...] = ("national", "state")  # areas whose joint feasibility is solved
 
 
 def template_key(variable: str, constraints) -> str:
@@ -73,7 +60,11 @@ def _is_zero(text: str) -> bool:
 
 
 def with_templates(targets: pd.DataFrame) -> pd.DataFrame:
-    """``targets`` plus ``template`` and ``state`` (state FIPS of state/district targets, 0 for national)."""
+    """``targets`` plus ``template`` and ``state`` (state FIPS of state/district targets, 0 for national).
+
+    A frame that has both already is returned as it is (the reconcile stage derives them once)."""
+    if "template" in targets and "state" in targets:
+        return targets
     out = targets.copy()
     out["template"] = [template_key(v, c) for v, c in zip(out.variable, out.constraints)]
     geo = out.geographic_id.to_numpy()
@@ -94,7 +85,7 @@ def cds_per_state(all_cds: list[int]) -> dict[int, int]:
 
 
 def check_hierarchy(targets: pd.DataFrame, values: np.ndarray, state_cds: dict[int, int],
-                    settings: ConsistencySettings) -> pd.DataFrame:
+                    settings) -> pd.DataFrame:
     """Children sum vs parent for every template at two levels, where the selection holds every
     child (``state_cds``: how many CDs each state has, see :func:`cds_per_state`)."""
     t = with_templates(targets).assign(value=np.asarray(values, dtype=np.float64))
@@ -127,24 +118,14 @@ def check_hierarchy(targets: pd.DataFrame, values: np.ndarray, state_cds: dict[i
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def base_allocation(household_weights: np.ndarray, household_states: np.ndarray, cds: list[int]) -> np.ndarray:
-    """Stacked weights that put each household's base weight in its home state, evenly over its CDs
-    (zero elsewhere; a household whose state has no selected CD is left out)."""
-    cd_states = np.array([state_of_cd(c) for c in cds])
-    per_state = pd.Series(cd_states).value_counts()
-    n_home = per_state.reindex(household_states).fillna(0).to_numpy()
-    share = np.divide(1.0, n_home, out=np.zeros_like(n_home, dtype=np.float64), where=n_home > 0)
-    w = (cd_states[:, None] == np.asarray(household_states)[None, :]) * (share * household_weights)[None, :]
-    return w.ravel()
-
-
-def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, base_weights: np.ndarray,
-                  n_households: int, settings: ConsistencySettings) -> pd.DataFrame:
-    """Per target: base estimate, supporting households, and its template's national re-weighting factor."""
+def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, layout,
+                  settings) -> pd.DataFrame:
+    """Per target: base estimate (``layout.base_allocation``), supporting households, and its
+    template's national re-weighting factor (``settings``: a ReconcileConfig)."""
     t = with_templates(targets).assign(value=np.asarray(values, dtype=np.float64))
-    base = float64_matvec(X, base_weights)
+    base = float64_matvec(X, layout.base_allocation())
     t["base"] = base
-    households = supporting_households(sp.csr_matrix(X), n_households, settings.min_households)
+    households = supporting_households(sp.csr_matrix(X), layout, settings.min_households)
     factors = _template_factors(t)
     rows = []
     top = settings.max_weight_factor
@@ -164,18 +145,18 @@ def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, b
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def supporting_households(csr: sp.csr_matrix, n_households: int, enough: int) -> np.ndarray:
+def supporting_households(csr: sp.csr_matrix, layout, enough: int) -> np.ndarray:
     """Distinct households with a nonzero in each row (a household appears once per CD block).
 
     A row with at least ``enough * n_blocks`` nonzeros has at least ``enough`` households
     (pigeonhole), so only short rows are counted exactly; the others get that lower bound,
     ``nnz / n_blocks`` rounded up (all 436 CDs: 90M nonzeros are never sorted).
     """
-    n_blocks = max(1, csr.shape[1] // max(n_households, 1))
+    n_blocks = max(1, layout.n_cds)
     nnz = np.diff(csr.indptr)
     out = -(-nnz // n_blocks)
     for i in np.flatnonzero(nnz < enough * n_blocks):
-        out[i] = np.unique(csr.indices[csr.indptr[i]:csr.indptr[i + 1]] % n_households).size
+        out[i] = np.unique(layout.household_of(csr.indices[csr.indptr[i]:csr.indptr[i + 1]])).size
     return out
 
 

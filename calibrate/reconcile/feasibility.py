@@ -16,14 +16,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.optimize import linprog
 
-from calibrate.reconcile.consistency import COLUMNS, OK, ConsistencySettings, _row
-from calibrate.targets.geography import state_of_cd
+from calibrate.reconcile.consistency import COLUMNS, OK, _row
 
 
 def min_l1_relative_errors(A: np.ndarray, values: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """Relative errors A w / values - 1 at the w in [0, upper] minimising their L1 norm."""
+    from scipy.optimize import (
+        linprog,  # imported when solved: keeps the config schema's import light
+    )
+
     m, n = A.shape
     scaled = A / values[:, None]
     cost = np.concatenate([np.zeros(n), np.ones(2 * m)])
@@ -35,23 +37,11 @@ def min_l1_relative_errors(A: np.ndarray, values: np.ndarray, upper: np.ndarray)
     return scaled @ res.x[:n] - 1.0
 
 
-def _area_columns(level: str, geo: int, cds: list[int], household_states: np.ndarray, n_hh: int) -> np.ndarray:
-    """Stacked column of each household for the area's programme (-1: household not available)."""
-    cd_states = np.array([state_of_cd(c) for c in cds])
-    if level == "state":
-        first = np.flatnonzero(cd_states == geo)
-        return np.full(n_hh, -1) if first.size == 0 else first[0] * n_hh + np.arange(n_hh)
-    first_cd = {s: int(np.flatnonzero(cd_states == s)[0]) for s in np.unique(cd_states)}
-    blocks = np.array([first_cd.get(s, -1) for s in household_states])
-    return np.where(blocks >= 0, blocks * n_hh + np.arange(n_hh), -1)
-
-
-def check_feasibility(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, cds: list[int],
-                      household_weights: np.ndarray, household_states: np.ndarray, in_fit: np.ndarray,
-                      settings: ConsistencySettings) -> pd.DataFrame:
-    """One row per target of each solved area: its least achievable error and a flag."""
+def check_feasibility(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, layout, in_fit: np.ndarray,
+                      settings) -> pd.DataFrame:
+    """One row per target of each solved area: its least achievable error and a flag (``layout``: the
+    matrix's StackedLayout, ``settings``: a ReconcileConfig)."""
     values = np.asarray(values, dtype=np.float64)
-    n_hh = household_weights.size
     rows = []
     csr = sp.csr_matrix(X)
     level = targets.geo_level.to_numpy()
@@ -59,12 +49,13 @@ def check_feasibility(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matri
         for geo in sorted(set(targets.geographic_id[level == area_level])):
             idx = np.flatnonzero((level == area_level) & (targets.geographic_id.to_numpy() == geo) & in_fit
                                  & (values > 0))
-            cols = _area_columns(area_level, int(geo), cds, household_states, n_hh)
+            # the nation: each household in its home state; a state: every household placed there
+            cols = layout.home_state_columns(int(geo) if area_level == "state" else None)
             available = cols >= 0
             if idx.size == 0 or not available.any():
                 continue
             A = csr[idx][:, cols[available]].toarray()
-            upper = settings.max_weight_factor * household_weights[available]
+            upper = settings.max_weight_factor * layout.household_weights[available]
             errors = min_l1_relative_errors(A, values[idx], upper)
             for i, err in zip(idx, errors):
                 bad = abs(err) > settings.feasibility_tolerance

@@ -8,7 +8,7 @@ depends only on the seed, the stratum and the target ids in it: not on row order
 on which other strata the run selected.
 
 Held-out targets stay in the matrix (built once for both sets) and get loss weight 0
-(:func:`apply_holdout`): the fit estimates them without fitting them.
+(the reconcile stage leaves them out of ``loss_weights``): the fit estimates them without fitting them.
 """
 
 from __future__ import annotations
@@ -100,15 +100,6 @@ def split_targets(targets: pd.DataFrame, spec: HoldoutSpec) -> np.ndarray:
     if held.all():
         raise HoldoutError(f"the holdout settings hold out all {len(held)} targets: nothing left to fit")
     return np.where(held, HOLDOUT, TRAIN)
-
-
-def apply_holdout(loss_weights: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """The loss weights with held-out targets set to 0 (the others unchanged)."""
-    loss_weights = np.asarray(loss_weights, dtype=np.float64)
-    split = np.asarray(split)
-    if split.shape != loss_weights.shape:
-        raise ValueError(f"split has shape {split.shape}, loss weights {loss_weights.shape}")
-    return np.where(split == HOLDOUT, 0.0, loss_weights)
 
 
 def _named_mask(targets: pd.DataFrame, spec: HoldoutSpec) -> np.ndarray:

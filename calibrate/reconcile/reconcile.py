@@ -17,56 +17,29 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from calibrate.core.errors import CalibrateError
+from calibrate.reconcile.config import (
+    ACTIONS,
+    ReconcileConfig,
+    ReconcileError,
+    ScaleRule,
+    check_rule,
+)
 from calibrate.reconcile.consistency import with_templates
 
 FLAGS_ACTED_ON = ("unsupported", "thin", "infeasible")
-ACTIONS = ("exclude", "downweight", "keep")
 FIT, EXCLUDED = "fit", "excluded"
-
-
-class ReconcileError(CalibrateError):
-    """A reconciliation setting that cannot be applied (names the key)."""
-
-
-@dataclass(frozen=True)
-class ScaleRule:
-    """Scale the ``child_level`` targets of matching templates to sum to their ``parent_level`` target."""
-
-    name: str
-    variables: tuple[str, ...] = ()  # templates whose variable is one of these (empty: any)
-    stratum_group_ids: tuple[int, ...] = ()  # ... and whose stratum group is one of these (empty: any)
-    child_level: str = "district"
-    parent_level: str = "state"
-
-    def matches(self, targets: pd.DataFrame) -> np.ndarray:
-        ok = np.ones(len(targets), dtype=bool)
-        if self.variables:
-            ok &= targets.variable.isin(self.variables).to_numpy()
-        if self.stratum_group_ids:
-            ok &= targets.stratum_group_id.isin(self.stratum_group_ids).to_numpy()
-        return ok
-
-
-@dataclass(frozen=True)
-class ReconcileSettings:
-    """What to do with the analysis' findings (``conf/reconcile/*.yaml``)."""
-
-    scale_children: tuple[ScaleRule, ...] = ()
-    flagged: str = "exclude"  # exclude | downweight | keep, for unsupported / thin / infeasible targets
-    downweight: float = 0.01  # loss-weight multiplier of down-weighted targets
-    exclude_target_ids: tuple[int, ...] = ()  # excluded by hand ("excluded by config")
 
 
 @dataclass
 class TargetPlan:
-    """Per target: value fitted, status (fit | excluded), reason, loss-weight multiplier."""
+    """Per target: value fitted, status (fit | excluded), reason, loss-weight multiplier, scaled or not."""
 
     original: np.ndarray
     value: np.ndarray
     status: np.ndarray
     reason: np.ndarray
     weight_multiplier: np.ndarray
+    scaled: np.ndarray  # a scale rule changed the value (kept when a later exclusion rewrites the reason)
 
     @property
     def in_fit(self) -> np.ndarray:
@@ -74,22 +47,12 @@ class TargetPlan:
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({"value_original": self.original, "value": self.value, "status": self.status,
-                             "reason": self.reason, "loss_multiplier": self.weight_multiplier})
-
-
-def check_rule(rule: ScaleRule) -> None:
-    """ReconcileError unless the rule names a child level below its parent level."""
-    order = {"district": 0, "state": 1, "national": 2}
-    if rule.child_level not in order or rule.parent_level not in order:
-        raise ReconcileError(f"reconcile.scale_children {rule.name!r}: levels must be district, state or national")
-    if order[rule.child_level] >= order[rule.parent_level]:
-        raise ReconcileError(f"reconcile.scale_children {rule.name!r}: child_level {rule.child_level!r} must be "
-                             f"below parent_level {rule.parent_level!r}")
+                             "reason": self.reason, "loss_multiplier": self.weight_multiplier, "scaled": self.scaled})
 
 
 def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[ScaleRule, ...],
-                   state_cds: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(scaled values, reason per target) after applying every rule in order (parents first
+                   state_cds: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scaled values, reason per target, scaled per target) after applying every rule in order (parents first
     when rules chain, e.g. states to the nation, then CDs to the scaled states).
 
     A parent is only imposed when the selection holds all its children (``state_cds``: CDs per
@@ -99,6 +62,7 @@ def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[Scale
     t = with_templates(targets)
     values = np.asarray(values, dtype=np.float64).copy()
     reason = np.full(len(t), "", dtype=object)
+    scaled = np.zeros(len(t), dtype=bool)
     level = t.geo_level.to_numpy()
     for rule in sorted(rules, key=lambda r: {"national": 0, "state": 1, "district": 2}.get(r.parent_level, 3)):
         check_rule(rule)
@@ -121,8 +85,9 @@ def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[Scale
                     continue
                 factor = values[p] / total
                 values[kids] *= factor
+                scaled[kids] = True
                 reason[kids] = f"scaled x{factor:.4f} to {t.label.iat[p]} (rule {rule.name})"
-    return values, reason
+    return values, reason, scaled
 
 
 def _n_children(rule: ScaleRule, parent_geo: int, state_cds: dict[int, int]) -> int:
@@ -137,14 +102,16 @@ def _parent_of(t: pd.DataFrame, rows: np.ndarray, child_level: str) -> np.ndarra
     return geo // 100 if child_level == "district" else np.zeros_like(geo)
 
 
-def plan_targets(targets: pd.DataFrame, settings: ReconcileSettings, analysis: pd.DataFrame | None = None,
-                 scaled: tuple[np.ndarray, np.ndarray] | None = None) -> TargetPlan:
+def plan_targets(targets: pd.DataFrame, settings: ReconcileConfig, analysis: pd.DataFrame | None = None,
+                 scaled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> TargetPlan:
     """The plan: scaled values (``scaled``, from :func:`scale_children`; none given: the raw
     values), then exclusions (by hand, then flagged targets as configured)."""
     if settings.flagged not in ACTIONS:
         raise ReconcileError(f"reconcile.flagged={settings.flagged!r}: choose one of {', '.join(ACTIONS)}")
     original = targets.value.to_numpy(dtype=np.float64)
-    values, reason = scaled if scaled is not None else (original.copy(), np.full(len(targets), "", dtype=object))
+    if scaled is None:
+        scaled = original.copy(), np.full(len(targets), "", dtype=object), np.zeros(len(targets), dtype=bool)
+    values, reason, was_scaled = scaled
     status = np.full(len(targets), FIT, dtype=object)
     multiplier = np.ones(len(targets))
     by_hand = targets.target_id.isin(settings.exclude_target_ids).to_numpy()
@@ -162,7 +129,7 @@ def plan_targets(targets: pd.DataFrame, settings: ReconcileSettings, analysis: p
             else:
                 multiplier[i] = settings.downweight
                 reason[i] = f"down-weighted x{settings.downweight:g}: {note}"
-    return TargetPlan(original, values, status, reason, multiplier)
+    return TargetPlan(original, values, status, reason, multiplier, was_scaled)
 
 
 def unhandled_inconsistencies(targets: pd.DataFrame, hierarchy: pd.DataFrame,

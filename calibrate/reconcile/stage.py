@@ -16,19 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from calibrate.reconcile.consistency import (
-    ConsistencySettings,
-    base_allocation,
-    cds_per_state,
-    check_hierarchy,
-    check_support,
-)
+from calibrate.reconcile.config import ReconcileConfig
+from calibrate.reconcile.consistency import cds_per_state, check_hierarchy, check_support, with_templates
 from calibrate.reconcile.feasibility import check_feasibility
 from calibrate.reconcile.holdout import HOLDOUT
 from calibrate.reconcile.loss import loss_weights
 from calibrate.reconcile.reconcile import (
     EXCLUDED,
-    ReconcileSettings,
     TargetPlan,
     plan_targets,
     scale_children,
@@ -52,7 +46,7 @@ class ReconciledTargets:
         a = self.analysis
         flags = {f"{c}:{f}": int(n) for (c, f), n in a.groupby(["check", "flag"]).size().items() if f != "ok"}
         excluded = self.plan.status == EXCLUDED
-        scaled = np.array([str(r).startswith("scaled") for r in self.plan.reason])
+        scaled = self.plan.scaled
         return {
             "flags": flags,
             "n_excluded": int(excluded.sum()),
@@ -63,27 +57,26 @@ class ReconciledTargets:
         }
 
 
-def reconcile_targets(matrix, settings: ReconcileSettings, consistency: ConsistencySettings, balance: str,
-                      all_cds: list[int], split: np.ndarray | None = None,
-                      use_db_tolerance: bool = True) -> ReconciledTargets:
+def reconcile_targets(matrix, config: ReconcileConfig, all_cds: list[int],
+                      split: np.ndarray | None = None) -> ReconciledTargets:
     """Run the analysis and the plan on a built :class:`~calibrate.matrix.CalibrationMatrix`
     (``all_cds``: every CD of the target database, to know when a state's children are complete)."""
     start = time.perf_counter()
-    targets = matrix.targets_df
+    config.validate()
+    rules = config.rules
+    targets = with_templates(matrix.targets_df)  # templates derived once for every check below
     original = targets.value.to_numpy(dtype=np.float64)
     state_cds = cds_per_state(all_cds)
-    hierarchy = check_hierarchy(targets, original, state_cds, consistency)
-    scaled = scale_children(targets, original, settings.scale_children, state_cds)
+    hierarchy = check_hierarchy(targets, original, state_cds, config)
+    scaled = scale_children(targets, original, rules, state_cds)
     held_out = np.zeros(len(targets), bool) if split is None else np.asarray(split) == HOLDOUT
-    by_hand = targets.target_id.isin(settings.exclude_target_ids).to_numpy()
-    base = base_allocation(matrix.household_weights, matrix.household_state_fips, matrix.cds)
-    support = check_support(targets, scaled[0], matrix.X, base, matrix.n_households, consistency)
-    feasibility = check_feasibility(targets, scaled[0], matrix.X, matrix.cds, matrix.household_weights,
-                                    matrix.household_state_fips, ~held_out & ~by_hand, consistency)
+    by_hand = targets.target_id.isin(config.exclude_target_ids).to_numpy()
+    support = check_support(targets, scaled[0], matrix.X, matrix.layout, config)
+    feasibility = check_feasibility(targets, scaled[0], matrix.X, matrix.layout, ~held_out & ~by_hand, config)
     analysis = pd.concat([hierarchy, support, feasibility], ignore_index=True)
-    plan = plan_targets(targets, settings, analysis[analysis.check != "hierarchy"], scaled)
-    weights = loss_weights(targets, balance, plan.in_fit & ~held_out, plan.weight_multiplier)
+    plan = plan_targets(targets, config, analysis[analysis.check != "hierarchy"], scaled)
+    weights = loss_weights(targets, config.balance, plan.in_fit & ~held_out, plan.weight_multiplier)
     tolerance = targets["tolerance"].to_numpy(dtype=np.float64) if "tolerance" in targets else np.zeros(len(targets))
-    tolerance = np.where(np.isfinite(tolerance) & use_db_tolerance, tolerance, 0.0)
-    unhandled = unhandled_inconsistencies(targets, hierarchy, settings.scale_children)
+    tolerance = np.where(np.isfinite(tolerance) & config.use_db_tolerance, tolerance, 0.0)
+    unhandled = unhandled_inconsistencies(targets, hierarchy, rules)
     return ReconciledTargets(plan, analysis, weights, tolerance, unhandled, time.perf_counter() - start)

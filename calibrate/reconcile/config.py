@@ -1,0 +1,93 @@
+"""The reconcile stage's settings: one dataclass, which is also the Hydra schema of ``reconcile``.
+
+``conf/reconcile/*.yaml`` is merged onto :class:`ReconcileConfig` (``calibrate.app.config``
+registers it), so a misspelled key or a wrong type fails at composition naming the key;
+:meth:`ReconcileConfig.validate` checks the values once, before the matrix is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+
+from calibrate.core.errors import CalibrateError
+from calibrate.reconcile.loss import BALANCES
+
+ACTIONS = ("exclude", "downweight", "keep")
+LEVEL_ORDER = {"district": 0, "state": 1, "national": 2}
+
+
+class ReconcileError(CalibrateError):
+    """A reconciliation setting that cannot be applied (names the key)."""
+
+
+@dataclass
+class ScaleRule:
+    """Scale the ``child_level`` targets of matching templates so they sum to their ``parent_level`` target."""
+
+    name: str = ""  # the rule's key under reconcile.scale_children (filled in by ReconcileConfig.rules)
+    variables: list[str] = field(default_factory=list)  # target variables (empty: any)
+    stratum_group_ids: list[int] = field(default_factory=list)  # stratum groups (empty: any)
+    child_level: str = "district"  # district | state
+    parent_level: str = "state"  # state | national
+
+    def matches(self, targets: pd.DataFrame) -> np.ndarray:
+        ok = np.ones(len(targets), dtype=bool)
+        if self.variables:
+            ok &= targets.variable.isin(list(self.variables)).to_numpy()
+        if self.stratum_group_ids:
+            ok &= targets.stratum_group_id.isin(list(self.stratum_group_ids)).to_numpy()
+        return ok
+
+
+def check_rule(rule: ScaleRule) -> None:
+    """ReconcileError unless the rule names a child level below its parent level."""
+    if rule.child_level not in LEVEL_ORDER or rule.parent_level not in LEVEL_ORDER:
+        raise ReconcileError(f"reconcile.scale_children.{rule.name}: levels must be district, state or national "
+                             f"(got {rule.child_level!r} -> {rule.parent_level!r})")
+    if LEVEL_ORDER[rule.child_level] >= LEVEL_ORDER[rule.parent_level]:
+        raise ReconcileError(f"reconcile.scale_children.{rule.name}: child_level {rule.child_level!r} must be "
+                             f"below parent_level {rule.parent_level!r}")
+
+
+@dataclass
+class ReconcileConfig:
+    """Consistency analysis and reconciliation of the targets before the fit (``conf/reconcile/``)."""
+
+    name: str = "default"  # label of the setting (recorded in the summary)
+    balance: str = "level"  # loss weights: level (each level, then each group in it, a fair share) | group | none
+    scale_children: dict[str, ScaleRule] = field(default_factory=dict)  # named proportional scalings
+    flagged: str = "exclude"  # unsupported / thin / infeasible targets: exclude | downweight | keep
+    downweight: float = 0.01  # loss-weight multiplier of down-weighted targets
+    exclude_target_ids: list[int] = field(default_factory=list)  # targets left out by hand
+    hierarchy_tolerance: float = 0.01  # |children sum / parent - 1| above this is inconsistent
+    max_weight_factor: float = 10.0  # a template needing its households re-weighted beyond this is unsupported
+    min_households: int = 5  # a target fewer households can reach is thin
+    feasibility_tolerance: float = 0.02  # least achievable error (area LP) above this is infeasible
+    feasibility_levels: list[str] = field(default_factory=lambda: ["national", "state"])  # areas solved
+    use_db_tolerance: bool = True  # use the database's tolerance column (relative) as a free band in the loss
+
+    @property
+    def rules(self) -> tuple[ScaleRule, ...]:
+        """The scale rules, each named by its key."""
+        return tuple(replace(rule, name=rule.name or key) for key, rule in self.scale_children.items())
+
+    def validate(self) -> ReconcileConfig:
+        """Raise ReconcileError naming the first bad key; returns self."""
+        if self.balance not in BALANCES:
+            raise ReconcileError(f"reconcile.balance={self.balance!r}: choose one of {', '.join(BALANCES)}")
+        if self.flagged not in ACTIONS:
+            raise ReconcileError(f"reconcile.flagged={self.flagged!r}: choose one of {', '.join(ACTIONS)}")
+        bad = [lvl for lvl in self.feasibility_levels if lvl not in ("national", "state")]
+        if bad:
+            raise ReconcileError(f"reconcile.feasibility_levels: {bad[0]!r} is not national or state")
+        for key, value in (("downweight", self.downweight), ("max_weight_factor", self.max_weight_factor - 1),
+                           ("hierarchy_tolerance", self.hierarchy_tolerance),
+                           ("feasibility_tolerance", self.feasibility_tolerance)):
+            if not value > 0:
+                raise ReconcileError(f"reconcile.{key} is out of range (must be > 0; max_weight_factor > 1)")
+        for rule in self.rules:
+            check_rule(rule)
+        return self
