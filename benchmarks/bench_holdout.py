@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every method, e.g. fit.epochs=300")
     a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)
 
     from calibrate import outputs
     from calibrate.app.config import fit_config, reconcile_config

@@ -160,17 +160,32 @@ def calibrate_classical(
     h = total * (squares @ start) / scale**2 + inv_c
     precond = np.where(mask > 0, 1.0 / np.sqrt(np.maximum(h, 1e-30)), 0.0)
     del squares
-    evaluations = [0]
+    state = {"evaluations": 0, "residual": np.inf, "iterations": 0}
 
     def fun(mu: np.ndarray):
-        evaluations[0] += 1
+        state["evaluations"] += 1
         f, g, _, _ = dual(jnp.asarray(mu * precond, jnp.float32), problem)
-        return float(f), np.asarray(g, dtype=np.float64) * precond
+        g = np.asarray(g, dtype=np.float64)
+        state["last"] = (mu.copy(), float(np.abs(g).max()))
+        return float(f), g * precond
 
-    res = scipy.optimize.minimize(fun, np.zeros(m), jac=True, method="L-BFGS-B",
-                                  options={"maxiter": config.max_iter, "gtol": config.tol, "ftol": 1e-15,
-                                           "maxcor": 20})
-    logger.info("classical calibration: %d iterations, %d evaluations, %s", res.nit, evaluations[0], res.message)
+    def stop_when_met(intermediate_result) -> None:
+        """Stop once every constraint's relative residual (e - lambda / (c lw)) is below ``tol``."""
+        state["iterations"] += 1
+        mu, residual = state["last"]
+        if np.array_equal(mu, intermediate_result.x):
+            state["residual"] = residual
+        if state["iterations"] % 25 == 0:
+            logger.info("classical calibration: iteration %d, max relative residual %.2e", state["iterations"],
+                        state["residual"])
+        if state["residual"] < config.tol:
+            raise StopIteration
+
+    res = scipy.optimize.minimize(fun, np.zeros(m), jac=True, method="L-BFGS-B", callback=stop_when_met,
+                                  options={"maxiter": config.max_iter, "gtol": 0.0, "ftol": 0.0, "maxcor": 20})
+    converged = bool(state["residual"] < config.tol)
+    logger.info("classical calibration: %d iterations, %d evaluations, max relative residual %.2e (%s)", res.nit,
+                state["evaluations"], state["residual"], "met" if converged else res.message)
     _, _, x_active, e = dual(jnp.asarray(res.x * precond, jnp.float32), problem)
     x_inactive = np.asarray(multipliers_from_dual(jnp.zeros(layout.inactive_ids.size), config.distance,
                                                   config.lower, config.upper))
@@ -182,5 +197,5 @@ def calibrate_classical(
         x_full[carriers] = x
         x = x_full
     weights = full_start * x
-    return ClassicalResult(weights, x, np.asarray(e, np.float64), dist, int(res.nit), bool(res.success),
+    return ClassicalResult(weights, x, np.asarray(e, np.float64), dist, int(res.nit), converged,
                            str(res.message), time.perf_counter() - t0)

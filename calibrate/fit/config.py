@@ -52,7 +52,7 @@ class ClassicalConfig:
     upper: float = 10.0  # largest multiplier w / w0
     penalty: float = 1.0e6  # weight of the squared relative errors against the distance
     max_iter: int = 500  # L-BFGS iterations of the dual
-    tol: float = 1.0e-9  # L-BFGS projected-gradient tolerance (dual units)
+    tol: float = 1.0e-4  # stop when every target's relative residual (error beyond its penalised optimum) is below
 
 
 METHODS = ("l0", "classical", "sample", "start")
