@@ -111,7 +111,9 @@ class ReconcileConf:
     min_households: int = 5  # a target fewer households can reach is thin
     feasibility_tolerance: float = 0.02  # least achievable error (area LP) above this is infeasible
     feasibility_levels: list[str] = field(default_factory=lambda: ["national", "state"])  # areas solved
-    use_db_tolerance: bool = True  # use the database's tolerance column (relative) as a free band in the loss
+    use_db_tolerance: bool = True  # false: no free band at all (same as tolerance: none)
+    tolerance: str = "db"  # free band in the loss: none | db (tolerance column) | moe (else the published MOE / |value|)
+    moe_scale: float = 1.0  # with tolerance: moe, the band is moe_scale x MOE (90 %); 1/1.645 gives one standard error
 
 
 class Platform(str, Enum):
@@ -376,6 +378,10 @@ def reconcile_settings(conf: ReconcileConf):
         raise CalibrateError(f"reconcile.balance={conf.balance!r}: choose one of {', '.join(BALANCES)}")
     if conf.flagged not in ACTIONS:
         raise CalibrateError(f"reconcile.flagged={conf.flagged!r}: choose one of {', '.join(ACTIONS)}")
+    if conf.tolerance not in ("none", "db", "moe"):
+        raise CalibrateError(f"reconcile.tolerance={conf.tolerance!r}: choose one of none, db, moe")
+    if not conf.moe_scale >= 0:
+        raise CalibrateError(f"reconcile.moe_scale={conf.moe_scale!r} must be >= 0")
     bad = [lvl for lvl in conf.feasibility_levels if lvl not in ("national", "state")]
     if bad:
         raise CalibrateError(f"reconcile.feasibility_levels: {bad[0]!r} is not national or state")

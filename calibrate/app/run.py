@@ -122,7 +122,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)
-    reconciled = reconcile_stage(matrix, reconcile_cfg, split, settings.reconcile.use_db_tolerance, inputs.db_path)
+    reconciled = reconcile_stage(matrix, reconcile_cfg, split, settings.reconcile, inputs.db_path)
     l0 = l0_config(settings.fit, matrix.n_households)
     result, init_scale = fit_stage(matrix, l0, run_dir, settings.progress, reconciled.plan.value,
                                    reconciled.loss_weights, reconciled.tolerances, settings.fit.rescale_init)
@@ -145,13 +145,14 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     return summary
 
 
-def reconcile_stage(matrix, reconcile_cfg, split, use_db_tolerance: bool, db_path: Path):
+def reconcile_stage(matrix, reconcile_cfg, split, reconcile_conf, db_path: Path):
     """The reconcile stage; an unhandled hierarchy inconsistency is reported, not fatal."""
     from calibrate.reconcile import reconcile_targets
     from calibrate.targets import all_cds
 
     settings, consistency, balance = reconcile_cfg
-    reconciled = reconcile_targets(matrix, settings, consistency, balance, all_cds(db_path), split, use_db_tolerance)
+    reconciled = reconcile_targets(matrix, settings, consistency, balance, all_cds(db_path), split,
+                                   reconcile_conf.use_db_tolerance, reconcile_conf.tolerance, reconcile_conf.moe_scale)
     if len(reconciled.unhandled):
         first = reconciled.unhandled.iloc[0]
         print(f"warning: {len(reconciled.unhandled)} target hierarchies are inconsistent and no "

@@ -150,7 +150,10 @@ def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, b
     top = settings.max_weight_factor
     for i, r in enumerate(t.itertuples()):
         factor = factors.get(r.template, np.nan)
-        if households[i] < settings.min_households:
+        if households[i] == 0:
+            flag, detail = "unsupported", ("no household of the base data can contribute (the data cannot "
+                                           "represent its stratum, e.g. a characteristic it lacks: docs/targets.md)")
+        elif households[i] < settings.min_households:
             flag, detail = "thin", f"only {households[i]} households can contribute (min {settings.min_households})"
         elif np.isfinite(factor) and not 1.0 / top <= factor <= top:
             flag = "unsupported"

@@ -43,7 +43,7 @@ class ReconciledTargets:
     plan: TargetPlan
     analysis: pd.DataFrame  # consistency.csv
     loss_weights: np.ndarray  # sums to 1; 0 for excluded and held-out targets
-    tolerances: np.ndarray  # relative tolerance band per target (database column, 0 where NULL)
+    tolerances: np.ndarray  # relative tolerance band per target (``tolerance_bands``)
     unhandled: pd.DataFrame  # inconsistent hierarchies no scale rule covers
     seconds: float
 
@@ -63,9 +63,30 @@ class ReconciledTargets:
         }
 
 
+TOLERANCE_MODES = ("none", "db", "moe")
+
+
+def tolerance_bands(targets: pd.DataFrame, mode: str, moe_scale: float = 1.0) -> np.ndarray:
+    """Relative free band per target: ``none`` 0; ``db`` the database ``tolerance`` (0 where NULL);
+    ``moe`` the database tolerance where set, else ``moe_scale`` x the published margin of error
+    over |value| (a target inside its sampling margin costs nothing)."""
+    if mode not in TOLERANCE_MODES:
+        raise ValueError(f"tolerance mode {mode!r} is not one of {TOLERANCE_MODES}")
+    n = len(targets)
+    db = targets["tolerance"].to_numpy(dtype=np.float64) if "tolerance" in targets else np.full(n, np.nan)
+    out = np.where(np.isfinite(db), db, 0.0) if mode != "none" else np.zeros(n)
+    if mode == "moe" and "moe" in targets:
+        moe = targets["moe"].to_numpy(dtype=np.float64)
+        value = np.abs(targets["value"].to_numpy(dtype=np.float64))
+        relative = np.where(np.isfinite(moe) & (value > 0), moe_scale * moe / np.where(value > 0, value, 1.0), 0.0)
+        out = np.where(np.isfinite(db), out, relative)
+    return out
+
+
 def reconcile_targets(matrix, settings: ReconcileSettings, consistency: ConsistencySettings, balance: str,
                       all_cds: list[int], split: np.ndarray | None = None,
-                      use_db_tolerance: bool = True) -> ReconciledTargets:
+                      use_db_tolerance: bool = True, tolerance: str = "db",
+                      moe_scale: float = 1.0) -> ReconciledTargets:
     """Run the analysis and the plan on a built :class:`~calibrate.matrix.CalibrationMatrix`
     (``all_cds``: every CD of the target database, to know when a state's children are complete)."""
     start = time.perf_counter()
@@ -83,7 +104,6 @@ def reconcile_targets(matrix, settings: ReconcileSettings, consistency: Consiste
     analysis = pd.concat([hierarchy, support, feasibility], ignore_index=True)
     plan = plan_targets(targets, settings, analysis[analysis.check != "hierarchy"], scaled)
     weights = loss_weights(targets, balance, plan.in_fit & ~held_out, plan.weight_multiplier)
-    tolerance = targets["tolerance"].to_numpy(dtype=np.float64) if "tolerance" in targets else np.zeros(len(targets))
-    tolerance = np.where(np.isfinite(tolerance) & use_db_tolerance, tolerance, 0.0)
+    bands = tolerance_bands(targets, tolerance if use_db_tolerance else "none", moe_scale)
     unhandled = unhandled_inconsistencies(targets, hierarchy, settings.scale_children)
-    return ReconciledTargets(plan, analysis, weights, tolerance, unhandled, time.perf_counter() - start)
+    return ReconciledTargets(plan, analysis, weights, bands, unhandled, time.perf_counter() - start)
