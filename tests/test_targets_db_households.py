@@ -186,3 +186,21 @@ def test_tolerance_bands_from_margins():
     np.testing.assert_allclose(tolerance_bands(targets, "none"), 0.0)
     with pytest.raises(ValueError, match="sometimes"):
         tolerance_bands(targets, "sometimes")
+
+
+def test_2024_s2201_keeps_the_row_layout_of_the_variable_list():
+    """The row labels come from the 2018 variable list: the 2024 numbers must obey its additive structure."""
+    identities = [((2, 3), (1,)), ((4, 5, 8), (1,)), ((9, 15), (1,)), ((21, 22), (1,)), ((23, 24), (1,)),
+                  ((6, 7), (5,)), ((10, 11, 14), (9,)), ((12, 13), (11,)), ((16, 17, 20), (15,)), ((18, 19), (17,)),
+                  ((4, 5), (35,)), ((36, 37, 38), (35,))]
+    checked = 0
+    for geo, r in raw_rows("acs_S2201_district_2024.json").items():
+        for pop in ("C01", "C03", "C05"):
+            cell = {k: r[f"S2201_{pop}_{k:03d}E"] for k in range(1, 39)}
+            for parts, whole in identities:
+                if any(cell[k] in SENTINELS for k in parts + whole):
+                    continue
+                assert sum(float(cell[k]) for k in parts) == float(cell[whole[0]]), (geo, pop, parts, whole)
+                checked += 1
+        assert float(r["S2201_C01_034E"]) > 10000  # a dollar median, not a count share
+    assert checked > 436 * 3 * 10
