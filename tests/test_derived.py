@@ -114,3 +114,25 @@ def test_derived_values_are_typed_like_variables(tax_benefit_system):
         parse_constraint_value("household_below_poverty", ">", "0")
     with pytest.raises(ConstraintError, match="household_family_type"):
         parse_constraint_value("household_family_type", "==", "1.5")
+
+
+def test_reconcile_flags_s2201_rows_the_data_cannot_represent(fixture_dataset, target_db, tmp_path, tax_benefit_system):
+    """Vermont's S2201 rows on the fixture: race / sex / disability rows are named unsupported, none vanishes."""
+    from calibrate.matrix import build_matrix
+    from calibrate.reconcile import reconcile_targets
+    from calibrate.reconcile.consistency import ConsistencySettings
+    from calibrate.reconcile.reconcile import ReconcileSettings
+    from calibrate.targets import TargetFilter, all_cds, load_targets
+
+    groups = TargetFilter(stratum_group_ids=(8,))
+    selected = load_targets(target_db, groups, [5001], PERIOD)
+    matrix = build_matrix(fixture_dataset, [5001], groups, PERIOD, target_db, workers=1, cache_dir=tmp_path,
+                          progress=False)
+    result = reconcile_targets(matrix, ReconcileSettings(), ConsistencySettings(), "level", all_cds(target_db))
+    a = result.analysis
+    unsupported = set(a.target_id[(a.check == "support") & (a.flag == "unsupported")])
+    lacking = ("householder_race", "householder_is_male", "householder_is_hispanic", "household_has_disabled_member")
+    expected = {int(t.target_id) for t in selected.itertuples() if any(c.variable in lacking for c in t.constraints)}
+    assert expected and expected <= unsupported
+    assert set(selected.target_id) == set(matrix.targets_df.target_id) | set(matrix.dropped.target_id)
+    assert not expected & set(matrix.targets_df.target_id)  # all-zero rows: dropped from X, named in consistency.csv

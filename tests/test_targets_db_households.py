@@ -100,7 +100,7 @@ def test_every_s2201_target_is_its_raw_cell_and_suppressed_cells_give_none(db):
     """All group-8 targets: value == the E cell, moe == the M cell; a sentinel cell has no target."""
     raw = raw_rows("acs_S2201_district_2024.json")
     by_geo = {}
-    for g, r in raw.items():
+    for r in raw.values():
         state, district = int(r["state"]), r["congressional district"]
         if state == 72 or district == "ZZ":
             continue
@@ -204,3 +204,23 @@ def test_2024_s2201_keeps_the_row_layout_of_the_variable_list():
                 checked += 1
         assert float(r["S2201_C01_034E"]) > 10000  # a dollar median, not a count share
     assert checked > 436 * 3 * 10
+
+
+def test_new_groups_compose_and_the_database_passes_validation(db):
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.app.config import reconcile_settings, target_filter, to_config
+    from calibrate.core.errors import CalibrateError
+    from calibrate.targets.validate import database_problems
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = to_config(compose("config", overrides=["target=[geography,age,snap,medicaid,national,households,soi]",
+                                                     "reconcile.tolerance=moe"]))
+        bad = to_config(compose("config", overrides=["reconcile.tolerance=sometimes"]))
+    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 8, 9)
+    assert cfg.reconcile.tolerance == "moe"
+    reconcile_settings(cfg.reconcile)
+    with pytest.raises(CalibrateError, match="reconcile.tolerance='sometimes'"):
+        reconcile_settings(bad.reconcile)
+    assert database_problems(db) == []

@@ -22,6 +22,7 @@ from calibrate.reconcile.consistency import (
     cds_per_state,
     check_hierarchy,
     check_support,
+    unreachable_targets,
 )
 from calibrate.reconcile.feasibility import check_feasibility
 from calibrate.reconcile.holdout import HOLDOUT
@@ -106,4 +107,7 @@ def reconcile_targets(matrix, settings: ReconcileSettings, consistency: Consiste
     weights = loss_weights(targets, balance, plan.in_fit & ~held_out, plan.weight_multiplier)
     bands = tolerance_bands(targets, tolerance if use_db_tolerance else "none", moe_scale)
     unhandled = unhandled_inconsistencies(targets, hierarchy, settings.scale_children)
+    dropped = getattr(matrix, "dropped", None)
+    if dropped is not None and len(dropped):
+        analysis = pd.concat([analysis, unreachable_targets(dropped)], ignore_index=True)
     return ReconciledTargets(plan, analysis, weights, bands, unhandled, time.perf_counter() - start)
