@@ -1,4 +1,7 @@
-"""ACS S2201 household composition by congressional district (stratum group 8).
+"""ACS S2201 household composition by congressional district (stratum groups 8 and 10).
+
+Group 8: all households (column C01); group 10: the same rows for households receiving and
+not receiving SNAP (C03, C05; ACS-reported receipt, which runs below USDA's caseload).
 
 Row meanings are the Census Bureau's S2201 variable labels (api.census.gov
 ``/data/<year>/acs/acs1/subject/groups/S2201``; see storage/sources/PROVENANCE.md). Columns
@@ -102,7 +105,7 @@ def unsupported_rows() -> dict[int, str]:
 
 
 def add_households(plan, s2201: dict, s2201_moe: dict, acs_year: int, sub_stratum) -> list[str]:
-    """Group 8 strata and targets for every CD; returns the suppressed cells (no target)."""
+    """Group 8 and 10 strata and targets for every CD; returns the suppressed cells (no target)."""
     skipped = []
     for cd, row_values in sorted(s2201.items()):
         geo = ("cd", cd)
@@ -111,7 +114,8 @@ def add_households(plan, s2201: dict, s2201_moe: dict, acs_year: int, sub_stratu
         for pop, r, label, cons, why in cells:
             pop_label, pop_cons = POPULATIONS[pop]
             column = estimate_column(pop, r)
-            stratum = sub_stratum(plan, "s2201", geo, 8, (list(POPULATIONS).index(pop), r), pop_cons + cons,
+            group = 8 if pop == "C01" else 10  # SNAP / non-SNAP cross-tabs: their own group (ACS-reported SNAP)
+            stratum = sub_stratum(plan, "s2201", geo, group, (list(POPULATIONS).index(pop), r), pop_cons + cons,
                                   f"ACS S2201 {pop_label}: {label}")
             value = row_values[column]
             if value is None:

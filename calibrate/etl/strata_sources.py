@@ -18,7 +18,7 @@ from . import program_sources as programs
 from .target_sources import SOURCES, Constraint, Finding, SourceInfo, constraint_value
 
 GROUPS = {1: "geography", 2: "age", 3: "AGI", 4: "SNAP", 5: "Medicaid", 6: "EITC", 7: "national totals",
-          8: "ACS households", 9: "SOI national"}
+          8: "ACS households", 9: "SOI national", 10: "ACS SNAP households"}
 ACS_YEAR = 2024  # ACS 2024 1-year tables
 SNAP_FISCAL_YEAR = 2024
 MEDICAID_PERIOD = "202412"
