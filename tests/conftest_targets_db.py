@@ -42,7 +42,9 @@ def cbo_value_from_yaml(parameter: str, year: int) -> float:
 
 
 def static_facts(has_variable=None) -> ModelFacts:
-    names = variable_names_from_source()
+    from calibrate.core.derived import DERIVED
+
+    names = variable_names_from_source() | frozenset(DERIVED)
     return ModelFacts(has_variable or names.__contains__, cbo_value_from_yaml, version("policyengine-us"))
 
 

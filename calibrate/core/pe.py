@@ -40,3 +40,11 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def target_variable(name: str):
+    """A variable targets and constraints may name: policyengine-us's own, or a derived household
+    variable (:mod:`calibrate.core.derived`); ``None`` when neither exists."""
+    from calibrate.core.derived import derived
+
+    return derived(name) or variable(name)

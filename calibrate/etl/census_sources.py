@@ -32,6 +32,8 @@ ALL_HOUSEHOLDS = "S2201_C01_001E"
 SNAP_HOUSEHOLDS = "S2201_C03_001E"
 
 ACS_SENTINELS = {-111111111, -222222222, -333333333, -555555555, -666666666, -888888888, -999999999}
+# -999999999: too few sample observations; -888888888: not applicable / not available;
+# -555555555 (MOE): the estimate is controlled, no sampling error is published.
 ACS_MISSING_ANNOTATIONS = {"-", "N", "(X)", "*****", "***", "**"}
 
 
@@ -111,6 +113,30 @@ def read_acs(path: Path, level: str, columns: tuple[str, ...]) -> dict[int, dict
         check_all_states(set(out), path, "ACS rows")
     if level == "national" and NATION not in out:
         raise SourceError(f"{path}: no national row")
+    return out
+
+
+ACS_MOE_CONFIDENCE = 0.90  # ACS margins of error are published at 90 % confidence
+
+
+def acs_moe(row: dict, column: str, path: Path) -> float | None:
+    """The margin of error (``M`` column) of estimate ``column`` (an ``E`` column), or ``None``
+    where the ACS gives none (a negative sentinel such as ``-555555555`` "controlled", or an
+    annotation in ``MA``)."""
+    m = column[:-1] + "M"
+    if m not in row:
+        raise SourceError(f"{path}: missing margin-of-error column {m!r}")
+    return acs_estimate(row, m, path)
+
+
+def read_acs_moe(path: Path, level: str, columns: tuple[str, ...]) -> dict[int, dict[str, float | None]]:
+    """Margins of error ``{geo id: {E column: MOE or None}}``, rows as :func:`read_acs` keeps them."""
+    rows = load_acs_rows(path, ("GEO_ID",) + LEVEL_COLUMNS[level] + tuple(c[:-1] + "M" for c in columns))
+    out = {}
+    for row in rows:
+        key = _geo_key(row, level, path)
+        if key is not None:
+            out[key] = {c: acs_moe(row, c, path) for c in columns}
     return out
 
 

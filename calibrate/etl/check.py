@@ -89,7 +89,7 @@ def variable_problems(targets: pd.DataFrame, constraints: pd.DataFrame) -> list[
 
     out = []
     for name, rows in targets.groupby("variable", sort=True):
-        if pe.variable(name) is None:
+        if pe.target_variable(name) is None:
             ids = rows.target_id.tolist()
             out.append(Problem(f"targets: target_id {ids[0]}", f"variable {name!r} is not a policyengine-us "
                                                                f"variable ({len(ids)} targets use it)"))

@@ -17,7 +17,8 @@ from . import census_sources as census
 from . import program_sources as programs
 from .target_sources import SOURCES, Constraint, Finding, SourceInfo, constraint_value
 
-GROUPS = {1: "geography", 2: "age", 3: "AGI", 4: "SNAP", 5: "Medicaid", 6: "EITC", 7: "national totals"}
+GROUPS = {1: "geography", 2: "age", 3: "AGI", 4: "SNAP", 5: "Medicaid", 6: "EITC", 7: "national totals",
+          8: "ACS households", 9: "SOI national", 10: "ACS SNAP households"}
 ACS_YEAR = 2024  # ACS 2024 1-year tables
 SNAP_FISCAL_YEAR = 2024
 MEDICAID_PERIOD = "202412"
@@ -56,6 +57,8 @@ class TargetSpec:
     value: float
     source: str
     notes: str
+    moe: float | None = None  # published margin of error, same unit as value
+    moe_confidence: float | None = None  # its confidence level (ACS: 0.90)
 
 
 @dataclass
@@ -71,8 +74,9 @@ class TargetPlan:
         self.strata[spec.key] = spec
         return spec.key
 
-    def add_target(self, variable, period, stratum, value, source, notes="") -> None:
-        self.targets.append(TargetSpec(variable, int(period), stratum, float(value), source, notes))
+    def add_target(self, variable, period, stratum, value, source, notes="", moe=None, moe_confidence=None) -> None:
+        self.targets.append(TargetSpec(variable, int(period), stratum, float(value), source, notes,
+                                       None if moe is None else float(moe), moe_confidence if moe is not None else None))
 
     def ordered_strata(self) -> list[StratumSpec]:
         return sorted(self.strata.values(), key=lambda s: s.order)
@@ -115,36 +119,43 @@ def _age_constraints(lo: int, hi: int | None) -> tuple[Constraint, ...]:
     return (Constraint("age", ">=", str(lo)),) + upper
 
 
-def add_acs(plan: TargetPlan, s0101: dict[str, dict], s2201: dict) -> None:
+def add_acs(plan: TargetPlan, s0101: dict[str, dict], s2201: dict, moe: dict | None = None) -> None:
     """Population (group 1) and age bins (group 2) at every level; CD households (1) and SNAP households (4)."""
     skipped = []
+    moe = moe or {}
+    acs_moe = census.ACS_MOE_CONFIDENCE
     for level, table in s0101.items():
         for code, row in sorted(table.items()):
             geo = _geo(level, code)
+            row_moe = moe.get(("s0101", level), {}).get(code, {})
             total = row[census.TOTAL_POPULATION]
             if total is None:
                 skipped.append(f"{level} {code} {census.TOTAL_POPULATION}")
             else:
-                plan.add_target("person_count", ACS_YEAR, geo, total, "acs_s0101", "ACS S0101_C01_001E total population")
+                plan.add_target("person_count", ACS_YEAR, geo, total, "acs_s0101", "ACS S0101_C01_001E total population",
+                                row_moe.get(census.TOTAL_POPULATION), acs_moe)
             for i, ((lo, hi), column) in enumerate(zip(census.AGE_BINS, census.AGE_COLUMNS)):
                 label = f"age {lo}-{hi - 1}" if hi else f"age {lo}+"
                 stratum = _sub_stratum(plan, "age", geo, 2, i, _age_constraints(lo, hi), label)
                 if row[column] is None:
                     skipped.append(f"{level} {code} {column}")
                     continue
-                plan.add_target("person_count", ACS_YEAR, stratum, row[column], "acs_s0101", f"ACS {column}")
+                plan.add_target("person_count", ACS_YEAR, stratum, row[column], "acs_s0101", f"ACS {column}",
+                                row_moe.get(column), acs_moe)
     for cd, row in sorted(s2201.items()):
+        row_moe = moe.get(("s2201", "district"), {}).get(cd, {})
         if row[census.ALL_HOUSEHOLDS] is None:
             skipped.append(f"district {cd} {census.ALL_HOUSEHOLDS}")
         else:
             plan.add_target("household_count", ACS_YEAR, ("cd", cd), row[census.ALL_HOUSEHOLDS], "acs_s2201",
-                            "ACS S2201_C01_001E households")
+                            "ACS S2201_C01_001E households", row_moe.get(census.ALL_HOUSEHOLDS), acs_moe)
         stratum = _sub_stratum(plan, "snap", ("cd", cd), 4, 0, (Constraint("snap", ">", "0"),), "SNAP households")
         if row[census.SNAP_HOUSEHOLDS] is None:
             skipped.append(f"district {cd} {census.SNAP_HOUSEHOLDS}")
             continue
         plan.add_target("household_count", ACS_YEAR, stratum, row[census.SNAP_HOUSEHOLDS], "acs_s2201",
-                        "ACS S2201_C03_001E households receiving SNAP in the past 12 months")
+                        "ACS S2201_C03_001E households receiving SNAP in the past 12 months",
+                        row_moe.get(census.SNAP_HOUSEHOLDS), acs_moe)
     if skipped:
         plan.findings.append(Finding("acs", f"{len(skipped)} ACS estimates not published, no target: {skipped[:20]}"))
 
@@ -269,6 +280,8 @@ class SourceData:
     eitc: dict
     national: list
     findings: list[Finding]
+    acs_moe: dict = field(default_factory=dict)  # (table, level) -> {geo: {E column: MOE or None}}
+    soi: list = field(default_factory=list)  # soi_sources.SoiCell
 
 
 def read_sources(sources_dir: Path) -> SourceData:
@@ -276,14 +289,18 @@ def read_sources(sources_dir: Path) -> SourceData:
     d = Path(sources_dir)
     cds = census.read_cd_list(d / "census/acs5_congressional_districts_2024.json")
     s0101_columns = (census.TOTAL_POPULATION,) + census.AGE_COLUMNS
-    s0101 = {
-        "national": census.read_acs(d / "census/acs_S0101_national_2024.json", "national", s0101_columns),
-        "state": census.read_acs(d / "census/acs_S0101_state_2024.json", "state", s0101_columns),
-        "district": census.read_acs(d / "census/acs_S0101_district_2024.json", "district", s0101_columns),
-    }
+    from . import acs_households, soi_sources
+
+    s0101, acs_moe = {}, {}
+    for level in ("national", "state", "district"):
+        path = d / f"census/acs_S0101_{level}_2024.json"
+        s0101[level] = census.read_acs(path, level, s0101_columns)
+        acs_moe[("s0101", level)] = census.read_acs_moe(path, level, s0101_columns)
     census.check_same_cds(s0101["district"], cds, d / "census/acs_S0101_district_2024.json")
     s2201_path = d / "census/acs_S2201_district_2024.json"
-    s2201 = census.read_acs(s2201_path, "district", (census.ALL_HOUSEHOLDS, census.SNAP_HOUSEHOLDS))
+    s2201_columns = (census.ALL_HOUSEHOLDS, census.SNAP_HOUSEHOLDS) + acs_households.household_columns()
+    s2201 = census.read_acs(s2201_path, "district", s2201_columns)
+    acs_moe[("s2201", "district")] = census.read_acs_moe(s2201_path, "district", s2201_columns)
     census.check_same_cds(s2201, cds, s2201_path)
     usda = programs.read_usda_snap_workbook(d / "usda/snap_fy69tocurrent.zip", SNAP_FISCAL_YEAR)
     medicaid, med_findings = programs.read_medicaid_raw(d / "cms/medicaid_enrollment_2024_raw.csv", MEDICAID_PERIOD)
@@ -296,18 +313,27 @@ def read_sources(sources_dir: Path) -> SourceData:
         s0101["state"], census.read_age_state_csv(d / "census/age_state.csv"),
         agi, programs.read_soi_national_totals(d / "irs/soi_targets.csv", IRS_TAX_YEAR),
     )
+    soi, soi_findings = soi_sources.read_soi_national(d / "irs/soi_targets.csv", soi_sources.SOI_YEAR)
     return SourceData(cds, s0101, s2201, usda, medicaid, agi, eitc, national,
-                      med_findings + agi_findings + eitc_findings + checks)
+                      med_findings + agi_findings + eitc_findings + checks + soi_findings, acs_moe, soi)
 
 
 def build_plan(data: SourceData, cbo: dict[str, float], pe_version: str) -> TargetPlan:
     """Every stratum and target, in a fixed order, with the source rows they cite."""
     plan = TargetPlan(sources=list(SOURCES), findings=list(data.findings))
     add_geography(plan, data.cds)
-    add_acs(plan, data.s0101, data.s2201)
+    from . import acs_households, soi_sources
+
+    add_acs(plan, data.s0101, data.s2201, data.acs_moe)
+    skipped = acs_households.add_households(plan, data.s2201, data.acs_moe.get(("s2201", "district"), {}), ACS_YEAR,
+                                            _sub_stratum)
+    if skipped:
+        plan.findings.append(Finding("acs", f"{len(skipped)} S2201 household-composition cells suppressed "
+                                     f"(-999999999 / -888888888 etc.), no target: {skipped[:20]}"))
     add_agi(plan, data.agi)
     add_snap_states(plan, data.usda)
     add_medicaid(plan, data.medicaid)
     add_eitc(plan, data.eitc)
     add_national(plan, data.national, cbo, pe_version)
+    soi_sources.add_soi(plan, data.soi, _sub_stratum, US)
     return plan

@@ -51,7 +51,8 @@ def policyengine_facts() -> ModelFacts:
         cbo = pe.tax_benefit_system().parameters.calibration.gov.cbo
         return float(getattr(cbo, parameter)(f"{year}-01-01"))
 
-    return ModelFacts(lambda name: pe.variable(name) is not None, cbo_value, pe.package_versions()["policyengine-us"])
+    return ModelFacts(lambda name: pe.target_variable(name) is not None, cbo_value,
+                      pe.package_versions()["policyengine-us"])
 
 
 def definition_hash(parent_id: int | None, constraints: Iterable[Constraint | tuple[str, str, str]]) -> str:
@@ -96,6 +97,8 @@ CREATE TABLE targets (
     active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
     tolerance REAL,
     notes TEXT,
+    moe REAL CHECK (moe IS NULL OR moe >= 0),
+    moe_confidence REAL CHECK (moe_confidence IS NULL OR (moe_confidence > 0 AND moe_confidence < 1)),
     UNIQUE (variable, period, stratum_id, reform_id)
 );
 CREATE INDEX idx_constraints_variable ON stratum_constraints(constraint_variable, value);
@@ -163,8 +166,8 @@ def table_rows(plan: TargetPlan) -> TableRows:
         strata.append((i, digest, parent_id, s.group, s.notes))
         constraints.extend((i, c.variable, c.operation, c.value, None) for c in sorted(s.constraints))
     ordered = sorted(plan.targets, key=lambda t: (stratum_ids[t.stratum], t.variable, t.period))
-    targets = [(i, t.variable, t.period, stratum_ids[t.stratum], 0, t.value, source_ids[t.source], 1, None, t.notes)
-               for i, t in enumerate(ordered, start=1)]
+    targets = [(i, t.variable, t.period, stratum_ids[t.stratum], 0, t.value, source_ids[t.source], 1, None, t.notes,
+                t.moe, t.moe_confidence) for i, t in enumerate(ordered, start=1)]
     return TableRows(sources, strata, constraints, targets, stratum_ids)
 
 
@@ -182,7 +185,7 @@ def write_db(rows: TableRows, out_path: Path) -> None:
             con.executemany("INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?)", rows.sources)
             con.executemany("INSERT INTO strata VALUES (?, ?, ?, ?, ?)", rows.strata)
             con.executemany("INSERT INTO stratum_constraints VALUES (?, ?, ?, ?, ?)", rows.constraints)
-            con.executemany("INSERT INTO targets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows.targets)
+            con.executemany("INSERT INTO targets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows.targets)
             con.commit()
         finally:
             con.close()

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from calibrate.core.derived import DERIVED_VERSION, derived
 from calibrate.core.faults import fault_point
 
 CACHE_FORMAT_VERSION = 3  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
@@ -99,8 +100,13 @@ class CacheContext:
 
 
 def template_key(variable: str, constraints) -> str:
-    """Canonical text of a template: the variable and its sorted (variable, operation, value) constraints."""
-    return json.dumps([variable, sorted([c.variable, c.operation, str(c.value)] for c in constraints)])
+    """Canonical text of a template: the variable and its sorted (variable, operation, value) constraints
+    (and the derived variables' version when the template uses one)."""
+    constraints = sorted([c.variable, c.operation, str(c.value)] for c in constraints)
+    parts = [variable, constraints]
+    if derived(variable) or any(derived(c[0]) for c in constraints):
+        parts.append(f"derived-v{DERIVED_VERSION}")
+    return json.dumps(parts)
 
 
 def _digest(text: str) -> str:

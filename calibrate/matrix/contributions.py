@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from calibrate.core import pe
+from calibrate.core.derived import derived
 from calibrate.core.errors import CalibrateError
 
 _OPS = {
@@ -41,7 +42,7 @@ def parse_constraint_value(variable_name: str, operation: str, raw: str):
     """The constraint's value typed as its variable's own type (never 'match everything')."""
     if operation not in _OPS:
         raise ConstraintError(f"constraint {variable_name} {operation} {raw}: unknown operation {operation!r}")
-    var = pe.variable(variable_name)
+    var = pe.target_variable(variable_name)
     if var is None:
         raise ConstraintError(f"constraint variable {variable_name!r} is not a policyengine-us variable")
     vt = var.value_type
@@ -116,7 +117,11 @@ class EntityIndex:
 
 
 def _values(sim, name: str, period: int) -> np.ndarray:
-    """Annual values of a variable (monthly variables are summed over the year by policyengine)."""
+    """Annual values of a variable (monthly variables are summed over the year by policyengine;
+    derived household variables are computed from the simulation)."""
+    extra = derived(name)
+    if extra is not None:
+        return np.asarray(extra.compute(sim, period))
     result = sim.calculate(name, period)
     return np.asarray(getattr(result, "values", result))
 
@@ -124,7 +129,7 @@ def _values(sim, name: str, period: int) -> np.ndarray:
 def _constraint_mask(sim, constraint, period: int, cache: dict) -> tuple[np.ndarray, str]:
     key = (constraint.variable, constraint.operation, constraint.value)
     if key not in cache:
-        var = pe.variable(constraint.variable)
+        var = pe.target_variable(constraint.variable)
         value = parse_constraint_value(constraint.variable, constraint.operation, constraint.value)
         raw = _values(sim, constraint.variable, period)
         if raw.dtype.kind in "OUS":
@@ -144,7 +149,7 @@ def household_contributions(sim, targets: pd.DataFrame, period: int) -> np.ndarr
     value_cache: dict[str, np.ndarray] = {}
     mask_cache: dict = {}
     for row, (variable, constraints) in enumerate(zip(targets.variable, targets.constraints)):
-        entity = pe.variable(variable).entity.key
+        entity = pe.target_variable(variable).entity.key
         if variable not in value_cache:
             value_cache[variable] = _values(sim, variable, period).astype(np.float64)
         values = value_cache[variable]
@@ -171,7 +176,7 @@ def check_variables(targets: pd.DataFrame) -> None:
     and value when ``targets`` has them) and the stratum.
     """
     for name in sorted(set(targets.variable)):
-        if pe.variable(name) is None:
+        if pe.target_variable(name) is None:
             rows = targets.loc[targets.variable == name]
             raise ConstraintError(f"{_describe(rows.iloc[0])}: target variable {name!r} is not a policyengine-us "
                                   f"variable ({len(rows)} selected targets use it)")

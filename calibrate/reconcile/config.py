@@ -67,7 +67,9 @@ class ReconcileConfig:
     min_households: int = 5  # a target fewer households can reach is thin
     feasibility_tolerance: float = 0.02  # least achievable error (area LP) above this is infeasible
     feasibility_levels: list[str] = field(default_factory=lambda: ["national", "state"])  # areas solved
-    use_db_tolerance: bool = True  # use the database's tolerance column (relative) as a free band in the loss
+    use_db_tolerance: bool = True  # false: no free band at all (same as tolerance: none)
+    tolerance: str = "db"  # free band in the loss: none | db (tolerance column) | moe (else the published MOE / |value|)
+    moe_scale: float = 1.0  # with tolerance: moe, the band is moe_scale x MOE (90 %); 1/1.645 gives one standard error
 
     @property
     def rules(self) -> tuple[ScaleRule, ...]:
@@ -80,6 +82,10 @@ class ReconcileConfig:
             raise ReconcileError(f"reconcile.balance={self.balance!r}: choose one of {', '.join(BALANCES)}")
         if self.flagged not in ACTIONS:
             raise ReconcileError(f"reconcile.flagged={self.flagged!r}: choose one of {', '.join(ACTIONS)}")
+        if self.tolerance not in ("none", "db", "moe"):
+            raise ReconcileError(f"reconcile.tolerance={self.tolerance!r}: choose one of none, db, moe")
+        if not self.moe_scale >= 0:
+            raise ReconcileError(f"reconcile.moe_scale={self.moe_scale!r} must be >= 0")
         bad = [lvl for lvl in self.feasibility_levels if lvl not in ("national", "state")]
         if bad:
             raise ReconcileError(f"reconcile.feasibility_levels: {bad[0]!r} is not national or state")

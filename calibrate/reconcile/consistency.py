@@ -145,6 +145,17 @@ def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, l
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def unreachable_targets(dropped: pd.DataFrame) -> pd.DataFrame:
+    """Support rows for the targets the matrix build dropped as all-zero (no household of the base
+    data contributes: e.g. a stratum by a characteristic the data lacks), so consistency.csv
+    names each as unsupported instead of leaving them to dropped_targets.csv alone."""
+    rows = [_row("support", "unsupported", int(r.target_id), r.label, "", r.geo_level, 0, float(r.value), 0.0,
+                 np.inf, 0, "no household of the base data can contribute (all-zero row, dropped before the fit; "
+                 "the data cannot represent its stratum: docs/targets.md)")
+            for r in dropped.itertuples(index=False)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def supporting_households(csr: sp.csr_matrix, layout, enough: int) -> np.ndarray:
     """Distinct households with a nonzero in each row (a household appears once per CD block).
 

@@ -17,7 +17,13 @@ import numpy as np
 import pandas as pd
 
 from calibrate.reconcile.config import ReconcileConfig
-from calibrate.reconcile.consistency import cds_per_state, check_hierarchy, check_support, with_templates
+from calibrate.reconcile.consistency import (
+    cds_per_state,
+    check_hierarchy,
+    check_support,
+    unreachable_targets,
+    with_templates,
+)
 from calibrate.reconcile.feasibility import check_feasibility
 from calibrate.reconcile.holdout import HOLDOUT
 from calibrate.reconcile.loss import loss_weights
@@ -57,6 +63,26 @@ class ReconciledTargets:
         }
 
 
+TOLERANCE_MODES = ("none", "db", "moe")
+
+
+def tolerance_bands(targets: pd.DataFrame, mode: str, moe_scale: float = 1.0) -> np.ndarray:
+    """Relative free band per target: ``none`` 0; ``db`` the database ``tolerance`` (0 where NULL);
+    ``moe`` the database tolerance where set, else ``moe_scale`` x the published margin of error
+    over |value| (a target inside its sampling margin costs nothing)."""
+    if mode not in TOLERANCE_MODES:
+        raise ValueError(f"tolerance mode {mode!r} is not one of {TOLERANCE_MODES}")
+    n = len(targets)
+    db = targets["tolerance"].to_numpy(dtype=np.float64) if "tolerance" in targets else np.full(n, np.nan)
+    out = np.where(np.isfinite(db), db, 0.0) if mode != "none" else np.zeros(n)
+    if mode == "moe" and "moe" in targets:
+        moe = targets["moe"].to_numpy(dtype=np.float64)
+        value = np.abs(targets["value"].to_numpy(dtype=np.float64))
+        relative = np.where(np.isfinite(moe) & (value > 0), moe_scale * moe / np.where(value > 0, value, 1.0), 0.0)
+        out = np.where(np.isfinite(db), out, relative)
+    return out
+
+
 def reconcile_targets(matrix, config: ReconcileConfig, all_cds: list[int],
                       split: np.ndarray | None = None) -> ReconciledTargets:
     """Run the analysis and the plan on a built :class:`~calibrate.matrix.CalibrationMatrix`
@@ -76,7 +102,9 @@ def reconcile_targets(matrix, config: ReconcileConfig, all_cds: list[int],
     analysis = pd.concat([hierarchy, support, feasibility], ignore_index=True)
     plan = plan_targets(targets, config, analysis[analysis.check != "hierarchy"], scaled)
     weights = loss_weights(targets, config.balance, plan.in_fit & ~held_out, plan.weight_multiplier)
-    tolerance = targets["tolerance"].to_numpy(dtype=np.float64) if "tolerance" in targets else np.zeros(len(targets))
-    tolerance = np.where(np.isfinite(tolerance) & config.use_db_tolerance, tolerance, 0.0)
+    bands = tolerance_bands(targets, config.tolerance if config.use_db_tolerance else "none", config.moe_scale)
     unhandled = unhandled_inconsistencies(targets, hierarchy, rules)
-    return ReconciledTargets(plan, analysis, weights, tolerance, unhandled, time.perf_counter() - start)
+    dropped = getattr(matrix, "dropped", None)
+    if dropped is not None and len(dropped):
+        analysis = pd.concat([analysis, unreachable_targets(dropped)], ignore_index=True)
+    return ReconciledTargets(plan, analysis, weights, bands, unhandled, time.perf_counter() - start)

@@ -102,9 +102,12 @@ def all_cds(db_path: Path) -> list[int]:
 
 def _read_tables(db_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     with connect(db_path) as con:
+        columns = {r[1] for r in con.execute("PRAGMA table_info(targets)")}
+        # margins of error: optional columns (a database built before them has none)
+        moe = ", ".join(f"t.{c}" if c in columns else f"NULL AS {c}" for c in ("moe", "moe_confidence"))
         targets = pd.read_sql_query(
             "SELECT t.target_id, t.variable, t.period, t.stratum_id, t.reform_id, t.value, "
-            "t.active, t.tolerance, s.stratum_group_id FROM targets t "
+            f"t.active, t.tolerance, {moe}, s.stratum_group_id FROM targets t "
             "JOIN strata s ON s.stratum_id = t.stratum_id ORDER BY t.target_id",
             con,
         )
@@ -193,6 +196,8 @@ def load_targets(db_path: Path, target_filter: TargetFilter, cds: list[int], per
                 constraints=non_geo,
                 label=_label(t.variable, level, geo_id, cons),
                 tolerance=float("nan") if pd.isna(t.tolerance) else float(t.tolerance),
+                moe=float("nan") if pd.isna(t.moe) else float(t.moe),
+                moe_confidence=float("nan") if pd.isna(t.moe_confidence) else float(t.moe_confidence),
             )
         )
     if not rows:
