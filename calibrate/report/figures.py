@@ -18,6 +18,7 @@ import pandas as pd
 from calibrate.report import tiles
 
 CELL_PX = 78  # one state cell on the map, in pixels
+MAX_VARIABLES = 8  # a group with more variables at one level gets one bar in the group chart
 CD_TRACE = 2  # the map's traces: state cells, state names, CDs (one marker each)
 MAP_MARGIN = {"l": 10, "r": 150, "t": 40, "b": 10}
 # (column, drop-down label, colour scale, value format)
@@ -147,6 +148,9 @@ def groups(targets: pd.DataFrame) -> dict | None:
         t = t[t["split"] != "holdout"]
     if t.empty:
         return None
+    t = t.assign(variable=t["variable"].astype(str))
+    many = t.groupby(["group", "geo_level"])["variable"].transform("nunique") > MAX_VARIABLES
+    t.loc[many, "variable"] = "all variables"  # e.g. the ~30 one-target national totals: one bar
     err = t.groupby(["group", "variable", "geo_level"], sort=True)["abs_rel_error"]
     stats = err.agg(n="size", median="median", p95=lambda s: float(np.percentile(s, 95)), max="max").reset_index()
     names = [f"{g} · {v} · {lvl} (n={n})" for g, v, lvl, n in
