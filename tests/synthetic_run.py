@@ -44,7 +44,8 @@ def write_synthetic_run(run_dir: Path, cds: list[int] | None = None, seed: int =
     for i in np.flatnonzero(snap_cd):
         state = int(table["geographic_id"].iat[i]) // 100
         value[i] = original[i] * factor[state]
-        reason[i] = f"scaled x{factor[state]:.4f} to STATE{state}/household_count[snap>0] (rule snap_households_cd_to_state)"
+        reason[i] = (f"scaled x{factor[state]:.4f} to STATE{state}/household_count[snap>0] "
+                     "(rule snap_households_cd_to_state)")
     national = np.flatnonzero((table["geo_level"] == "national").to_numpy())[:7]
     status[national] = "excluded"
     reason[national] = "infeasible: off by 12.0% in the national feasibility LP (reconcile.flagged=exclude)"
@@ -67,11 +68,13 @@ def write_synthetic_run(run_dir: Path, cds: list[int] | None = None, seed: int =
     epochs = np.arange(0, 501, 20)
     pd.DataFrame({"epoch": epochs, "loss": 5 * np.exp(-epochs / 80) + 1e-3, "data_loss": 5 * np.exp(-epochs / 80),
                   "median_abs_rel_error": 0.3 * np.exp(-epochs / 90), "p95_abs_rel_error": 0.9 * np.exp(-epochs / 110),
-                  "max_abs_rel_error": 2 * np.exp(-epochs / 130), "n_active": (weights.size * (0.2 + 0.8 * np.exp(-epochs / 60))).astype(int)
+                  "max_abs_rel_error": 2 * np.exp(-epochs / 130),
+                  "n_active": (weights.size * (0.2 + 0.8 * np.exp(-epochs / 60))).astype(int)
                   }).to_csv(run_dir / "history.csv", index=False)
     checks = pd.DataFrame({"check": "support", "flag": "ok", "target_id": table["target_id"], "label": table["label"],
                            "geo_level": table["geo_level"], "geographic_id": table["geographic_id"],
-                           "value": original, "compared": estimate, "ratio": estimate / original, "n": 50, "detail": ""})
+                           "value": original, "compared": estimate, "ratio": estimate / original, "n": 50,
+                           "detail": ""})
     checks.loc[national, "flag"] = "infeasible"
     checks.to_csv(run_dir / "consistency.csv", index=False)
     active = np.count_nonzero(weights, axis=1)
@@ -79,15 +82,18 @@ def write_synthetic_run(run_dir: Path, cds: list[int] | None = None, seed: int =
         ess = weights.sum(axis=1) ** 2 / (weights ** 2).sum(axis=1)
         pd.DataFrame({"cd_geoid": cds, "state_fips": [c // 100 for c in cds], "n_active": active, "ess": ess,
                       "zero_share": 1 - active / N_HOUSEHOLDS, "top10_share": rng.uniform(0.05, 0.2, len(cds)),
-                      "top100_share": rng.uniform(0.3, 0.6, len(cds)), "multiplier_p50": rng.uniform(0.8, 1.5, len(cds)),
+                      "top100_share": rng.uniform(0.3, 0.6, len(cds)),
+                      "multiplier_p50": rng.uniform(0.8, 1.5, len(cds)),
                       "multiplier_p99": rng.uniform(3, 8, len(cds)), "multiplier_max": rng.uniform(8, 40, len(cds)),
                       }).to_csv(run_dir / "weight_quality.csv", index=False)
     fitted = table[(table["status"] == "fit") & (table["split"] == "train")]["abs_rel_error"]
     summary = {
         "status": "complete", "run_dir": str(run_dir.resolve()), "n_targets": len(table), "n_dropped_targets": 0,
         "geo_levels": sorted(set(table["geo_level"])), "n_households": N_HOUSEHOLDS, "n_cds": len(cds),
-        "cds": [int(c) for c in cds], "period": 2024, "target_groups": ["age", "geography", "medicaid", "national", "snap"],
-        "geo": "all (synthetic)", "dataset": "synthetic", "dataset_path": "/synthetic/dataset.h5", "dataset_sha256": "0" * 64,
+        "cds": [int(c) for c in cds], "period": 2024,
+        "target_groups": ["age", "geography", "medicaid", "national", "snap"],
+        "geo": "all (synthetic)", "dataset": "synthetic", "dataset_path": "/synthetic/dataset.h5",
+        "dataset_sha256": "0" * 64,
         "db_path": str(paths.TARGET_DB), "db_sha256": "1" * 64, "matrix_seconds": 2.0, "matrix_cache_hit": True,
         "matrix_cache_key": "synthetic", "fit_seconds": 15.0, "compile_seconds": 1.0, "seconds_per_epoch": 0.028,
         "epochs": 500, "final_loss": 1e-3, "median_abs_rel_error": float(np.median(fitted)),
