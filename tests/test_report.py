@@ -255,6 +255,7 @@ def test_sweep_page(sweep_dir, browser, work):
     links.first.click()
     page.wait_for_function("window.reportReady === true", timeout=60_000)
     assert page.url.endswith("/0/report.html")
+    page.evaluate("window.reportDrawAll()")
     assert page.evaluate(TILES) == len(json.loads((sweep_dir / "0" / "summary.json").read_text())["cds"])
     (work / "sweep.png").write_bytes(page.screenshot())
     assert errors == []

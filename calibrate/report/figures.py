@@ -160,7 +160,7 @@ def groups(targets: pd.DataFrame) -> dict | None:
         fig.add_trace(go.Bar(y=names, x=np.maximum(stats[column], 1e-6), name=column, orientation="h",
                              marker_color=color, hovertemplate="%{y}<br>" + column + " %{x:.3%}<extra></extra>"))
     fig.update_layout(barmode="overlay", height=130 + 24 * len(names), margin={"l": 10, "r": 20, "t": 50, "b": 40},
-                      xaxis={"type": "log", "dtick": 1, "title": "absolute relative error (log scale)",
+                      xaxis={"type": "log", "dtick": "D2", "title": "absolute relative error (log scale)",
                              "tickformat": ".2~%"},
                       yaxis={"autorange": "reversed", "automargin": True},
                       legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"})
