@@ -12,7 +12,7 @@ import pytest
 from calibrate.core import paths
 
 PACKAGE = paths.REPO_ROOT / "calibrate"
-ORDER = ["core", "targets", "matrix", "reconcile", "fit", "outputs", "publish", "app", "etl"]
+ORDER = ["core", "targets", "matrix", "reconcile", "fit", "outputs", "report", "publish", "app", "etl"]
 ENTRY_POINTS = {"calibrate/__init__.py", "calibrate/__main__.py", "calibrate/tracer.py"}
 
 

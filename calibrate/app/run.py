@@ -1,5 +1,5 @@
 """The calibration pipeline behind ``python -m calibrate``: check inputs, pick the
-device, build the matrix, fit, write outputs (``summary.json`` last), report.
+device, build the matrix, fit, write outputs (``summary.json`` last, then ``report.html``), report.
 
 Cheap checks (files, CDs, target selection, fit settings, GPU presence) all run before
 the policyengine-us import and the matrix build, so bad input fails in seconds.
@@ -45,6 +45,7 @@ from calibrate.core.memory import return_freed_memory
 from calibrate.core.rundir import writable_dir
 from calibrate.outputs import plots
 from calibrate.reconcile import split_targets
+from calibrate.report import write_report_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,10 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))  # last: marks the run complete
     if settings.publish.enabled:
         summary = _publish(run_dir, settings.publish, summary)
+    page = write_report_or_warn(run_dir)  # report.html from the files above; a failure is a warning only
     print(outputs.console_report(table, asdict(summary), run_dir, settings.report_top), flush=True)
+    if page is not None:
+        print(f"report: {page.resolve()}", flush=True)
     return summary
 
 

@@ -1,18 +1,20 @@
-"""Hydra callback that writes ``sweep.csv`` and ``sweep.png`` at the root of a multirun.
+"""Hydra callback that writes ``sweep.csv``, ``sweep.png`` and ``sweep.html`` at the root of a multirun.
 
 One row per job: its number, directory, status (complete / failed / incomplete), its
 overrides, the scalar figures of its ``summary.json`` and its train/holdout errors per
 level as flat ``{split}_{level}_{stat}`` columns. ``sweep.png`` plots each job's median
-error (train, holdout) against sparsity and wall time. The table is rebuilt from
+error (train, holdout) against sparsity and wall time; ``sweep.html`` (``calibrate.report``)
+shows the table with each job linking to its ``report.html``. The table is rebuilt from
 the job directories on disk, so it works for every launcher (basic, joblib, Slurm,
 Ray) as long as the jobs write to the shared sweep directory. With the Modal launcher the
-job directories live on a Modal volume: fetch them, then rebuild both files with
+job directories live on a Modal volume: fetch them, then rebuild the files with
 ``python -m calibrate.app.sweep <sweep dir>``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from hydra.experimental.callback import Callback
 from calibrate.outputs.evaluation import flat_split_errors
 from calibrate.outputs.plots import plot_sweep
 from calibrate.outputs.tables import SUMMARY_FILE, write_csv
+from calibrate.report import SWEEP_PAGE, write_sweep_page
 
 SWEEP_FILE = "sweep.csv"
 SWEEP_PLOT = "sweep.png"
@@ -73,15 +76,20 @@ def sweep_table(sweep_dir: Path) -> pd.DataFrame:
 
 
 def write_sweep(sweep_dir: Path) -> pd.DataFrame:
-    """``sweep.csv`` and ``sweep.png`` for the job directories under ``sweep_dir``; returns the table."""
+    """``sweep.csv``, ``sweep.png`` and ``sweep.html`` of the job directories under ``sweep_dir``; returns the table."""
     table = sweep_table(sweep_dir)
     write_csv(sweep_dir / SWEEP_FILE, table)
     plot_sweep(table, sweep_dir / SWEEP_PLOT)
+    try:
+        write_sweep_page(sweep_dir, table)
+    except Exception as exc:  # the page is a view of sweep.csv, never fatal
+        logging.getLogger(__name__).warning("%s not written (%s: %s); rebuild it with python -m calibrate.report %s",
+                                            SWEEP_PAGE, type(exc).__name__, exc, sweep_dir, exc_info=True)
     return table
 
 
 class SweepTableCallback(Callback):
-    """Writes ``<sweep dir>/sweep.csv`` and ``sweep.png`` when a multirun ends; exits non-zero if a job failed."""
+    """Writes ``<sweep dir>/sweep.csv``, ``.png``, ``.html`` when a multirun ends; exits non-zero if a job failed."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -89,7 +97,8 @@ class SweepTableCallback(Callback):
             return
         if str(config.hydra.launcher.get("_target_", "")).endswith("ModalLauncher"):
             print(f"sweep: the job directories are on the Modal volume (docs/cli.md); once fetched to {sweep_dir}, "
-                  f"python -m calibrate.app.sweep {sweep_dir} writes {SWEEP_FILE} and {SWEEP_PLOT}", flush=True)
+                  f"python -m calibrate.app.sweep {sweep_dir} writes {SWEEP_FILE}, {SWEEP_PLOT} and {SWEEP_PAGE}",
+                  flush=True)
             return
         code = report(sweep_dir)
         if code:
@@ -100,7 +109,8 @@ def report(sweep_dir: Path) -> int:
     """Write the sweep files and say so; 2 when a job did not complete, else 0."""
     table = write_sweep(sweep_dir)
     bad = table.loc[table["status"] != "complete"]
-    print(f"sweep table: {sweep_dir / SWEEP_FILE} and {SWEEP_PLOT} ({len(table)} jobs, {len(bad)} not complete)",
+    print(f"sweep table: {sweep_dir / SWEEP_FILE}, {SWEEP_PLOT} and {SWEEP_PAGE} ({len(table)} jobs, "
+          f"{len(bad)} not complete)",
           flush=True)
     if len(bad):
         print(f"error: {len(bad)} of {len(table)} sweep jobs did not complete (see {SWEEP_FILE})", file=sys.stderr)
@@ -109,7 +119,7 @@ def report(sweep_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m calibrate.app.sweep DIR``: (re)build sweep.csv and sweep.png of a sweep directory."""
+    """``python -m calibrate.app.sweep DIR``: (re)build sweep.csv, sweep.png and sweep.html of a sweep directory."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not Path(args[0]).is_dir():
         print("usage: python -m calibrate.app.sweep <sweep dir>  (a directory holding the job directories)",
