@@ -70,7 +70,8 @@ def _app(cfg) -> None:
     try:
         if OmegaConf.is_missing(cfg, "run_dir"):
             raise PublishInputError("run_dir=... is required (a finished calibrate run directory)")
-        args: PublishCLIConfig = OmegaConf.to_object(cfg)
+        args = OmegaConf.to_object(cfg)
+        assert isinstance(args, PublishCLIConfig)
         _RESULT.append(publish_run(
             args.run_dir, areas=list(args.area), verify=args.verify, workers=args.workers, out_dir=args.out_dir,
             sample_size=args.sample_size, rtol=args.rtol, dataset_path=args.dataset_path, db_path=args.db_path,

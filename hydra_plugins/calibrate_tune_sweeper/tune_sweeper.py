@@ -38,18 +38,19 @@ def distribution(override: Override) -> BaseDistribution | None:
     if not override.is_sweep_override():
         return None
     value = override.value()
+    sweep: Any = value  # Hydra types the bounds as optional; a parsed sweep has them all
     if isinstance(value, ChoiceSweep):
-        return CategoricalDistribution([v for v in value.list])
+        return CategoricalDistribution(list(sweep.list))
     if isinstance(value, RangeSweep):
-        start, stop, step = value.start, value.stop, value.step
+        start, stop, step = sweep.start, sweep.stop, sweep.step
         if all(isinstance(x, int) for x in (start, stop, step)):
             return IntDistribution(start, stop - step, step=step)
         return FloatDistribution(start, stop - step, step=step)
     if isinstance(value, IntervalSweep):
         log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log_scale)
-        return FloatDistribution(value.start, value.end, log=log_scale)
+        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
+            return IntDistribution(sweep.start, sweep.end, log=log_scale)
+        return FloatDistribution(sweep.start, sweep.end, log=log_scale)
     raise ValueError(f"{override.input_line}: unsupported sweep for the tune sweeper (use interval, choice, range)")
 
 
@@ -58,6 +59,7 @@ def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
         return trial.suggest_categorical(name, dist.choices)
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    assert isinstance(dist, FloatDistribution)
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
@@ -76,7 +78,7 @@ class TuneSweeper(Sweeper):
     def __init__(self, sampler, direction: str, study_name: str, storage: str | None, n_trials: int, n_jobs: int,
                  max_failure_rate: float, params) -> None:
         self.sampler = sampler
-        self.direction = direction
+        self.direction: Any = direction  # minimize | maximize (optuna checks it)
         self.study_name = study_name
         self.storage = storage
         self.n_trials = n_trials
@@ -110,7 +112,7 @@ class TuneSweeper(Sweeper):
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.storage_url = storage_url(self.storage, self.sweep_dir)
         study = optuna.create_study(study_name=self.study_name, storage=self.storage_url, sampler=self.sampler,
-                                    direction=self.direction, load_if_exists=True)
+                                    directions=[self.direction], load_if_exists=True)
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             log.warning(f"trial {stale.number} was left running (a killed sweep): marked failed, its parameters"
                         " are tried again")
@@ -148,7 +150,7 @@ class TuneSweeper(Sweeper):
     @staticmethod
     def _tell(study: optuna.Study, trial: optuna.Trial, ret) -> bool:
         """Record a job's outcome; False when the trial failed (job error, or no float returned)."""
-        value = ret.return_value if ret.status == JobStatus.COMPLETED else None
+        value: Any = ret.return_value if ret.status == JobStatus.COMPLETED else None
         try:
             study.tell(trial, float(value))
             return True
