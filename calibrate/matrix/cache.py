@@ -64,7 +64,7 @@ class Entry(NamedTuple):
     values: np.ndarray  # float32
 
     @staticmethod
-    def from_dense(row: np.ndarray) -> "Entry":
+    def from_dense(row: np.ndarray) -> Entry:
         values = np.asarray(row).astype(np.float32)
         indices = np.flatnonzero(values).astype(np.int32)
         return Entry(indices, values[indices])
@@ -78,7 +78,7 @@ def policyengine_versions() -> tuple[str, str]:
             out.append(version(package))
         except PackageNotFoundError:
             out.append("not installed")
-    return tuple(out)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def _digest(text: str) -> str:
 
 def _checksum(key: str, indices: np.ndarray, values: np.ndarray) -> str:
     digest = hashlib.sha256(key.encode())
-    digest.update(np.ascontiguousarray(indices, dtype="<i4"))
-    digest.update(np.ascontiguousarray(values, dtype="<f4"))
+    digest.update(np.ascontiguousarray(indices, dtype="<i4"))  # type: ignore[arg-type]  # an ndarray is a buffer
+    digest.update(np.ascontiguousarray(values, dtype="<f4"))  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -122,6 +122,7 @@ class ContributionCache:
         self.folder = Path(root) / SUBDIR / self._context_key if root is not None else None
 
     def path(self, state: int, template: str) -> Path:
+        assert self.folder is not None, "a cache without a root has no files"
         return self.folder / f"{int(state):02d}" / f"{_digest(template)}{SUFFIX}"
 
     def entry_key(self, state: int, template: str) -> str:
@@ -162,6 +163,7 @@ class ContributionCache:
         _atomic_write(path, lambda fh: fh.write(blob))
 
     def _write_context(self) -> None:
+        assert self.folder is not None
         path = self.folder / "context.json"
         if not path.is_file():
             text = json.dumps(asdict(self.context), indent=2, sort_keys=True)

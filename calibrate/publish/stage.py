@@ -150,7 +150,7 @@ def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, t
     if not verify:
         return published, None, (0.0, 0.0)
     start, cpu = time.perf_counter(), time.process_time()
-    rows = verify_file(published, area, ctx.spec, ctx.run.period, ctx.rtol)
+    rows = verify_file(published, area, ctx.spec, ctx.run.period, ctx.rtol)  # type: ignore[arg-type]
     return published, rows, (time.perf_counter() - start, time.process_time() - cpu)
 
 
