@@ -94,7 +94,7 @@ def timed_build(label: str, results: list, **kw):
 
 
 def disk_size(folder: Path) -> tuple[int, int]:
-    files = [p for p in folder.rglob("*.entry")]
+    files = [p for p in folder.rglob("*.safetensors")]
     return len(files), sum(p.stat().st_size for p in files)
 
 

@@ -85,7 +85,7 @@ PUBLISH_CASES = [
 @pytest.mark.usefixtures("unmount_after")
 @pytest.mark.parametrize("case_id, build, needles", PUBLISH_CASES, ids=[c[0] for c in PUBLISH_CASES])
 def test_publish_bad_input(case_id, build, needles, tmp_path, capsys):
-    from calibrate.publish.stage import main
+    from calibrate.publish import main
 
     assert main(build(tmp_path)) == 2
     line = error_line(capsys.readouterr().err)

@@ -189,7 +189,7 @@ def test_cache_hit_and_key(fixture_dataset, target_db, fixture_cds, tmp_path):
     assert second.targets_df.equals(first.targets_df)
     assert second.entries_simulated == 0 and second.entries_cached == first.entries_simulated > 0
     assert second.cache_key == first.cache_key
-    assert {p.suffix for p in tmp_path.rglob("*") if p.is_file()} == {".entry", ".json"}  # no temp files left
+    assert {p.suffix for p in tmp_path.rglob("*") if p.is_file()} == {".safetensors", ".json"}  # no temp files left
     targets = load_targets(target_db, GROUPS, cds, PERIOD)
     assert cache_key(fixture_dataset, targets, cds, PERIOD) == first.cache_key
     assert cache_key(fixture_dataset, targets, fixture_cds[:2], PERIOD) != first.cache_key

@@ -26,6 +26,8 @@ import scipy.sparse as sp
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from calibrate.app.config import CONF_DIR, executor_settings, to_config
 from calibrate.core import paths
@@ -45,7 +47,7 @@ def _build(dataset, db, flt, cache, cds=CDS, **kw):
 
 
 def _entries(cache):
-    return sorted(p for p in (cache / "contributions").glob("*/*/*.entry"))
+    return sorted(p for p in (cache / "contributions").glob("*/*/*.safetensors"))
 
 
 def _same(a, b) -> bool:
@@ -118,23 +120,26 @@ def test_values_cds_and_filter_changes_cost_no_simulation(snap_cache, fixture_da
     assert (subset.X != _rows(snap, list(subset.targets_df.target_id))).nnz == 0
 
 
+def _read_safetensors(path):
+    with safe_open(str(path), framework="numpy") as fh:
+        return fh.metadata(), {name: fh.get_tensor(name) for name in fh.keys()}
+
+
 def test_cache_holds_no_pickle(snap_cache):
     cache, snap = snap_cache
     files = [p for p in cache.rglob("*") if p.is_file()]
-    assert {p.suffix for p in files} == {".entry", ".json"}
+    assert {p.suffix for p in files} == {".safetensors", ".json"}
     assert len(_entries(cache)) == snap.entries_simulated
     for path in _entries(cache):
-        blob = path.read_bytes()
-        # plain bytes as docs/matrix.md lays them out, parsed here by hand: magic, header, two arrays, nothing else
-        assert blob[:16] == b"CALIBRATE-ENTRY\0"
-        header_length = int.from_bytes(blob[16:20], "little")
-        header = json.loads(blob[20 : 20 + header_length])
-        n = header["n"]
-        assert sorted(header) == ["checksum", "key", "n"] and len(blob) == 20 + header_length + 8 * n
-        indices = np.frombuffer(blob[20 + header_length :], "<i4", n)
-        values = np.frombuffer(blob[20 + header_length + 4 * n :], "<f4", n)
+        # a plain safetensors file as docs/matrix.md describes it, read with safetensors itself
+        metadata, tensors = _read_safetensors(path)
+        assert sorted(metadata) == ["checksum", "key"] and sorted(tensors) == ["indices", "values"]
+        indices, values = tensors["indices"], tensors["values"]
+        assert indices.dtype == np.int32 and values.dtype == np.float32 and indices.shape == values.shape
         assert (np.diff(indices) > 0).all() and (values != 0).all()
-        assert hashlib.sha256(header["key"].encode() + indices.tobytes() + values.tobytes()).hexdigest() == header["checksum"]
+        digest = hashlib.sha256(metadata["key"].encode() + indices.astype("<i4").tobytes() + values.astype("<f4").tobytes())
+        assert digest.hexdigest() == metadata["checksum"]
+        assert metadata["key"].split("|")[1] == str(int(path.parent.name))  # the state in the key is the folder's
 
 
 def test_corrupt_entries_are_recomputed_with_a_warning(age_cache, fixture_dataset, target_db, tmp_path):
@@ -143,10 +148,10 @@ def test_corrupt_entries_are_recomputed_with_a_warning(age_cache, fixture_datase
     shutil.copytree(cache, work)
     entries = _entries(work)
     truncated, flipped, garbage, moved = entries[0], entries[len(entries) // 3], entries[-2], entries[-1]
-    truncated.write_bytes(truncated.read_bytes()[:100])
-    blob = bytearray(flipped.read_bytes())  # a well-formed file whose last value no longer matches its checksum
-    blob[-4:] = (np.frombuffer(bytes(blob[-4:]), "<f4") + np.float32(1)).tobytes()
-    flipped.write_bytes(bytes(blob))
+    truncated.write_bytes(truncated.read_bytes()[:-8])  # the header whole, the arrays cut short
+    metadata, tensors = _read_safetensors(flipped)  # a well-formed file whose last value no longer matches its checksum
+    tensors["values"][-1] += np.float32(1)
+    save_file(tensors, str(flipped), metadata=metadata)
     garbage.write_bytes(b"not a cache entry")
     shutil.copy(entries[1], moved)  # a valid entry under another entry's name
     with pytest.warns(CacheEntryWarning) as record:

@@ -21,7 +21,7 @@ from calibrate.core import pe
 from calibrate.core.dataset import file_sha256, read_h5, write_h5
 from calibrate.core.errors import CalibrateError
 from calibrate.matrix import build_matrix
-from calibrate.publish import main, parse_cli, publish_run
+from calibrate.publish import main, normalize_argv, publish_run
 from calibrate.publish.inputs import PublishInputError
 from calibrate.publish.verify import PublishVerificationError
 from calibrate.targets import TargetFilter
@@ -290,16 +290,52 @@ def test_missing_run_file(run_dir, tmp_path, missing):
     _assert_nothing_written(run)
 
 
-def test_cli_parsing_and_error_exit(run_dir, tmp_path, capsys):
-    path, kwargs = parse_cli([f"run_dir={run_dir}", "area=cd:3701,state:37", "verify=sample", "workers=2"])
-    assert path == run_dir and kwargs == {"areas": ["cd:3701", "state:37"], "verify": "sample", "workers": "2"}
-    with pytest.raises(PublishInputError, match="run_dir"):
-        parse_cli(["area=cd"])
+def test_cli_shorthand_and_error_exit(run_dir, tmp_path, capsys):
+    assert normalize_argv([f"run_dir={run_dir}", "area=cd:3701,state:37", "verify=sample", "workers=2"]) == [
+        f"run_dir={run_dir}", "area=['cd:3701','state:37']", "verify=sample", "workers=2"]
+    assert normalize_argv(["areas=national", "area=[cd]", "area=,"]) == ["area=['national']", "area=[cd]", "area=[]"]
+    assert main(["area=cd"]) == 2 and "run_dir=... is required" in capsys.readouterr().err
+    assert main([f"run_dir={run_dir}", "workers=two"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "workers" in err and err.count("\n") == 1
     run = _copy_run(run_dir, tmp_path)
     assert main([f"run_dir={run}", "area=cd:9999"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "CD 9999" in err
+    assert err.startswith("error:") and "CD 9999" in err and err.count("\n") == 1
     _assert_nothing_written(run)
+
+
+def _written(run) -> dict:
+    """Every file under a run dir that publishing added: relative path -> comparable content."""
+    out = {}
+    for path in sorted(run.rglob("*")):
+        rel = str(path.relative_to(run))
+        if not path.is_file() or rel in ("weights.npy", "targets.csv", "summary.json"):
+            continue
+        if path.suffix == ".h5":
+            out[rel] = {k: v.tolist() for k, v in read_h5(path, PERIOD).items()}
+        elif path.suffix == ".json":
+            out[rel] = {k: v for k, v in json.loads(path.read_text()).items()
+                        if not k.endswith("seconds") and k != "out_dir"}
+        else:
+            out[rel] = path.read_text().replace(str(run), "<run>")
+    return out
+
+
+def test_hydra_cli_writes_what_publish_run_writes(run_dir, tmp_path, monkeypatch, capsys):
+    """``python -m calibrate.publish`` (the Hydra app, in process) writes the same files as the Python call."""
+    by_call, by_cli = _copy_run(run_dir, tmp_path / "call"), _copy_run(run_dir, tmp_path / "cli")
+    publish_run(by_call, areas=["cd:3701", "state:37"], verify="none", workers=1)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main([f"run_dir={by_cli}", "area=cd:3701,state:37", "verify=none", "workers=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("publish: 2 files (1 cd, 1 state)") and str(by_cli / "datasets") in out
+    expected = _written(by_call)
+    assert {"datasets/cd_3701.h5", "datasets/state_37.h5", "publish/publish.json"} <= set(expected)
+    assert _written(by_cli) == expected
+    assert not list(work.iterdir())  # Hydra wrote nothing of its own (no .hydra/, no log, no outputs/)
 
 
 def test_hydra_publish_node_with_options(run_dir, tmp_path):

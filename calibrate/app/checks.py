@@ -17,7 +17,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 
 from calibrate.core.dataset import DatasetError, read_h5, validate_dataset
-from calibrate.core.errors import CalibrateError
+from calibrate.core.errors import CalibrateError, hydra_error_line  # noqa: F401  (hydra_error_line: re-exported)
 from calibrate.core.rundir import ERROR_FILE, SUMMARY_FILE, writable_dir
 from calibrate.targets import load_targets
 from calibrate.targets.validate import DatabaseError, check_database, check_selection
@@ -102,28 +102,3 @@ class RunDirCheck(Callback):
         except CalibrateError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(EXIT_BAD_INPUT)
-
-
-def hydra_error_line(exc: Exception) -> str:
-    """A Hydra/OmegaConf composition error (several lines, plus its cause) as one line:
-    option lists comma-separated, ``full_key`` kept, search paths and type internals dropped."""
-    segments: list[list[str]] = []  # [head, listed item, ...]
-    for source in (exc, exc.__cause__):
-        if source is None:
-            continue
-        listing = False
-        for line in (raw.strip() for raw in str(source).splitlines()):
-            if not line or line.startswith(("reference_type=", "object_type=", "See https://", "To append")):
-                continue
-            if line.startswith("Config search path"):
-                break
-            if line.startswith("full_key:"):
-                segments.append(["key " + line.removeprefix("full_key:").strip()])
-                listing = False
-            elif listing and not line.endswith(":"):
-                segments[-1].append(line)
-            else:
-                listing = line.endswith(":")
-                segments.append([line.rstrip(":") if listing else line])
-    text = "; ".join(head + (": " + ", ".join(items) if items else "") for head, *items in segments)
-    return text or type(exc).__name__

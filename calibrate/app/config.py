@@ -204,14 +204,14 @@ def to_config(cfg) -> CalibrateConfig:
     """
     from omegaconf.errors import OmegaConfBaseException
 
-    plain = OmegaConf.to_container(cfg, resolve=True, structured_config_mode=_dict_mode())
+    plain: Any = OmegaConf.to_container(cfg, resolve=True, structured_config_mode=_dict_mode())
     plain.pop("hydra", None)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(CalibrateConfig), plain)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise CalibrateError(f"config key {key}: {str(exc).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def _dict_mode():

@@ -120,7 +120,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     from calibrate.matrix import build_matrix
 
     matrix = build_matrix(
-        inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,
+        inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,  # type: ignore[arg-type]
         workers=settings.workers, cache_dir=inputs.cache_dir, progress=settings.progress,
         executor=executor_settings(settings.executor),
     )

@@ -154,8 +154,8 @@ def make_summary(settings: CalibrateConfig, inputs, device: DeviceInfo, matrix, 
         seconds_per_epoch=float(result.seconds_per_epoch),
         epochs=int(result.epochs),
         final_loss=float(result.final_loss),
-        **outputs.error_stats(headline_targets(table)),
-        **outputs.weight_stats(weights),
+        **outputs.error_stats(headline_targets(table)),  # type: ignore[arg-type]
+        **outputs.weight_stats(weights),  # type: ignore[arg-type]
         device=str(result.device or device.device),
         platform=device.platform,
         gpu_profile=device.profile,

@@ -43,7 +43,7 @@ def _overrides(job_dir: Path) -> list[str]:
 def job_row(job_dir: Path) -> dict:
     """The sweep-table row of one job directory."""
     overrides = _overrides(job_dir)
-    row = {"job": job_dir.name, "job_dir": str(job_dir), "overrides": " ".join(overrides), "error": ""}
+    row: dict[str, object] = {"job": job_dir.name, "job_dir": str(job_dir), "overrides": " ".join(overrides), "error": ""}
     for item in overrides:  # one column per override key, e.g. fit.epochs
         key, _, value = item.lstrip("+~").partition("=")
         row[key] = value

@@ -40,7 +40,7 @@ def matrix_of_run(run_dir, progress: bool = False):
     settings = to_config(OmegaConf.load(run_dir / CONFIG_FILE))
     inputs = prepare(settings)
     matrix = build_matrix(
-        inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,
+        inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,  # type: ignore[arg-type]
         workers=settings.workers, cache_dir=inputs.cache_dir, progress=progress,
         executor=executor_settings(settings.executor),
     )

@@ -152,7 +152,7 @@ def _first_line(exc: Exception) -> str:
 def _read_all(f: h5py.File, required: tuple[str, ...], period: int) -> tuple[dict, list[str]]:
     """Every variable's values for ``period`` (reading all of them finds damaged blocks)."""
     arrays, problems = {}, []
-    for name in f.keys():
+    for name in f:
         node = f[name]
         try:
             if isinstance(node, h5py.Group):

@@ -64,18 +64,18 @@ class DatasetReport:
             )
         factors = ", ".join(f"{y}: {f:.4f}" for y, f in sorted(self.uprating_factors.items()))
         lines.append(f"  uprating to 2024 ({cps_variables.CPI_PARAMETER}): {factors}")
-        n, s = self.national, self.simulated
+        n, sim = self.national, self.simulated
         default = self.files.get(DEFAULT_NAME)
         if n is not None and default is not None:
             lines.append("  sanity (default file vs published national figures):")
             lines.append(_vs("persons", default.weighted_persons, n.population, "ACS S0101 2024"))
             lines.append(_vs("households", default.weighted_households, n.households, "ACS S2201 2024, sum of CDs"))
-        if n is not None and s is not None:
-            lines.append(_vs("SNAP benefits ($)", s.snap, n.snap_cost, "USDA, annual cost"))
-            lines.append(_vs("SNAP households (snap>0)", s.snap_households, n.snap_households, "USDA, avg monthly households"))
-            lines.append(_vs("Medicaid persons (medicaid>0)", s.medicaid_persons, n.medicaid_enrollment, "CMS enrollment"))
-            lines.append(f"    Medicaid spending (PE medicaid): {s.medicaid / 1e9:,.1f}B")
-            lines.append(f"    AGI: {s.adjusted_gross_income / 1e12:,.2f}T; EITC: {s.eitc / 1e9:,.1f}B")
+        if n is not None and sim is not None:
+            lines.append(_vs("SNAP benefits ($)", sim.snap, n.snap_cost, "USDA, annual cost"))
+            lines.append(_vs("SNAP households (snap>0)", sim.snap_households, n.snap_households, "USDA, avg monthly households"))
+            lines.append(_vs("Medicaid persons (medicaid>0)", sim.medicaid_persons, n.medicaid_enrollment, "CMS enrollment"))
+            lines.append(f"    Medicaid spending (PE medicaid): {sim.medicaid / 1e9:,.1f}B")
+            lines.append(f"    AGI: {sim.adjusted_gross_income / 1e12:,.2f}T; EITC: {sim.eitc / 1e9:,.1f}B")
         lines += [f"  note: {t}" for t in self.notes]
         return "\n".join(lines)
 

@@ -27,7 +27,7 @@ NATION = 0  # geographic id used for the national row
 TOTAL_POPULATION = "S0101_C01_001E"
 AGE_BINS: tuple[tuple[int, int | None], ...] = tuple((lo, lo + 5) for lo in range(0, 85, 5)) + ((85, None),)
 AGE_COLUMNS: tuple[str, ...] = tuple(f"S0101_C01_{i + 2:03d}E" for i in range(len(AGE_BINS)))
-AGE_STATE_CSV_COLUMNS: tuple[str, ...] = tuple(f"{lo}-{hi - 1}" for lo, hi in AGE_BINS[:-1]) + ("85+",)
+AGE_STATE_CSV_COLUMNS: tuple[str, ...] = tuple(f"{lo}-{hi - 1}" for lo, hi in AGE_BINS[:-1]) + ("85+",)  # type: ignore[operator]
 ALL_HOUSEHOLDS = "S2201_C01_001E"
 SNAP_HOUSEHOLDS = "S2201_C03_001E"
 
@@ -146,8 +146,8 @@ def read_cd_list(path: Path) -> tuple[int, ...]:
     cds = {_geo_key(row, "district", path) for row in rows} - {None}
     if len(cds) != N_CDS:
         raise SourceError(f"{path}: found {len(cds)} congressional districts, expected {N_CDS}")
-    check_all_states({cd // 100 for cd in cds}, path, "districts")
-    return tuple(sorted(cds))
+    check_all_states({cd // 100 for cd in cds}, path, "districts")  # type: ignore[operator]
+    return tuple(sorted(cds))  # type: ignore[arg-type]
 
 
 def check_same_cds(table: dict[int, dict], cds: tuple[int, ...], path: Path) -> None:

@@ -188,7 +188,7 @@ def read_agi_state(path: Path) -> tuple[list[AgiCell], list[Finding]]:
     cells: dict[tuple[int, float, float], dict[str, float]] = {}
     for i, row in df.iterrows():
         where = f" (row {i + 2})"
-        if row.IS_COUNT not in AGI_VARIABLES or row.VARIABLE != AGI_VARIABLES[row.IS_COUNT]:
+        if row.IS_COUNT not in AGI_VARIABLES or AGI_VARIABLES[row.IS_COUNT] != row.VARIABLE:
             raise SourceError(f"{path}: column 'VARIABLE'{where}: {row.VARIABLE!r} does not match IS_COUNT {row.IS_COUNT!r}")
         if is_territory_code(row.GEO_ID):
             continue

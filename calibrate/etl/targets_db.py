@@ -14,9 +14,9 @@ import argparse
 import hashlib
 import os
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from calibrate.core import paths
 from calibrate.targets.geography import FIPS_STATE

@@ -61,7 +61,7 @@ def problem_fingerprint(
             digest.update(name.encode() + np.ascontiguousarray(extra).tobytes())
     relevant = [
         (f.name, value)
-        for f, value in zip(fields(config), astuple(config))
+        for f, value in zip(fields(config), astuple(config))  # type: ignore[arg-type, call-overload]
         if f.name not in _PATH_NEUTRAL_FIELDS
     ]
     if hasattr(config, "polish_epochs"):  # derived from epochs, but it changes the path
@@ -88,7 +88,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ plain one on the full vector (checked in the tests), only cheaper.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -242,7 +242,7 @@ def device_ops(host_arrays: dict) -> SparseOps:
     Each array is moved and dropped from ``host_arrays`` in turn, so the host and device
     copies of the layout never exist whole at the same time.
     """
-    moved = {}
+    moved: dict[str, Any] = {}
     for name in list(host_arrays):
         value = host_arrays.pop(name)
         if isinstance(value, tuple):

@@ -5,7 +5,7 @@ X is assembled from these vectors with geographic column masks, so it never need
 cached itself: target values, the CD list within cached states and the other templates do
 not enter an entry's key, and changing them costs no simulation.
 
-Layout (``<cache_dir>/contributions/<context>/<state>/<template>.entry``):
+Layout (``<cache_dir>/contributions/<context>/<state>/<template>.safetensors``):
 
 - ``context`` hashes the dataset file's sha256, the period, the household count, the
   policyengine-us and policyengine-core versions and :data:`CACHE_FORMAT_VERSION`;
@@ -16,12 +16,13 @@ Layout (``<cache_dir>/contributions/<context>/<state>/<template>.entry``):
   (``indices``, int32) and the contributions (``values``, float32, as in X), its full key
   and a sha256 ``checksum`` of key and arrays.
 
-An entry file is plain bytes, read without any deserialiser that could run code: the magic
-``CALIBRATE-ENTRY\0`` (16 bytes), the header length (uint32, little-endian), a UTF-8 JSON
-header ``{"key", "n", "checksum"}``, then ``n`` little-endian int32 indices and ``n``
-float32 values, and nothing after them. (Format 2 stored the same four fields as ``.npz``;
-reading 2,550 of them took 1.1 s against 0.1 s for this layout, on 2 cores, warm page
-cache: the zip directory and four ``.npy`` headers per entry dominated a warm rebuild.)
+An entry file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file (format 4):
+two tensors ``indices`` (I32) and ``values`` (F32) and the string metadata ``key`` and
+``checksum``; safetensors parses a length-prefixed JSON header and raw little-endian arrays,
+with no deserialiser that could run code, and refuses a file its header does not cover exactly.
+(Format 3 was a hand-written layout of the same fields, format 2 ``.npz``, which read 10x
+slower; HDF5 through h5py read 14x slower than safetensors: 5 ms per file to open.)
+
 Every entry is checked against its length, key and checksum; an unreadable, truncated or mismatching entry is
 reported with a :class:`CacheEntryWarning` naming the file and treated as missing, so it
 is recomputed and replaced. Writes go to a temporary file in the same folder and are
@@ -34,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -43,16 +43,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save as safetensors_bytes
 
 from calibrate.core.derived import DERIVED_VERSION, derived
 from calibrate.core.faults import fault_point
 
-CACHE_FORMAT_VERSION = 3  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
+CACHE_FORMAT_VERSION = 4  # bump when the meaning of a contribution changes (calibrate.matrix.contributions)
 SUBDIR = "contributions"
-SUFFIX = ".entry"
-MAGIC = b"CALIBRATE-ENTRY\0"
-_HEADER_LENGTH = struct.Struct("<I")
-_MAX_HEADER = 1 << 20  # bytes; a longer header means a damaged file
+SUFFIX = ".safetensors"
 
 
 class CacheEntryWarning(UserWarning):
@@ -66,7 +65,7 @@ class Entry(NamedTuple):
     values: np.ndarray  # float32
 
     @staticmethod
-    def from_dense(row: np.ndarray) -> "Entry":
+    def from_dense(row: np.ndarray) -> Entry:
         values = np.asarray(row).astype(np.float32)
         indices = np.flatnonzero(values).astype(np.int32)
         return Entry(indices, values[indices])
@@ -80,7 +79,7 @@ def policyengine_versions() -> tuple[str, str]:
             out.append(version(package))
         except PackageNotFoundError:
             out.append("not installed")
-    return tuple(out)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -115,8 +114,8 @@ def _digest(text: str) -> str:
 
 def _checksum(key: str, indices: np.ndarray, values: np.ndarray) -> str:
     digest = hashlib.sha256(key.encode())
-    digest.update(np.ascontiguousarray(indices, dtype="<i4"))
-    digest.update(np.ascontiguousarray(values, dtype="<f4"))
+    digest.update(np.ascontiguousarray(indices, dtype="<i4"))  # type: ignore[arg-type]  # an ndarray is a buffer
+    digest.update(np.ascontiguousarray(values, dtype="<f4"))  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -129,6 +128,7 @@ class ContributionCache:
         self.folder = Path(root) / SUBDIR / self._context_key if root is not None else None
 
     def path(self, state: int, template: str) -> Path:
+        assert self.folder is not None, "a cache without a root has no files"
         return self.folder / f"{int(state):02d}" / f"{_digest(template)}{SUFFIX}"
 
     def entry_key(self, state: int, template: str) -> str:
@@ -149,7 +149,7 @@ class ContributionCache:
             return None
 
     def _read(self, path: Path, key: str) -> Entry:
-        stored_key, indices, values, checksum = decode_entry(path.read_bytes())
+        stored_key, indices, values, checksum = read_entry(path)
         if stored_key != key:
             raise ValueError(f"it holds {stored_key!r}, not {key!r}")
         if _checksum(key, indices, values) != checksum:
@@ -169,6 +169,7 @@ class ContributionCache:
         _atomic_write(path, lambda fh: fh.write(blob))
 
     def _write_context(self) -> None:
+        assert self.folder is not None
         path = self.folder / "context.json"
         if not path.is_file():
             text = json.dumps(asdict(self.context), indent=2, sort_keys=True)
@@ -179,35 +180,25 @@ class ContributionCache:
 
 
 def encode_entry(key: str, entry: Entry) -> bytes:
-    """The bytes of an entry file (layout in the module docstring)."""
+    """The bytes of an entry file: a safetensors file with the arrays, the key and their checksum."""
     indices = np.ascontiguousarray(entry.indices, dtype="<i4")
     values = np.ascontiguousarray(entry.values, dtype="<f4")
     if indices.shape != values.shape or indices.ndim != 1:
         raise ValueError("indices and values must be 1-d arrays of one length")
-    header = json.dumps({"key": key, "n": len(indices), "checksum": _checksum(key, indices, values)}).encode()
-    return b"".join([MAGIC, _HEADER_LENGTH.pack(len(header)), header, indices.tobytes(), values.tobytes()])
+    metadata = {"key": key, "checksum": _checksum(key, indices, values)}
+    return safetensors_bytes({"indices": indices, "values": values}, metadata=metadata)
 
 
-def decode_entry(blob: bytes) -> tuple[str, np.ndarray, np.ndarray, str]:
-    """(key, indices, values, checksum) of an entry file's bytes; ValueError when the layout is broken."""
-    start = len(MAGIC) + _HEADER_LENGTH.size
-    if len(blob) < start or not blob.startswith(MAGIC):
-        raise ValueError("not a cache entry (no magic bytes)")
-    (header_length,) = _HEADER_LENGTH.unpack_from(blob, len(MAGIC))
-    if header_length > min(_MAX_HEADER, len(blob) - start):
-        raise ValueError(f"header length {header_length} runs past the end of the file (truncated?)")
-    header = json.loads(blob[start : start + header_length].decode())
-    if not isinstance(header, dict) or set(header) != {"key", "n", "checksum"}:
-        raise ValueError("header is not {key, n, checksum}")
-    key, n, checksum = header["key"], header["n"], header["checksum"]
-    if not (isinstance(key, str) and isinstance(checksum, str) and isinstance(n, int) and n >= 0):
-        raise ValueError("header fields of the wrong type")
-    body = start + header_length
-    if len(blob) != body + 8 * n:
-        raise ValueError(f"{len(blob)} bytes where {n} households need {body + 8 * n} (truncated?)")
-    indices = np.frombuffer(blob, dtype="<i4", count=n, offset=body).astype(np.int32, copy=False)
-    values = np.frombuffer(blob, dtype="<f4", count=n, offset=body + 4 * n).astype(np.float32, copy=False)
-    return key, indices, values, checksum
+def read_entry(path: Path) -> tuple[str, np.ndarray, np.ndarray, str]:
+    """(key, indices, values, checksum) of an entry file; an error when it is not one whole entry."""
+    with safe_open(str(path), framework="numpy") as fh:
+        metadata = fh.metadata() or {}
+        if set(fh.keys()) != {"indices", "values"} or set(metadata) != {"key", "checksum"}:
+            raise ValueError("not a cache entry (tensors or metadata other than indices, values / key, checksum)")
+        indices, values = fh.get_tensor("indices"), fh.get_tensor("values")
+    if indices.dtype != np.int32 or values.dtype != np.float32 or indices.ndim != 1 or indices.shape != values.shape:
+        raise ValueError("indices and values are not int32 / float32 arrays of one length")
+    return metadata["key"], indices, values, metadata["checksum"]
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -47,6 +47,7 @@ def parse_constraint_value(variable_name: str, operation: str, raw: str):
         raise ConstraintError(f"constraint variable {variable_name!r} is not a policyengine-us variable")
     vt = var.value_type
     text = str(raw).strip()
+    value: bool | int | float | str
     try:
         if vt is bool:
             lowered = text.lower()
@@ -86,7 +87,7 @@ class EntityIndex:
     n_households: int
 
     @staticmethod
-    def from_simulation(sim) -> "EntityIndex":
+    def from_simulation(sim) -> EntityIndex:
         person_group, group_household = {}, {}
         household_of_person = sim.populations["household"].members_entity_id
         for key, population in sim.populations.items():

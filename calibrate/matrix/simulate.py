@@ -141,7 +141,7 @@ def run_job(job: SimulationJob) -> JobResult:
                                                  job.templates, job.period)
             simulations = 1
         else:
-            values = [state_contributions(Path(job.dataset_path), s, job.templates, job.period) for s in job.states]
+            values = [state_contributions(Path(job.dataset_path), s, job.templates, job.period) for s in job.states]  # type: ignore[assignment]
             simulations = len(job.states)
         entries = [[Entry.from_dense(row) for row in state_values] for state_values in values]
         return JobResult(job.states, job.template_keys, entries, time.perf_counter() - wall,

@@ -1,7 +1,7 @@
-"""``python -m calibrate.publish run_dir=... area=...`` (see :mod:`calibrate.publish.stage`)."""
+"""``python -m calibrate.publish run_dir=... area=...`` (see :mod:`calibrate.publish.cli`)."""
 
 import sys
 
-from calibrate.publish.stage import main
+from calibrate.publish.cli import main
 
 sys.exit(main())

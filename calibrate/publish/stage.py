@@ -3,7 +3,7 @@
     python -m calibrate.publish run_dir=outputs/2026-11-26/12-00-00 area=cd:3701,state:37
     python -m calibrate.publish run_dir=... area=all-cds,all-states verify=sample workers=2
 
-Arguments are plain ``key=value`` pairs (see :data:`CLI_KEYS`); ``area`` takes a comma
+Arguments are Hydra overrides (:mod:`calibrate.publish.cli`); ``area`` takes a comma
 list of ``cd`` / ``all-cds`` (every run CD), ``state`` / ``all-states``, ``national``,
 ``cd:3701``, ``state:37`` (or ``state:NC``). Files go to ``<run_dir>/datasets/``
 (``cd_3701.h5``, ``state_37.h5``, ``national.h5`` with ``<name>_households.csv``
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ import pandas as pd
 
 from calibrate import outputs
 from calibrate.core.dataset import read_h5
-from calibrate.core.errors import CalibrateError
 from calibrate.core.faults import fault_point
 from calibrate.core.rundir import writable_dir
 from calibrate.publish.config import DEFAULT_RTOL, DEFAULT_SAMPLE_SIZE, VERIFY_MODES, PublishConfig
@@ -45,7 +43,6 @@ from calibrate.publish.verify import (
 )
 from calibrate.publish.write import BaseLayout, PublishedFile, base_layout, write_area
 
-CLI_KEYS = ("run_dir", "area", "areas", "verify", "workers", "out_dir", "sample_size", "rtol", "dataset_path", "db_path")
 EXIT_BAD_INPUT = 2
 
 
@@ -155,7 +152,7 @@ def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, t
     if not verify:
         return published, None, (0.0, 0.0)
     start, cpu = time.perf_counter(), time.process_time()
-    rows = verify_file(published, area, ctx.spec, ctx.run.period, ctx.rtol)
+    rows = verify_file(published, area, ctx.spec, ctx.run.period, ctx.rtol)  # type: ignore[arg-type]
     return published, rows, (time.perf_counter() - start, time.process_time() - cpu)
 
 
@@ -268,32 +265,3 @@ def files_table(files: list[PublishedFile]) -> pd.DataFrame:
          "n_households": f.n_households, "n_persons": f.n_persons, "total_weight": f.total_weight}
         for f in files
     ])
-
-
-def parse_cli(argv: list[str]) -> tuple[Path, dict]:
-    """``key=value`` arguments -> (run_dir, publish_run keyword arguments)."""
-    args: dict = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in CLI_KEYS:
-            raise PublishInputError(f"argument {item!r}: expected key=value with key in {', '.join(CLI_KEYS)}")
-        args["areas" if key == "area" else key] = value
-    if "run_dir" not in args:
-        raise PublishInputError("run_dir=... is required (a finished calibrate run directory)")
-    run_dir = Path(args.pop("run_dir"))
-    args["areas"] = [a for a in args.get("areas", "cd,state").split(",") if a.strip()]
-    return run_dir, args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: prints the summary line; ``error: ...`` and exit code 2 on bad input."""
-    try:
-        run_dir, kwargs = parse_cli(sys.argv[1:] if argv is None else argv)
-        result = publish_run(run_dir, **kwargs)
-    except CalibrateError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    print(result.summary_line)
-    print(f"files: {result.out_dir.resolve()}  verification: {result.verification_path}  ({result.seconds:.1f}s)")
-    return 0
-

@@ -9,9 +9,9 @@ its stratum's constraints). Geographic constraints (``state_fips``,
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import quote
 
 import pandas as pd
@@ -46,7 +46,7 @@ class TargetFilter:
         return not any(getattr(self, f.name) for f in fields(self))
 
     @staticmethod
-    def union(filters: Iterable["TargetFilter"]) -> "TargetFilter":
+    def union(filters: Iterable[TargetFilter]) -> TargetFilter:
         """The OR of several filters (an empty member selects everything)."""
         filters = list(filters)
         if any(f.is_empty for f in filters):
