@@ -20,12 +20,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from calibrate.outputs import quality as wq
 
+if TYPE_CHECKING:
+    from calibrate.fit.l0 import FitResult
 
 
 @dataclass
@@ -34,7 +37,7 @@ class CalibrationOutcome:
 
     weights: np.ndarray  # float64, stacked CD-major
     start: np.ndarray  # the start the weights were measured against
-    result: object  # calibrate.fit.FitResult (a classical solve fills one in too)
+    result: FitResult  # a classical solve fills one in too
     init_scale: float
     per_cd: pd.DataFrame  # weight quality per CD (calibrate.outputs.quality)
     exhaustion: np.ndarray  # per household
@@ -54,9 +57,9 @@ def start_weights(matrix, home_state_share: float | None, values: np.ndarray, in
 
 def _classical_result(weights, estimates, solve, l0, seconds: float):
     """A FitResult for a solve without epochs (history: the start and the end)."""
-    from calibrate.fit.l0 import HISTORY_COLUMNS, FitResult
-
     import jax
+
+    from calibrate.fit.l0 import HISTORY_COLUMNS, FitResult
 
     device = jax.devices()[0]
     return FitResult(weights=weights.astype(np.float32), estimates=estimates, history=pd.DataFrame(

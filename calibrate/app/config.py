@@ -312,9 +312,7 @@ def reconcile_config(conf: ReconcileConfig) -> ReconcileConfig:
 
 def holdout_spec(conf: HoldoutConf, run_levels: list[str]):
     """The reconcile stage's ``HoldoutSpec`` from the holdout section, checked against the run's levels."""
-    from calibrate.reconcile.holdout import HoldoutSpec, validate_spec
-
-    from calibrate.reconcile.holdout import HoldoutFamily
+    from calibrate.reconcile.holdout import HoldoutFamily, HoldoutSpec, validate_spec
 
     families = tuple(HoldoutFamily(tuple(f.stratum_group_ids), tuple(f.levels), tuple(f.variables), f.age_from)
                      for f in conf.families)

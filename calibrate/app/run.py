@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from calibrate import outputs
+from calibrate.app.calibration import calibration_stage, quality_violations, record_quality
 from calibrate.app.checks import (
     check_files,
     check_target_values,
@@ -37,7 +38,6 @@ from calibrate.app.config import (
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
 from calibrate.app.diagnose import check_penalty_scale
-from calibrate.app.calibration import calibration_stage, quality_violations, record_quality
 from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError

@@ -17,9 +17,9 @@ on the embedded CPS extract's relationships (docs/targets.md, "Derived variables
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy as np
 

@@ -122,7 +122,7 @@ def add_soi(plan, cells: list[SoiCell], sub_stratum, us: tuple) -> None:
             label += f", {c.filing_status}"
             key += (c.filing_status,)
         variable = ITEMS.get(c.item)
-        if c.table == "Table 1.4":
+        if c.table == "Table 1.4" and variable is not None:
             cons += (Constraint(variable, ">", "0"),)
             label += f", with {c.item}"
             key += (c.item,)

@@ -30,8 +30,8 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse as sp
 
-from calibrate.fit.config import DISTANCES, ClassicalConfig
-from calibrate.fit.model import build_layout, device_ops, join_vector, sparse_matvec, transposed_matvec
+from calibrate.fit.config import ClassicalConfig
+from calibrate.fit.model import SparseOps, build_layout, device_ops, join_vector, sparse_matvec, transposed_matvec
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def conjugate(u: jax.Array, distance: str, lower: float, upper: float) -> jax.Ar
 
 
 class _Problem(NamedTuple):
-    ops: object
+    ops: SparseOps
     q: jax.Array  # w0 / W0 on the active columns
     w0: jax.Array  # start weights on the active columns
     scale: jax.Array  # |t| + 1 per target
@@ -116,7 +116,7 @@ def calibrate_classical(
     targets: np.ndarray,
     start: np.ndarray,
     loss_weights: np.ndarray,
-    config: ClassicalConfig = ClassicalConfig(),
+    config: ClassicalConfig | None = None,
 ) -> ClassicalResult:
     """Minimum-distance weights for ``X w ~ targets`` (see module docstring).
 
@@ -124,6 +124,7 @@ def calibrate_classical(
     target (normalised here; 0: not a constraint, only estimated).
     """
     t0 = time.perf_counter()
+    config = config or ClassicalConfig()
     validate_classical(config)
     X = sp.csr_matrix(X, dtype=np.float32)
     m, n = X.shape
@@ -160,7 +161,7 @@ def calibrate_classical(
     h = total * (squares @ start) / scale**2 + inv_c
     precond = np.where(mask > 0, 1.0 / np.sqrt(np.maximum(h, 1e-30)), 0.0)
     del squares
-    state = {"evaluations": 0, "residual": np.inf, "iterations": 0}
+    state: dict = {"evaluations": 0, "residual": np.inf, "iterations": 0}
 
     def fun(mu: np.ndarray):
         state["evaluations"] += 1

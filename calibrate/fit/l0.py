@@ -204,7 +204,7 @@ def fit_l0(
     X: sp.csr_matrix,
     targets: np.ndarray,
     init_weights: np.ndarray,
-    config: FitConfig = FitConfig(),
+    config: FitConfig | None = None,
     groups: np.ndarray | None = None,
     checkpoint_path: Path | None = None,
     progress: bool = True,
@@ -222,6 +222,7 @@ def fit_l0(
     groups whose open share ``config.sparsity`` controls (default: one group; ``active_per_cd`` is
     taken per group of columns).
     """
+    config = config if config is not None else FitConfig()
     t_start = time.perf_counter()
     validate_config(config)
     X_caller = X  # estimates are reported in the caller's precision

@@ -20,7 +20,7 @@ def pps_probabilities(w0: np.ndarray, n: int) -> np.ndarray:
     """Inclusion probabilities proportional to ``w0``, capped at 1, summing to ``n``."""
     w0 = np.asarray(w0, dtype=np.float64)
     positive = w0 > 0
-    n = int(min(n, np.count_nonzero(positive)))
+    n = min(int(n), int(np.count_nonzero(positive)))
     pi = np.zeros_like(w0)
     if n == 0:
         return pi

@@ -106,8 +106,8 @@ class StackedLayout:
         """Starting weights of the fit: each household's base weight split, ``home_state_share``
         evenly over the CDs of its own state, the rest evenly over all other CDs (all of it evenly
         over all CDs when its state has none in the list; all on the home CDs when no other CD
-        exists); ``None``: evenly over all CDs (population-proportional). Column totals per household equal its base weight and every weight is > 0, as the
-        fit's log parametrisation needs, while the fit starts near a geographically plausible point."""
+        exists); ``None``: evenly over all CDs (population-proportional). Column totals per household
+        equal its base weight and every weight is > 0, as the fit's log parametrisation needs."""
         base = np.asarray(self.household_weights, dtype=np.float64)
         hh_state = np.asarray(self.household_states)
         if base.ndim != 1 or hh_state.shape != base.shape:
