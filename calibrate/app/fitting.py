@@ -35,6 +35,7 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, los
     """
     from calibrate.app.diagnose import divergence_advice
     from calibrate.fit import CheckpointMismatchError, FitDivergedError, fit_l0, initial_weights
+    from calibrate.fit.checkpoint import CheckpointWriteError
 
     cd_states = np.array([state_of_cd(c) for c in matrix.cds], dtype=np.int64)
     init = initial_weights(matrix.household_weights, matrix.household_state_fips, cd_states)
@@ -53,8 +54,8 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, los
         raise CalibrateError(f"fit diverged: {exc} ({divergence_advice(l0, matrix.X, values, init)})") from None
     except CheckpointMismatchError as exc:
         raise CalibrateError(f"{exc}; or give another hydra.run.dir") from None
-    except OSError as exc:
-        raise CalibrateError(f"cannot write the fit checkpoint {checkpoint}: {exc.strerror or exc}") from None
+    except CheckpointWriteError as exc:  # only the checkpoint's own writes: any other OSError is a bug
+        raise CalibrateError(exc.strerror) from None
     return result, scale
 
 

@@ -47,7 +47,7 @@ from calibrate.fit.model import (
     relative_loss,
     target_loss_weights,
 )
-from calibrate.fit.sparsity import GroupIndex, SparsitySchedule, build_group_index
+from calibrate.fit.sparsity import GroupIndex, build_group_index, schedule_of
 
 __all__ = [
     "CheckpointMismatchError", "FitDivergedError", "FitResult", "L0Config", "fit_l0",
@@ -219,13 +219,6 @@ def _next_stop(epoch: int, cfg: L0Config) -> int:
     return min(stops)
 
 
-def _schedule(cfg: L0Config) -> SparsitySchedule:
-    """The controller's static settings (target share -1: off)."""
-    share = -1.0 if cfg.target_active_share is None else float(cfg.target_active_share)
-    ramp = max(1, int(round(cfg.sparsity_ramp * (cfg.epochs - cfg.polish_epochs))))
-    return SparsitySchedule(share, ramp, float(cfg.sparsity_gain), int(cfg.epochs - cfg.polish_epochs))
-
-
 def fit_l0(
     X: sp.csr_matrix,
     targets: np.ndarray,
@@ -253,7 +246,7 @@ def fit_l0(
     X, targets, init_weights, groups, loss_weights, tolerances, column_groups = _validate_inputs(
         X, targets, init_weights, groups, checkpoint_path, loss_weights, tolerances, column_groups)
     cfg = config
-    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, _schedule(cfg))
+    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, schedule_of(cfg))
     if loss_weights is None:
         loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
     else:
@@ -319,7 +312,7 @@ def fit_l0(
                 epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
             ):
                 save_checkpoint(Path(checkpoint_path), to_checkpoint(state, key, epoch, history, fingerprint,
-                                                                     HISTORY_COLUMNS))
+                                                                     HISTORY_COLUMNS, cfg))
 
     final, divergence, lambdas = evaluation()
     _raise_if_diverged(divergence, final, epoch)

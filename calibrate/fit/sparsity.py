@@ -61,6 +61,18 @@ class GroupIndex(NamedTuple):
     speed_inactive: jax.Array  # float32 pressure multiplier of each inactive column
 
 
+def schedule_of(cfg) -> SparsitySchedule:
+    """The controller's static settings of an ``L0Config`` (target share -1: off).
+
+    ``ramp_epochs = round(sparsity_ramp * (epochs - polish_epochs))`` (at least 1) and
+    ``polish_start = epochs - polish_epochs`` both move with ``epochs``: they are part of what a
+    checkpoint is (:func:`calibrate.fit.checkpoint.path_schedule`).
+    """
+    share = -1.0 if cfg.target_active_share is None else float(cfg.target_active_share)
+    ramp = max(1, int(round(cfg.sparsity_ramp * (cfg.epochs - cfg.polish_epochs))))
+    return SparsitySchedule(share, ramp, float(cfg.sparsity_gain), int(cfg.epochs - cfg.polish_epochs))
+
+
 def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: int = 0) -> dict:
     """Host arrays of a :class:`GroupIndex` (one group when ``column_groups`` is None).
 
