@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from calibrate.core.linalg import float64_matvec
 from calibrate.outputs.tables import relative_errors
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -20,7 +21,7 @@ def initial_terms(X, targets: np.ndarray, init_weights: np.ndarray, lambda_l0: f
     """The objective's terms at the initial weights (all gates open), in float64."""
     targets = np.asarray(targets, dtype=np.float64)
     init = np.asarray(init_weights, dtype=np.float64)
-    rel = relative_errors(np.asarray(X @ init, dtype=np.float64).ravel(), targets)
+    rel = relative_errors(float64_matvec(X, init), targets)  # X is never copied whole to float64
     return {
         "data": float(np.mean(rel**2)) if rel.size else 0.0,
         "lambda_l0": float(lambda_l0) * init.size,

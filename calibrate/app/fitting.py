@@ -16,13 +16,14 @@ import numpy as np
 
 from calibrate.app.checks import CHECKPOINT_FILE
 from calibrate.core import faults
+from calibrate.core.linalg import float64_matvec
 from calibrate.core.errors import CalibrateError
 from calibrate.targets.geography import state_of_cd
 
 
 def rescale_factor(X, init: np.ndarray, values: np.ndarray, in_loss: np.ndarray) -> float:
     """exp(median(log(target / estimate))) over loss targets with both positive; 1 if none."""
-    estimate = np.asarray(X @ init).ravel()
+    estimate = float64_matvec(X, init)  # not X @ init: scipy would copy a float32 X whole to float64
     ok = in_loss & (estimate > 0) & (values > 0)
     return float(np.exp(np.median(np.log(values[ok] / estimate[ok])))) if ok.any() else 1.0
 
