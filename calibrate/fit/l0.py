@@ -54,8 +54,11 @@ __all__ = [
     "initial_weights", "relative_loss", "validate_config",
 ]
 
+# loss = data_loss + l0_penalty + l2_penalty (deterministic gates) in both modes; under a sparsity
+# target l0_penalty is 0 and lambda_median is the controller's pressure (units of lr), which acts
+# outside the objective; with a fixed lambda_l0 it is that lambda.
 HISTORY_COLUMNS = [
-    "epoch", "loss", "data_loss", "mean_abs_rel_error", "median_abs_rel_error",
+    "epoch", "loss", "data_loss", "l0_penalty", "l2_penalty", "mean_abs_rel_error", "median_abs_rel_error",
     "p90_abs_rel_error", "p95_abs_rel_error", "max_abs_rel_error", "n_active", "open_share_min",
     "open_share_max", "lambda_median",
 ]
@@ -191,6 +194,7 @@ def _history_row(epoch: int, ev, in_loss: np.ndarray, lambdas) -> dict:
     abs_err = np.abs(np.asarray(ev.rel_errors, dtype=np.float64))[in_loss]
     return {
         "epoch": epoch, "loss": float(ev.loss), "data_loss": float(ev.data_loss),
+        "l0_penalty": float(ev.l0_penalty), "l2_penalty": float(ev.l2_penalty),
         "mean_abs_rel_error": abs_err.mean(), "median_abs_rel_error": np.median(abs_err),
         "p90_abs_rel_error": np.quantile(abs_err, 0.9), "p95_abs_rel_error": np.quantile(abs_err, 0.95),
         "max_abs_rel_error": abs_err.max(), "n_active": int(ev.n_active),
