@@ -321,7 +321,7 @@ def fit_l0(
     final, divergence, lambdas = evaluation()
     _raise_if_diverged(divergence, final, epoch)
     weights = join_vector(layout, *(np.asarray(w, np.float32) for w in weights_fn(state.params)))
-    device = jax.devices()[0]
+    device = next(iter(problem.targets.devices()))  # where the fit's arrays were, not the first device
     return FitResult(
         weights=weights,
         estimates=float64_matvec(X_caller, weights),
@@ -332,7 +332,7 @@ def fit_l0(
         seconds_per_epoch=train_seconds / max(epoch - start_epoch, 1),
         compile_seconds=compile_seconds,
         total_seconds=time.perf_counter() - t_start,
-        device=f"{device.platform}:{device.device_kind}",
+        device=f"{device.platform}:{device.device_kind}:{device.id}",
         config=cfg,
         lambdas=np.asarray(lambdas, np.float64),
     )
