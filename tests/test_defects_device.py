@@ -60,7 +60,7 @@ def test_fit_records_the_device_its_arrays_were_on(tmp_path):
         print("DEVICE", r.device, jax.devices()[0].id)
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("DEVICE"))
     assert line.split() == ["DEVICE", "cpu:cpu:1", "0"]

@@ -80,7 +80,7 @@ def test_cli_bug_keeps_its_traceback_and_error_json_says_so(tmp_path):
               "from calibrate.__main__ import cli\n"
               f"sys.argv = ['calibrate', 'dataset=fixture', 'geo=fixture', 'progress=false', 'hydra.run.dir={run_dir}']\n"
               "cli()\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" in proc.stderr and "ZeroDivisionError: division by zero in a stage" in proc.stderr
     assert not [x for x in proc.stderr.splitlines() if x.startswith("error:")]

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from calibrate.fit.model import BLOCK, GateShape, _row_tables, build_layout, device_ops, sparse_matvec
+from calibrate.fit.model import (
+    BLOCK,
+    GateShape,
+    _row_tables,
+    build_layout,
+    device_ops,
+    sparse_matvec,
+)
 from calibrate.fit.sparsity import (
     GroupIndex,
     SparsitySchedule,

@@ -3,16 +3,14 @@ columns mean the same in both modes: loss = data_loss + l0_penalty + l2_penalty.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from test_fit import _problem
 
 from calibrate.app.diagnose import check_penalty_scale, divergence_advice
 from calibrate.core.errors import CalibrateError
 from calibrate.fit import L0Config, fit_l0
-from test_fit import _problem
 
 HUGE = 1e39  # above float32's max
 

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.optimize import OptimizeResult
+from test_reconcile import _frame
 
-import calibrate.reconcile.feasibility as feasibility
-from calibrate.reconcile import ConsistencySettings, ScaleRule
+from calibrate.reconcile import ConsistencySettings, ScaleRule, feasibility
 from calibrate.reconcile.consistency import check_hierarchy, check_support
 from calibrate.reconcile.feasibility import check_feasibility
 from calibrate.reconcile.reconcile import scale_children
-from test_reconcile import _frame
 
 STATE_CDS = {1: 2}  # state 1 has CDs 101 and 102
 RULE = ScaleRule("persons", ("person_count",), (), "district", "state")

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from test_fit import _problem
 
 import calibrate.fit.l0 as l0_module
 from calibrate.fit import CheckpointMismatchError, L0Config, fit_l0
@@ -22,7 +23,6 @@ from calibrate.fit.checkpoint import (
     save_checkpoint,
     schedule_record,
 )
-from test_fit import _problem
 
 CFG = L0Config(epochs=60, lr=0.15, log_every=10, checkpoint_every=10, chunk_epochs=7, target_active_share=0.5,
                sparsity_ramp=0.5, polish_epochs=12, init_keep_prob=0.7)
@@ -133,7 +133,8 @@ def test_cli_refuses_more_epochs_before_the_matrix_build(tmp_path, fixture_datas
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "calibrate", *overrides[:2], "fit.epochs=30",
                            "fit.checkpoint_every=10", "progress=false", f"hydra.run.dir={run}",
-                           f"cache_dir={tmp_path / 'empty_cache'}"], capture_output=True, text=True, timeout=300)
+                           f"cache_dir={tmp_path / 'empty_cache'}"], capture_output=True, text=True, timeout=300,
+                          check=False)
     seconds = time.perf_counter() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -13,7 +13,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 from hydra.experimental.callback import Callback
 
 from calibrate.core.dataset import DatasetError, read_h5, validate_dataset
@@ -70,7 +69,10 @@ def checkpoint_start(run_dir: Path, l0) -> int:
     """The epoch a fit resumes from (0: fresh), checking the checkpoint a rerun would read
     against ``l0`` (its settings and schedule) before the matrix build. ``l0`` must be the
     config the fit will get (the sparsity share resolved with the household count)."""
-    from calibrate.fit.checkpoint import CheckpointMismatchError, resumable_epoch  # imports JAX: after setup_device
+    from calibrate.fit.checkpoint import (  # imports JAX: after setup_device
+        CheckpointMismatchError,
+        resumable_epoch,
+    )
 
     path = run_dir / CHECKPOINT_FILE
     if l0.checkpoint_every <= 0 or not path.is_file():

@@ -16,8 +16,8 @@ import numpy as np
 
 from calibrate.app.checks import CHECKPOINT_FILE
 from calibrate.core import faults
-from calibrate.core.linalg import float64_matvec
 from calibrate.core.errors import CalibrateError
+from calibrate.core.linalg import float64_matvec
 from calibrate.targets.geography import state_of_cd
 
 

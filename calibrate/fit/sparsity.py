@@ -69,7 +69,7 @@ def schedule_of(cfg) -> SparsitySchedule:
     checkpoint is (:func:`calibrate.fit.checkpoint.path_schedule`).
     """
     share = -1.0 if cfg.target_active_share is None else float(cfg.target_active_share)
-    ramp = max(1, int(round(cfg.sparsity_ramp * (cfg.epochs - cfg.polish_epochs))))
+    ramp = max(1, round(cfg.sparsity_ramp * (cfg.epochs - cfg.polish_epochs)))
     return SparsitySchedule(share, ramp, float(cfg.sparsity_gain), int(cfg.epochs - cfg.polish_epochs))
 
 

@@ -9,9 +9,9 @@ its stratum's constraints). Geographic constraints (``state_fips``,
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import quote
 
 import pandas as pd
@@ -46,7 +46,7 @@ class TargetFilter:
         return not any(getattr(self, f.name) for f in fields(self))
 
     @staticmethod
-    def union(filters: Iterable["TargetFilter"]) -> "TargetFilter":
+    def union(filters: Iterable[TargetFilter]) -> TargetFilter:
         """The OR of several filters (an empty member selects everything)."""
         filters = list(filters)
         if any(f.is_empty for f in filters):
@@ -173,7 +173,7 @@ def load_targets(db_path: Path, target_filter: TargetFilter, cds: list[int], per
         .sort_values("target_id")
     )
 
-    cd_set = set(int(c) for c in cds)
+    cd_set = {int(c) for c in cds}
     state_set = {state_of_cd(c) for c in cd_set}
     rows = []
     for t in selected.itertuples(index=False):
@@ -182,21 +182,19 @@ def load_targets(db_path: Path, target_filter: TargetFilter, cds: list[int], per
         if (level == "state" and geo_id not in state_set) or (level == "district" and geo_id not in cd_set):
             continue
         non_geo = tuple(c for c in cons if c.variable not in GEO_VARIABLES)
-        rows.append(
-            dict(
-                target_id=int(t.target_id),
-                stratum_id=int(t.stratum_id),
-                stratum_group_id=int(t.stratum_group_id),
-                variable=t.variable,
-                period=int(t.period),
-                value=float(t.value),
-                geo_level=level,
-                geographic_id=geo_id,
-                constraints=non_geo,
-                label=_label(t.variable, level, geo_id, cons),
-                tolerance=float("nan") if pd.isna(t.tolerance) else float(t.tolerance),
-            )
-        )
+        rows.append({
+            "target_id": int(t.target_id),
+            "stratum_id": int(t.stratum_id),
+            "stratum_group_id": int(t.stratum_group_id),
+            "variable": t.variable,
+            "period": int(t.period),
+            "value": float(t.value),
+            "geo_level": level,
+            "geographic_id": geo_id,
+            "constraints": non_geo,
+            "label": _label(t.variable, level, geo_id, cons),
+            "tolerance": float("nan") if pd.isna(t.tolerance) else float(t.tolerance),
+        })
     if not rows:
         raise TargetSelectionError(
             f"the target filter {target_filter} selects no target for the chosen {len(cd_set)} CDs"
