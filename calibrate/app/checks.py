@@ -80,10 +80,9 @@ def checkpoint_start(run_dir: Path, l0) -> int:
     try:
         if not zipfile.is_zipfile(path):
             raise ValueError("not an .npz archive")
-        epoch = resumable_epoch(path, l0)
+        epoch = resumable_epoch(path, l0, "fit.epochs")
     except CheckpointMismatchError as exc:
-        message = str(exc).replace("epochs=", "fit.epochs=")
-        raise CalibrateError(f"fit {message}; or delete the checkpoint to start the fit afresh, "
+        raise CalibrateError(f"fit {exc}; or delete the checkpoint to start the fit afresh, "
                              "or give another hydra.run.dir") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise CalibrateError(f"fit checkpoint {path} cannot be read ({exc}); delete it to start the fit afresh") from None

@@ -177,24 +177,25 @@ def load_checkpoint(path: Path, expected_fingerprint: str) -> Checkpoint:
         )
 
 
-def describe_schedule(epochs: int, schedule: dict) -> str:
+def describe_schedule(epochs: int, schedule: dict, epochs_key: str = "epochs") -> str:
     """``epochs=E (sparsity ramp over R epochs, polish from epoch P)`` for messages."""
     parts = [f"sparsity ramp over {schedule['ramp_epochs']} epochs" if schedule.get("ramp_epochs") else "",
              f"polish from epoch {schedule['polish_start']}" if schedule.get("polish_start") else ""]
     shown = ", ".join(p for p in parts if p)
-    return f"epochs={epochs}" + (f" ({shown})" if shown else "")
+    return f"{epochs_key}={epochs}" + (f" ({shown})" if shown else "")
 
 
-def resumable_epoch(path: Path, config) -> int:
+def resumable_epoch(path: Path, config, epochs_key: str = "epochs") -> int:
     """The epoch a fit with ``config`` would resume from at ``path``, checked against the config
     part of the checkpoint's fingerprint (no matrix needed); CheckpointMismatchError if it
-    cannot continue on the same path, ValueError/OSError/KeyError if the file is unreadable."""
+    cannot continue on the same path, ValueError/OSError/KeyError if the file is unreadable.
+    ``epochs_key`` names the epochs setting in messages (``fit.epochs`` for the CLI)."""
     with np.load(Path(path), allow_pickle=False) as data:
         epoch = int(data["epoch"])
         stored = str(data["config_fingerprint"]) if "config_fingerprint" in data.files else ""
         schedule = json.loads(str(data["schedule"])) if "schedule" in data.files and str(data["schedule"]) else {}
     if epoch > config.epochs:
-        raise CheckpointMismatchError(f"checkpoint {path} is at epoch {epoch}, beyond epochs={config.epochs}")
+        raise CheckpointMismatchError(f"checkpoint {path} is at epoch {epoch}, beyond {epochs_key}={config.epochs}")
     if stored == config_fingerprint(config):
         return epoch
     if not stored:
@@ -203,9 +204,9 @@ def resumable_epoch(path: Path, config) -> int:
     now = path_schedule(config)
     if schedule and then != now:
         raise CheckpointMismatchError(
-            f"checkpoint {path} was written for {describe_schedule(schedule.get('epochs'), then)}; "
-            f"{describe_schedule(config.epochs, now)} moves the schedule, so the fit cannot continue on the "
-            f"same path: rerun with epochs={schedule.get('epochs')}")
+            f"checkpoint {path} was written for {describe_schedule(schedule.get('epochs'), then, epochs_key)}; "
+            f"{describe_schedule(config.epochs, now, epochs_key)} moves the schedule, so the fit cannot continue on the "
+            f"same path: rerun with {epochs_key}={schedule.get('epochs')}")
     raise CheckpointMismatchError(f"checkpoint {path} was written with other fit settings")
 
 
