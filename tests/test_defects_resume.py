@@ -142,4 +142,5 @@ def test_cli_refuses_more_epochs_before_the_matrix_build(tmp_path, fixture_datas
     assert "fit.epochs=20" in lines[0] and "fit.epochs=30" in lines[0] and "moves the schedule" in lines[0], lines
     assert "resuming" not in proc.stdout
     assert not (tmp_path / "empty_cache").exists() or not any((tmp_path / "empty_cache").rglob("*.entry"))
-    assert seconds < 120, seconds  # no matrix build (a cold one takes minutes here)
+    assert not (run / "fit_checkpoint.npz.tmp").exists()
+    print(f"refused after {seconds:.1f} s")  # no matrix build: the empty cache above stayed empty
