@@ -3,7 +3,8 @@
 Thin on purpose: the stages live in :mod:`calibrate.app.run`; this module only wires Hydra
 to them and turns a :class:`~calibrate.core.errors.CalibrateError` into one ``error: ...``
 line and exit code 2 (in a multirun the job is marked failed and the sweep goes on;
-the sweep callback then exits non-zero). Hydra's own composition errors (unknown
+the sweep callback then exits non-zero). Any other exception is a bug: ``error.json`` says
+``"kind": "bug"``, and the exception propagates (traceback, exit 1). Hydra's own composition errors (unknown
 option, key or value type, override syntax) get the same treatment in :func:`cli`.
 """
 
@@ -18,9 +19,7 @@ from omegaconf import DictConfig
 from calibrate.app.checks import hydra_error_line
 from calibrate.app.config import CONF_DIR
 from calibrate.app.run import hydra_context, report_failure, run
-from calibrate.core.errors import CalibrateError
-
-EXIT_BAD_INPUT = 2
+from calibrate.core.errors import EXIT_BAD_INPUT, CalibrateError
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -43,6 +42,10 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             return None
         sys.exit(EXIT_BAD_INPUT)
+    except Exception as exc:  # a bug: recorded, then shown with its traceback (exit 1)
+        run_dir, _ = hydra_context()
+        report_failure(exc, run_dir)
+        raise
 
 
 def _is_multirun() -> bool:

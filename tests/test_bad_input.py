@@ -139,7 +139,7 @@ CASES = [
     Case("bad-fit-value", lambda ws: {"fit.lr": "-1"}, ("fit", "lr=-1.0")),
     Case("checkpoint-unreadable", lambda ws: _checkpoint(ws, b"not a zip"), ("fit checkpoint", "cannot be read")),
     Case("checkpoint-beyond-epochs", lambda ws: _checkpoint(ws, epoch=5000), ("fit checkpoint", "epoch 5000", "fit.epochs=50")),
-    Case("fit-lambda-l0-huge", lambda ws: {"fit.lambda_l0": "1e300"},
+    Case("fit-lambda-l0-huge", lambda ws: {"fit.lambda_l0": "1e300", "fit.sparsity.active_share": "null"},
          ("fit.lambda_l0=1e+300 overflows float32", "600 weights", "default 1e-08")),
     # output folders
     Case("run-dir-unwritable", lambda ws: {"hydra.run.dir": ws / "ro" / "run"}, ("hydra.run.dir=", "cannot write"), "unwritable"),

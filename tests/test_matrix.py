@@ -196,10 +196,20 @@ def test_cache_hit_and_key(fixture_dataset, target_db, fixture_cds, tmp_path):
     assert cache_key(fixture_dataset, targets.iloc[1:], cds, PERIOD) != first.cache_key
 
 
-def test_all_zero_rows_are_dropped_and_reported(matrix):
+def test_all_zero_rows_are_dropped_and_reported(matrix, fresh_sims, target_db, fixture_cds):
+    """Exactly the selected targets that no household of any of their CDs contributes to are
+    dropped (brute force on fresh simulations), and every other one is kept."""
     assert (np.diff(matrix.X.indptr) > 0).all()
     assert set(matrix.dropped.columns) >= {"target_id", "label"}
-    assert not set(matrix.dropped.target_id) & set(matrix.targets_df.target_id)
+    selected = load_targets(target_db, GROUPS, fixture_cds, PERIOD)
+    expected = set()
+    for t in selected.itertuples():
+        cds = [c for c in matrix.cds if t.geo_level == "national" or (t.geo_level == "state" and state_of_cd(c) == t.geographic_id)
+               or (t.geo_level == "district" and c == t.geographic_id)]
+        if not any(np.any(_expected_row(fresh_sims[state_of_cd(c)], t.variable, t.constraints) != 0) for c in cds):
+            expected.add(t.target_id)
+    assert set(matrix.dropped.target_id) == expected
+    assert set(matrix.targets_df.target_id) == set(selected.target_id) - expected
 
 
 def test_constraint_values_are_typed(tax_benefit_system):
@@ -254,3 +264,26 @@ def test_tracer_agrees_with_matrix(matrix, capsys):
         X[:, [k * matrix.n_households + col % matrix.n_households for k in range(len(matrix.cds))]].nnz for _ in [0])
     for r in trace.itertuples():
         assert r.value == pytest.approx(float(X[r.row, r.column]))
+
+
+def test_tracer_names_bad_indices_and_keeps_bugs(matrix):
+    """A row, column or household the matrix lacks is a TracerInputError (one line, exit 2); the
+    CLI does not swallow TypeError/IndexError, which are bugs."""
+    from calibrate.matrix.tracer import TracerInputError, main
+
+    tracer = MatrixTracer(matrix)
+    n_rows, n_cols = matrix.X.shape
+    for call in (lambda: tracer.get_row_info(n_rows), lambda: tracer.get_row_info(-1),
+                 lambda: tracer.get_column_info(n_cols), lambda: tracer.lookup_matrix_cell(0, -1),
+                 lambda: tracer.trace_household(-12345)):
+        with pytest.raises(TracerInputError):
+            call()
+    assert tracer.get_row_info(n_rows - 1)["row"] == n_rows - 1
+    assert main(["unused", "row"], lambda path: matrix) == 2  # missing argument: an error line, not IndexError
+    assert main(["unused", "row", str(n_rows)], lambda path: matrix) == 2
+
+    def buggy(path):
+        raise TypeError("a bug in the loader")
+
+    with pytest.raises(TypeError, match="a bug"):
+        main(["unused", "structure"], buggy)

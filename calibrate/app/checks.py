@@ -13,7 +13,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 from hydra.experimental.callback import Callback
 
 from calibrate.core.dataset import DatasetError, read_h5, validate_dataset
@@ -67,20 +66,26 @@ def reset_run_dir(run_dir: Path) -> None:
 
 
 def checkpoint_start(run_dir: Path, l0) -> int:
-    """The epoch a fit resumes from (0: fresh), checking the checkpoint a rerun would read."""
+    """The epoch a fit resumes from (0: fresh), checking the checkpoint a rerun would read
+    against ``l0`` (its settings and schedule) before the matrix build. ``l0`` must be the
+    config the fit will get (the sparsity share resolved with the household count)."""
+    from calibrate.fit.checkpoint import (  # imports JAX: after setup_device
+        CheckpointMismatchError,
+        resumable_epoch,
+    )
+
     path = run_dir / CHECKPOINT_FILE
     if l0.checkpoint_every <= 0 or not path.is_file():
         return 0
     try:
         if not zipfile.is_zipfile(path):
             raise ValueError("not an .npz archive")
-        with np.load(path, allow_pickle=False) as data:
-            epoch = int(data["epoch"])
+        epoch = resumable_epoch(path, l0, "fit.epochs")
+    except CheckpointMismatchError as exc:
+        raise CalibrateError(f"fit {exc}; or delete the checkpoint to start the fit afresh, "
+                             "or give another hydra.run.dir") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise CalibrateError(f"fit checkpoint {path} cannot be read ({exc}); delete it to start the fit afresh") from None
-    if epoch > l0.epochs:
-        raise CalibrateError(f"fit checkpoint {path} is at epoch {epoch}, beyond fit.epochs={l0.epochs}: "
-                             "raise fit.epochs, or delete the checkpoint")
     print(f"fit: resuming from {path} at epoch {epoch} of {l0.epochs}", flush=True)
     return epoch
 

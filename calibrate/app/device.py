@@ -1,5 +1,11 @@
 """Device selection for the fit: apply a ``gpu`` profile's JAX environment and check that
-the accelerator it asks for exists (or fall back to CPU when the profile allows it)."""
+the accelerator it asks for exists (or fall back to CPU when the profile allows it).
+
+Before JAX is imported the profile is set as environment variables. When JAX is already
+imported (single-process multiruns, in-process tests) the flags JAX reads at run time
+(matmul precision, x64) are set with ``jax.config.update``; what only a backend's start
+reads (platforms, XLA client memory) is set too while no backend has started, and once one
+has, each setting that differs is named in a warning (it takes a fresh process)."""
 
 from __future__ import annotations
 
@@ -56,20 +62,49 @@ def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
     )
 
 
+RUNTIME_FLAGS = {"JAX_DEFAULT_MATMUL_PRECISION": "jax_default_matmul_precision", "JAX_ENABLE_X64": "jax_enable_x64"}
+log = logging.getLogger(__name__)
+
+
+def _apply_env(env: dict[str, str | None]) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _apply_to_imported_jax(gpu: GpuConf, env: dict[str, str | None]) -> None:
+    """The profile for a process that imported JAX already (see the module docstring)."""
+    import jax
+    from jax._src import xla_bridge
+
+    started = xla_bridge.backends_are_initialized()
+    skipped = [f"{key}={value}" for key, value in env.items()
+               if key not in RUNTIME_FLAGS and started and os.environ.get(key) != value]
+    _apply_env(env)  # a backend started later (or a child process) reads these
+    jax.config.update("jax_default_matmul_precision", env["JAX_DEFAULT_MATMUL_PRECISION"])
+    jax.config.update("jax_enable_x64", gpu.enable_x64)
+    if not started:
+        jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
+    if skipped:
+        log.warning("gpu=%s: JAX's backends already started in this process, so %s are not applied "
+                    "(they take effect in a fresh process)", gpu.name, ", ".join(skipped))
+
+
 def setup_device(gpu: GpuConf) -> DeviceInfo:
-    """Apply the profile's environment (when JAX is not yet imported) and check the device."""
+    """Apply the profile (environment, or JAX's config when JAX is already imported) and check
+    the device; the chosen device becomes JAX's default, so the fit's arrays live there."""
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "backend 'tpu'" chatter
+    env = device_env(gpu)
     if "jax" not in sys.modules:
-        for key, value in device_env(gpu).items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _apply_env(env)
+    else:
+        _apply_to_imported_jax(gpu, env)
     import jax
 
     available = [d.platform for d in jax.devices()]
     platform, fallback = choose_platform(gpu, available)
     devices = jax.devices("cpu") if platform == "cpu" else [d for d in jax.devices() if d.platform != "cpu"]
-    if fallback or platform == "cpu":
-        jax.config.update("jax_default_device", devices[0])
+    jax.config.update("jax_default_device", devices[0])  # also undoes an earlier run's CPU choice
     return DeviceInfo(gpu.name, gpu.platform.value, platform, str(devices[0].device_kind), fallback)

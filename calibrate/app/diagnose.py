@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from calibrate.core.linalg import float64_matvec
 from calibrate.outputs.tables import relative_errors
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -20,7 +21,7 @@ def initial_terms(X, targets: np.ndarray, init_weights: np.ndarray, lambda_l0: f
     """The objective's terms at the initial weights (all gates open), in float64."""
     targets = np.asarray(targets, dtype=np.float64)
     init = np.asarray(init_weights, dtype=np.float64)
-    rel = relative_errors(np.asarray(X @ init, dtype=np.float64).ravel(), targets)
+    rel = relative_errors(float64_matvec(X, init), targets)  # X is never copied whole to float64
     return {
         "data": float(np.mean(rel**2)) if rel.size else 0.0,
         "lambda_l0": float(lambda_l0) * init.size,
@@ -29,12 +30,13 @@ def initial_terms(X, targets: np.ndarray, init_weights: np.ndarray, lambda_l0: f
 
 
 def divergence_advice(l0, X, targets: np.ndarray, init_weights: np.ndarray) -> str:
-    """One sentence naming the setting to change: ``fit.lambda_l0`` / ``fit.lambda_l2`` when
-    its penalty overflows or swamps the data term at the start, else ``fit.lr``."""
+    """One sentence naming the setting to change: ``fit.lambda_l0`` (only without a sparsity
+    target) / ``fit.lambda_l2`` when its penalty overflows or swamps the data term at the start,
+    else ``fit.lr``."""
     terms = initial_terms(X, targets, init_weights, l0.lambda_l0, l0.lambda_l2)
     scale = max(terms["data"], 1.0)
     culprits = [
-        (key, terms[key]) for key in ("lambda_l0", "lambda_l2")
+        (key, terms[key]) for key in _penalty_keys(l0)
         if not np.isfinite(terms[key]) or getattr(l0, key) > FLOAT32_MAX or terms[key] > min(FLOAT32_MAX, DOMINANCE * scale)
     ]
     if culprits:
@@ -47,14 +49,23 @@ def divergence_advice(l0, X, targets: np.ndarray, init_weights: np.ndarray) -> s
 
 def check_penalty_scale(l0, n_weights: int) -> None:
     """Before the matrix build: a lambda that overflows float32 by itself, or an L0 penalty that
-    does at the start (about ``lambda_l0 * n_weights``, all gates open), cannot be fitted."""
+    does at the start (about ``lambda_l0 * n_weights``, all gates open), cannot be fitted
+    (``lambda_l0`` only when it is used: no sparsity target)."""
     from calibrate.core.errors import CalibrateError
 
-    for key, start in (("lambda_l0", l0.lambda_l0 * n_weights), ("lambda_l2", l0.lambda_l2)):
+    starts = {"lambda_l0": l0.lambda_l0 * n_weights, "lambda_l2": l0.lambda_l2}
+    for key in _penalty_keys(l0):
+        start = starts[key]
         if getattr(l0, key) > FLOAT32_MAX or start > FLOAT32_MAX:
             raise CalibrateError(
                 f"fit.{key}={getattr(l0, key):g} overflows float32 in the fit's objective (penalty at the start "
                 f"{start:.3g} with {n_weights:,} weights); use a much smaller fit.{key} (default {_default(key):g})")
+
+
+def _penalty_keys(l0) -> tuple[str, ...]:
+    """The penalties in the objective: with a sparsity target ``lambda_l0`` is not used (the
+    controller sets the pressure), so it is neither checked nor blamed."""
+    return ("lambda_l2",) if l0.target_active_share is not None else ("lambda_l0", "lambda_l2")
 
 
 def _default(key: str) -> float:

@@ -17,11 +17,12 @@ import numpy as np
 from calibrate.app.checks import CHECKPOINT_FILE
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
+from calibrate.core.linalg import float64_matvec
 
 
 def rescale_factor(X, init: np.ndarray, values: np.ndarray, in_loss: np.ndarray) -> float:
     """exp(median(log(target / estimate))) over loss targets with both positive; 1 if none."""
-    estimate = np.asarray(X @ init).ravel()
+    estimate = float64_matvec(X, init)  # not X @ init: scipy would copy a float32 X whole to float64
     ok = in_loss & (estimate > 0) & (values > 0)
     return float(np.exp(np.median(np.log(values[ok] / estimate[ok])))) if ok.any() else 1.0
 
@@ -34,6 +35,7 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, los
     """
     from calibrate.app.diagnose import divergence_advice
     from calibrate.fit import CheckpointMismatchError, FitDivergedError, fit_l0
+    from calibrate.fit.checkpoint import CheckpointWriteError
 
     layout = matrix.layout
     values = np.asarray(values, dtype=np.float64)
@@ -54,6 +56,6 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, los
         raise CalibrateError(f"fit diverged: {exc} ({divergence_advice(l0, matrix.X, values, init)})") from None
     except CheckpointMismatchError as exc:
         raise CalibrateError(f"{exc}; or give another hydra.run.dir") from None
-    except OSError as exc:
-        raise CalibrateError(f"cannot write the fit checkpoint {checkpoint}: {exc.strerror or exc}") from None
+    except CheckpointWriteError as exc:  # only the checkpoint's own writes: any other OSError is a bug
+        raise CalibrateError(exc.strerror) from None
     return result, scale

@@ -186,14 +186,21 @@ def write_outputs(run_dir: Path, weights: np.ndarray, table, history, dropped, c
 
 def _publish(run_dir: Path, config, summary: RunSummary) -> RunSummary:
     """Run the publish stage (``config``: the typed PublishConfig); its outcome is recorded in
-    summary.json (rewritten atomically)."""
+    summary.json (rewritten atomically).
+
+    Bad publish input stays a :class:`CalibrateError` (one line, exit 2); any other exception is
+    a bug: recorded as such in summary.json, then re-raised with its traceback.
+    """
     from calibrate.publish import publish_run
 
     try:
         result = publish_run(run_dir, config)
     except Exception as exc:
-        summary.publish = f"failed: {exc}"
+        bug = not isinstance(exc, CalibrateError)
+        summary.publish = f"failed{' (bug)' if bug else ''}: {type(exc).__name__ + ': ' if bug else ''}{exc}"
         outputs.write_json(run_dir / outputs.SUMMARY_FILE, asdict(summary))
+        if bug:
+            raise
         raise CalibrateError(f"publish failed: {exc}") from exc
     summary.publish = f"done: {result.summary_line}"
     print(f"publish: {result.summary_line}", flush=True)
@@ -201,12 +208,20 @@ def _publish(run_dir: Path, config, summary: RunSummary) -> RunSummary:
     return summary
 
 
-def report_failure(exc: Exception, run_dir: Path | None) -> None:
-    """Print one ``error: ...`` line and leave ``error.json`` (never a summary) in the run dir."""
+def report_failure(exc: BaseException, run_dir: Path | None) -> None:
+    """Leave ``error.json`` (never a summary) in the run dir; for bad input (a
+    :class:`CalibrateError`) also print the one ``error: ...`` line. A bug's record says
+    ``"kind": "bug"`` and names the exception type; its traceback is the caller's to show."""
+    bug = not isinstance(exc, CalibrateError)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    if bug:
+        message = f"{type(exc).__name__}: {message}"
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     if run_dir is not None and run_dir.is_dir():
         try:
-            outputs.write_json(run_dir / "error.json", {"status": "failed", "error": message})
-        except CalibrateError:  # e.g. the disk that made the run fail is still full
+            record = {"status": "failed", "kind": "bug", "error": message} if bug else {"status": "failed",
+                                                                                        "error": message}
+            outputs.write_json(run_dir / "error.json", record)
+        except (CalibrateError, OSError):  # e.g. the disk that made the run fail is still full
             pass

@@ -47,7 +47,7 @@ from calibrate.fit.model import (
     relative_loss,
     target_loss_weights,
 )
-from calibrate.fit.sparsity import GroupIndex, SparsitySchedule, build_group_index
+from calibrate.fit.sparsity import GroupIndex, build_group_index, schedule_of
 
 __all__ = [
     "CheckpointMismatchError",
@@ -59,8 +59,11 @@ __all__ = [
     "validate_config",
 ]
 
+# loss = data_loss + l0_penalty + l2_penalty (deterministic gates) in both modes; under a sparsity
+# target l0_penalty is 0 and lambda_median is the controller's pressure (units of lr), which acts
+# outside the objective; with a fixed lambda_l0 it is that lambda.
 HISTORY_COLUMNS = [
-    "epoch", "loss", "data_loss", "mean_abs_rel_error", "median_abs_rel_error",
+    "epoch", "loss", "data_loss", "l0_penalty", "l2_penalty", "mean_abs_rel_error", "median_abs_rel_error",
     "p90_abs_rel_error", "p95_abs_rel_error", "max_abs_rel_error", "n_active", "open_share_min",
     "open_share_max", "lambda_median",
 ]
@@ -165,6 +168,7 @@ def _history_row(epoch: int, ev, in_loss: np.ndarray, lambdas) -> dict:
     abs_err = np.abs(np.asarray(ev.rel_errors, dtype=np.float64))[in_loss]
     return {
         "epoch": epoch, "loss": float(ev.loss), "data_loss": float(ev.data_loss),
+        "l0_penalty": float(ev.l0_penalty), "l2_penalty": float(ev.l2_penalty),
         "mean_abs_rel_error": abs_err.mean(), "median_abs_rel_error": np.median(abs_err),
         "p90_abs_rel_error": np.quantile(abs_err, 0.9), "p95_abs_rel_error": np.quantile(abs_err, 0.95),
         "max_abs_rel_error": abs_err.max(), "n_active": int(ev.n_active),
@@ -191,13 +195,6 @@ def _next_stop(epoch: int, cfg: FitConfig) -> int:
     if cfg.checkpoint_every > 0:
         stops.append((epoch // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
     return min(stops)
-
-
-def _schedule(cfg: FitConfig, share: float | None) -> SparsitySchedule:
-    """The controller's static settings (target share -1: off)."""
-    share = -1.0 if share is None else float(share)
-    ramp = max(1, int(round(cfg.sparsity.ramp * (cfg.epochs - cfg.polish_epochs))))
-    return SparsitySchedule(share, ramp, float(cfg.sparsity.gain), int(cfg.epochs - cfg.polish_epochs))
 
 
 def fit_l0(
@@ -231,7 +228,7 @@ def fit_l0(
     cfg = config
     n_column_groups = 1 if column_groups is None else np.unique(column_groups).size
     share = cfg.sparsity.target_share(X.shape[1] // n_column_groups)
-    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, _schedule(cfg, share))
+    hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, schedule_of(cfg, share))
     if loss_weights is None:
         loss_weights = target_loss_weights(groups, X.shape[0], cfg.balance_groups)
     else:
@@ -297,12 +294,12 @@ def fit_l0(
                 epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
             ):
                 save_checkpoint(Path(checkpoint_path), to_checkpoint(state, key, epoch, history, fingerprint,
-                                                                     HISTORY_COLUMNS))
+                                                                     HISTORY_COLUMNS, cfg))
 
     final, divergence, lambdas = evaluation()
     _raise_if_diverged(divergence, final, epoch)
     weights = join_vector(layout, *(np.asarray(w, np.float32) for w in weights_fn(state.params)))
-    device = jax.devices()[0]
+    device = next(iter(problem.targets.devices()))  # where the fit's arrays were, not the first device
     return FitResult(
         weights=weights,
         estimates=float64_matvec(X_caller, weights),
@@ -313,7 +310,7 @@ def fit_l0(
         seconds_per_epoch=train_seconds / max(epoch - start_epoch, 1),
         compile_seconds=compile_seconds,
         total_seconds=time.perf_counter() - t_start,
-        device=f"{device.platform}:{device.device_kind}",
+        device=f"{device.platform}:{device.device_kind}:{device.id}",
         config=cfg,
         lambdas=np.asarray(lambdas, np.float64),
         sparsity_target_share=share,

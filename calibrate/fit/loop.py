@@ -30,6 +30,7 @@ from calibrate.fit.model import (
     epoch_uniforms,
     excess_errors,
     hard_concrete_sample,
+    penalties,
     relative_errors,
     split_objective,
     split_vector,
@@ -89,6 +90,8 @@ class Evaluation(NamedTuple):
     n_active: jax.Array
     finite: jax.Array
     open_shares: jax.Array  # expected share of open gates per column group
+    l0_penalty: jax.Array  # the L0 term inside ``loss`` (0 under sparsity control: its pressure acts outside)
+    l2_penalty: jax.Array  # lambda_l2 * sum(w**2), inside ``loss``
 
 
 def optimizer(hyper: Hyper) -> optax.GradientTransformation:
@@ -210,7 +213,9 @@ def make_evaluator(hyper: Hyper):
         open_inactive = jnp.sum(jnp.exp(params.inactive.log_weight) * inactive_gates > 0)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
         shares = group_open_shares(params.active.log_alpha, params.inactive.log_alpha, problem.groups, hyper.shape)
-        return Evaluation(loss, data_loss, rel, open_active + open_inactive, finite, shares)
+        l0 = penalties(params, hyper.shape, column_lambdas(_loss_lambdas(lambdas, controlled), problem.groups), 0.0)
+        l2 = penalties(params, hyper.shape, 0.0, hyper.lambda_l2)
+        return Evaluation(loss, data_loss, rel, open_active + open_inactive, finite, shares, l0, l2)
 
     return jax.jit(evaluate)
 

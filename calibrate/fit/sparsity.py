@@ -61,6 +61,18 @@ class GroupIndex(NamedTuple):
     speed_inactive: jax.Array  # float32 pressure multiplier of each inactive column
 
 
+def schedule_of(cfg, share: float | None = None) -> SparsitySchedule:
+    """The controller's static settings of a ``FitConfig`` for a target ``share`` (None: off, -1).
+
+    ``ramp_epochs = round(sparsity.ramp * (epochs - polish_epochs))`` (at least 1) and
+    ``polish_start = epochs - polish_epochs`` both move with ``epochs``: they are part of what a
+    checkpoint is (:func:`calibrate.fit.checkpoint.path_schedule`).
+    """
+    target = -1.0 if share is None else float(share)
+    ramp = max(1, round(cfg.sparsity.ramp * (cfg.epochs - cfg.polish_epochs)))
+    return SparsitySchedule(target, ramp, float(cfg.sparsity.gain), int(cfg.epochs - cfg.polish_epochs))
+
+
 def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: int = 0) -> dict:
     """Host arrays of a :class:`GroupIndex` (one group when ``column_groups`` is None).
 

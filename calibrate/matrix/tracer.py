@@ -27,6 +27,13 @@ from calibrate.matrix.build import CalibrationMatrix
 from calibrate.targets.geography import cd_label
 
 
+class TracerInputError(CalibrateError):
+    """A row, column or household the matrix does not have, or the wrong number of arguments."""
+
+
+ARG_COUNTS = {"structure": 0, "row": 1, "column": 1, "cell": 2, "household": 1}
+
+
 class MatrixTracer:
     """Readable views of rows, columns, cells and households of a :class:`CalibrationMatrix`."""
 
@@ -63,8 +70,15 @@ class MatrixTracer:
     def print_matrix_structure(self) -> None:
         print(self.structure())
 
+    def _check_row(self, row: int) -> int:
+        row = int(row)
+        if not 0 <= row < self.X.shape[0]:
+            raise TracerInputError(f"row {row} outside 0..{self.X.shape[0] - 1}")
+        return row
+
     def get_row_info(self, row: int) -> dict:
-        r = self.m.targets_df.iloc[int(row)]
+        row = self._check_row(row)
+        r = self.m.targets_df.iloc[row]
         info = {k: r[k] for k in ("target_id", "stratum_id", "stratum_group_id", "variable", "period", "value",
                                   "geo_level", "geographic_id", "label")}
         info["row"] = int(row)
@@ -74,20 +88,20 @@ class MatrixTracer:
     def get_column_info(self, col: int) -> dict:
         col = int(col)
         if not 0 <= col < self.X.shape[1]:
-            raise IndexError(f"column {col} outside 0..{self.X.shape[1] - 1}")
+            raise TracerInputError(f"column {col} outside 0..{self.X.shape[1] - 1}")
         cd_idx, hh_idx = (int(v) for v in self.layout.split(col))
         cd = self.layout.cds[cd_idx]
         return {"column": col, "cd": cd, "cd_label": cd_label(cd), "cd_index": cd_idx,
                 "household_index": hh_idx, "household_id": int(self.m.household_ids[hh_idx])}
 
     def lookup_matrix_cell(self, row: int, col: int) -> dict:
-        return {"value": float(self.X[int(row), int(col)]), "target": self.get_row_info(row),
-                "column": self.get_column_info(col)}
+        target, column = self.get_row_info(row), self.get_column_info(col)  # both range-checked first
+        return {"value": float(self.X[int(row), int(col)]), "target": target, "column": column}
 
     def trace_household(self, household_id: int) -> pd.DataFrame:
         """Every (target, CD) a household contributes to, with the value."""
         if int(household_id) not in self._hh_pos:
-            raise KeyError(f"household id {household_id} is not in the matrix")
+            raise TracerInputError(f"household id {household_id} is not in the matrix")
         hh = self._hh_pos[int(household_id)]
         cols = self.layout.column(np.arange(self.layout.n_cds), hh)
         sub = self.X[:, cols].tocoo()
@@ -110,6 +124,9 @@ def main(argv, load: Callable[[Path], CalibrationMatrix]) -> int:
     p.add_argument("what", choices=["structure", "row", "column", "cell", "household"])
     p.add_argument("args", nargs="*", type=int)
     a = p.parse_args(argv)
+    if len(a.args) != ARG_COUNTS[a.what]:
+        print(f"error: {a.what} takes {ARG_COUNTS[a.what]} integer argument(s), got {len(a.args)}", file=sys.stderr)
+        return 2
     try:
         tracer = MatrixTracer(load(a.matrix))
         with pd.option_context("display.width", 160, "display.max_rows", 200):
@@ -123,7 +140,7 @@ def main(argv, load: Callable[[Path], CalibrationMatrix]) -> int:
                 print(json.dumps(tracer.lookup_matrix_cell(*a.args[:2]), indent=2, default=str))
             else:
                 print(tracer.trace_household(a.args[0]).to_string())
-    except (CalibrateError, FileNotFoundError, KeyError, IndexError, TypeError) as exc:
+    except (CalibrateError, FileNotFoundError) as exc:  # anything else is a bug: traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,8 @@ Three checks, each a pure function of the targets frame and, for support, of X:
   its home state, spread evenly over that state's CDs), the number of distinct households
   that can contribute to its row, and the factor by which its template's supporting
   households would have to be re-weighted on average nationally (template total target
-  / template total at base weights);
+  / template total at base weights; a template no household reaches, its total not zero, is
+  unsupported);
 - **feasibility**: a linear programme per area (the nation, each state) that finds
   non-negative household weights, each at most ``max_weight_factor`` times its base
   weight, minimising the sum of absolute relative errors of that area's targets. Being
@@ -110,11 +111,14 @@ def check_hierarchy(targets: pd.DataFrame, values: np.ndarray, state_cds: dict[i
             if not complete:
                 continue
             total = float(kids.value.sum())
-            ratio = total / parent.value if parent.value else np.nan
-            bad = not np.isfinite(ratio) or abs(ratio - 1.0) > settings.hierarchy_tolerance
+            if parent.value == 0:  # a zero parent agrees only with zero children (no ratio to take)
+                ratio, bad = (1.0, False) if total == 0 else (np.nan, True)
+            else:
+                ratio = total / parent.value
+                bad = not np.isfinite(ratio) or abs(ratio - 1.0) > settings.hierarchy_tolerance
+            detail = f"sum of {len(kids)} {name} / parent" + (" (all zero)" if parent.value == 0 and total == 0 else "")
             rows.append(_row("hierarchy", "inconsistent" if bad else OK, parent.target_id, parent.label, template,
-                             parent.geo_level, parent.geographic_id, parent.value, total, ratio, len(kids),
-                             f"sum of {len(kids)} {name} / parent"))
+                             parent.geo_level, parent.geographic_id, parent.value, total, ratio, len(kids), detail))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -133,7 +137,10 @@ def check_support(targets: pd.DataFrame, values: np.ndarray, X: sp.csr_matrix, l
         factor = factors.get(r.template, np.nan)
         if households[i] < settings.min_households:
             flag, detail = "thin", f"only {households[i]} households can contribute (min {settings.min_households})"
-        elif np.isfinite(factor) and not 1.0 / top <= factor <= top:
+        elif not np.isfinite(factor):  # the template's total is not 0 but no household reaches it
+            flag = "unsupported"
+            detail = "no household of the base data contributes to the template (base total 0)"
+        elif not 1.0 / top <= factor <= top:
             flag = "unsupported"
             detail = (f"template needs its households re-weighted x{factor:.3g} nationally "
                       f"(max_weight_factor {top:g})")
@@ -179,7 +186,7 @@ def _template_factors(t: pd.DataFrame) -> dict[str, float]:
         for level in ("national", "state", "district"):
             part = tpl[tpl.geo_level == level]
             if len(part):
-                base = float(part.base.sum())
-                out[template] = float(part.value.sum()) / base if base != 0 else np.inf
+                base, value = float(part.base.sum()), float(part.value.sum())
+                out[template] = value / base if base != 0 else (1.0 if value == 0 else np.inf)
                 break
     return out

@@ -81,9 +81,11 @@ def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[Scale
                     reason[kids] = (f"not scaled to {t.label.iat[p]} (rule {rule.name}): {kids.size} of its "
                                     f"{expected} children selected")
                     continue
-                if total <= 0:
+                factor = values[p] / total if total != 0 else np.nan
+                if not factor > 0:  # children sum to 0, or to the other sign: no factor keeps their shares
+                    reason[kids] = (f"not scaled to {t.label.iat[p]} (rule {rule.name}): its children sum to "
+                                    f"{total:g}, the parent is {values[p]:g}")
                     continue
-                factor = values[p] / total
                 values[kids] *= factor
                 scaled[kids] = True
                 reason[kids] = f"scaled x{factor:.4f} to {t.label.iat[p]} (rule {rule.name})"

@@ -167,14 +167,16 @@ def load_targets(db_path: Path, target_filter: TargetFilter, cds: list[int], per
     selected = targets.loc[(targets.active != 0) & target_filter.matches(targets) & (targets.period <= period)]
     if selected.empty:
         raise TargetSelectionError(f"the target filter {target_filter} selects no active target up to period {period}")
+    # Whole rows of the latest period (ties: the highest target_id): not ``groupby().last()``, which
+    # takes each column's last non-null value (a NULL tolerance would inherit an older row's) and
+    # drops rows whose key holds a NULL (reform_id); drop_duplicates keeps NULL keys as a group.
     selected = (
-        selected.sort_values("period")
-        .groupby(["variable", "stratum_id", "reform_id"], as_index=False)
-        .last()
+        selected.sort_values(["period", "target_id"], kind="stable")
+        .drop_duplicates(["variable", "stratum_id", "reform_id"], keep="last")
         .sort_values("target_id")
     )
 
-    cd_set = set(int(c) for c in cds)
+    cd_set = {int(c) for c in cds}
     state_set = {state_of_cd(c) for c in cd_set}
     rows = []
     for t in selected.itertuples(index=False):

@@ -95,7 +95,8 @@ def _schema_problems(con: sqlite3.Connection) -> list[Problem]:
 def _read(con: sqlite3.Connection) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     targets = pd.read_sql_query(
         "SELECT target_id, variable, period, stratum_id, value, active, typeof(value) AS value_type, "
-        "typeof(period) AS period_type FROM targets ORDER BY target_id", con)
+        "typeof(period) AS period_type, tolerance, typeof(tolerance) AS tolerance_type, reform_id, "
+        "typeof(reform_id) AS reform_type FROM targets ORDER BY target_id", con)
     strata = pd.read_sql_query("SELECT stratum_id, parent_stratum_id FROM strata ORDER BY stratum_id", con)
     constraints = pd.read_sql_query(
         "SELECT stratum_id, constraint_variable, operation, value FROM stratum_constraints "
@@ -132,6 +133,11 @@ def _target_row_problems(targets: pd.DataFrame, known: set) -> list[Problem]:
             out.append(Problem(where, f"stratum_id {t.stratum_id} is not in table strata"))
         if t.active not in (0, 1):
             out.append(Problem(where, f"active {t.active!r} is neither 0 nor 1"))
+        if t.tolerance_type != "null" and not (t.tolerance_type in NUMBER_TYPES and math.isfinite(t.tolerance)
+                                               and t.tolerance >= 0):
+            out.append(Problem(where, f"tolerance {t.tolerance!r} is not NULL or a finite relative tolerance >= 0"))
+        if t.reform_type not in ("null", "integer"):
+            out.append(Problem(where, f"reform_id {t.reform_id!r} is {t.reform_type}, not an integer (or NULL)"))
     return out
 
 
