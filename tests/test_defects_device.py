@@ -52,7 +52,9 @@ def test_fit_records_the_device_its_arrays_were_on(tmp_path):
     script = textwrap.dedent("""
         import sys; sys.path.insert(0, "tests")
         import jax, numpy as np
-        from calibrate.fit import L0Config, fit_l0
+        from legacy_cfg import L0Config
+
+        from calibrate.fit import fit_l0
         from test_fit import _problem
         jax.config.update("jax_default_device", jax.devices()[1])
         X, y, _, _ = _problem()

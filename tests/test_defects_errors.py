@@ -18,7 +18,7 @@ import calibrate.app.run as run_module
 import calibrate.fit
 from calibrate.app.fitting import fit_stage
 from calibrate.core.errors import CalibrateError
-from calibrate.fit import L0Config
+from legacy_cfg import L0Config
 from calibrate.fit.checkpoint import Checkpoint, CheckpointWriteError, save_checkpoint
 
 

@@ -10,7 +10,9 @@ from test_fit import _problem
 
 from calibrate.app.diagnose import check_penalty_scale, divergence_advice
 from calibrate.core.errors import CalibrateError
-from calibrate.fit import L0Config, fit_l0
+from legacy_cfg import L0Config
+
+from calibrate.fit import fit_l0
 
 HUGE = 1e39  # above float32's max
 

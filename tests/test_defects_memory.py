@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from calibrate.app.diagnose import initial_terms
 from calibrate.app.fitting import rescale_factor
 from calibrate.core.linalg import float64_matvec, row_chunks
-from calibrate.fit import L0Config
+from legacy_cfg import L0Config
 from calibrate.fit.checkpoint import problem_fingerprint
 
 ROWS, ROW_NNZ, COLS = 12, 500_000, 2_000_000  # 6M nonzeros: like national rows, each far above 512 rows' worth

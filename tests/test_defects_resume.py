@@ -14,7 +14,9 @@ import pytest
 from test_fit import _problem
 
 import calibrate.fit.l0 as l0_module
-from calibrate.fit import CheckpointMismatchError, L0Config, fit_l0
+from legacy_cfg import L0Config
+
+from calibrate.fit import CheckpointMismatchError, fit_l0
 from calibrate.fit.checkpoint import (
     Checkpoint,
     config_fingerprint,
@@ -90,14 +92,14 @@ def test_controller_and_polish_resume_is_bitwise_uninterrupted(controlled, unint
 def test_more_epochs_that_move_the_schedule_are_refused(controlled, tmp_path):
     path = tmp_path / "fit.npz"
     _checkpoint_of(path, CFG, 20)
-    longer = dataclasses.replace(CFG, epochs=90, polish_epochs=18)  # what polish_share=0.2 gives
+    longer = dataclasses.replace(CFG, epochs=90)  # what polish_share=0.2 gives
     assert path_schedule(longer) != path_schedule(CFG)  # ramp 36 vs 24 epochs, polish from 72 vs 48
     with pytest.raises(CheckpointMismatchError, match="ramp over 24 epochs, polish from epoch 48.*moves the schedule"):
         resumable_epoch(path, longer)
     with pytest.raises(CheckpointMismatchError):
         _fit(controlled, longer, path)
     # controller on, polish off: the ramp alone moves with epochs, and that is refused too
-    no_polish = dataclasses.replace(CFG, polish_epochs=0)
+    no_polish = dataclasses.replace(CFG, polish_share=0.0)
     _checkpoint_of(tmp_path / "fit2.npz", no_polish, 20)
     assert resumable_epoch(tmp_path / "fit2.npz", no_polish) == 20
     with pytest.raises(CheckpointMismatchError, match=r"ramp over 30 epochs\); epochs=90 .*ramp over 45.*moves"):
@@ -106,7 +108,8 @@ def test_more_epochs_that_move_the_schedule_are_refused(controlled, tmp_path):
 
 def test_more_epochs_continue_when_no_schedule_is_in_use(tmp_path):
     """Fixed lambda_l0 and no polish: nothing moves with epochs (test_fit's resume test checks the path)."""
-    fixed = dataclasses.replace(CFG, target_active_share=None, polish_epochs=0, lambda_l0=1e-4)
+    fixed = dataclasses.replace(CFG, sparsity=dataclasses.replace(CFG.sparsity, active_share=None), polish_share=0.0,
+                                lambda_l0=1e-4)
     assert path_schedule(fixed) == {"ramp_epochs": None, "polish_start": None}
     _checkpoint_of(tmp_path / "fit.npz", fixed, 60)
     assert resumable_epoch(tmp_path / "fit.npz", dataclasses.replace(fixed, epochs=90)) == 60
@@ -120,12 +123,12 @@ def test_cli_refuses_more_epochs_before_the_matrix_build(tmp_path, fixture_datas
     from hydra import compose, initialize_config_dir
 
     from calibrate.app.checks import CHECKPOINT_FILE, n_households
-    from calibrate.app.config import CONF_DIR, l0_config, to_config
+    from calibrate.app.config import CONF_DIR, fit_config, to_config
 
     overrides = ["dataset=fixture", "geo=fixture", "fit.epochs=20", "fit.checkpoint_every=10", "progress=false"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         settings = to_config(compose("config", overrides=overrides))
-    l0 = l0_config(settings.fit, n_households(fixture_dataset, settings.period))
+    l0 = fit_config(settings.fit)
     run = tmp_path / "run"
     run.mkdir()
     _checkpoint_of(run / CHECKPOINT_FILE, l0, 10)

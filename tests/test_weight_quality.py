@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from calibrate.fit import classical as cl
 from calibrate.fit.classical import ClassicalConfig, calibrate_classical
 from calibrate.fit.selection import pareto_sample, pps_probabilities, select_carriers
+from calibrate.matrix.layout import StackedLayout
 from calibrate.outputs import quality as wq
 
 # --------------------------------------------------------------------------- quality figures
@@ -21,7 +22,8 @@ def test_quality_figures_match_a_hand_computation():
     weights = np.array([2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     start = np.array([1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5])
     base = np.array([2.0, 4.0, 1.0, 1.0])
-    per_cd = wq.per_cd_quality(weights, start, [3701, 5001], [37, 50])
+    layout = StackedLayout.of([3701, 5001], [10, 11, 12, 13], base, [37, 37, 50, 50])
+    per_cd = wq.per_cd_quality(weights, start, layout)
     # ESS: (2+1+1)^2 / (4+1+1) = 16/6; (4)^2 / 4 = 4
     assert per_cd.ess.tolist() == pytest.approx([16 / 6, 4.0])
     assert per_cd.n_active.tolist() == [3, 4]
@@ -33,14 +35,16 @@ def test_quality_figures_match_a_hand_computation():
     assert per_cd.top10_share.tolist() == pytest.approx([1.0, 1.0])
     assert wq.top_share(weights.reshape(2, 4), 1).tolist() == pytest.approx([0.5, 0.25])
     # exhaustion: household 0: (2 + 1) / 2; 1: (1 + 1) / 4; 2: 1 / 1; 3: 2 / 1
-    assert wq.exhaustion(weights, base).tolist() == pytest.approx([1.5, 0.5, 1.0, 2.0])
+    assert wq.exhaustion(weights, layout).tolist() == pytest.approx([1.5, 0.5, 1.0, 2.0])
+    assert per_cd.state_fips.tolist() == [37, 50]
 
 
 def test_gates_name_the_cds_that_break_them():
     weights = np.concatenate([np.full(100, 1.0), np.r_[np.full(10, 50.0), np.full(90, 1.0)]])
     start = np.ones(200)
-    per_cd = wq.per_cd_quality(weights, start, [101, 102], [1, 1])
-    exhaust = wq.exhaustion(weights, np.ones(100))
+    layout = StackedLayout.of([101, 102], np.arange(100), np.ones(100), np.ones(100))
+    per_cd = wq.per_cd_quality(weights, start, layout)
+    exhaust = wq.exhaustion(weights, layout)
     msgs = wq.gate_violations(per_cd, exhaust, wq.QualityGates(min_ess=50, max_top10_share=0.5, max_exhaustion=40))
     assert len(msgs) == 3
     assert "1 CDs (102)" in msgs[0] and "1 CDs (102)" in msgs[1]

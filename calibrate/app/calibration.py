@@ -123,8 +123,8 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
         else:
             result = replace(result, weights=weights.astype(np.float32), estimates=est,
                              sparsity=float(np.mean(weights == 0)), total_seconds=seconds)
-    per_cd = wq.per_cd_quality(weights, start, layout.cds, layout.cd_states)
-    exhaust = wq.exhaustion(weights, layout.household_weights)
+    per_cd = wq.per_cd_quality(weights, start, layout)
+    exhaust = wq.exhaustion(weights, layout)
     return CalibrationOutcome(weights, start, result, scale, per_cd, exhaust, wq.quality_summary(per_cd, exhaust),
                               solve_info)
 

@@ -65,7 +65,7 @@ def check_penalty_scale(l0, n_weights: int) -> None:
 def _penalty_keys(l0) -> tuple[str, ...]:
     """The penalties in the objective: with a sparsity target ``lambda_l0`` is not used (the
     controller sets the pressure), so it is neither checked nor blamed."""
-    return ("lambda_l2",) if l0.target_active_share is not None else ("lambda_l0", "lambda_l2")
+    return ("lambda_l2",) if l0.controlled else ("lambda_l0", "lambda_l2")
 
 
 def _default(key: str) -> float:

@@ -25,8 +25,7 @@ import scipy.sparse as sp
 
 # Config fields that only steer logging/saving/chunking, or act on the path only through the
 # schedule (path_schedule, fingerprinted instead): a fit may be resumed with different values.
-_PATH_NEUTRAL_FIELDS = frozenset({"epochs", "log_every", "checkpoint_every", "chunk_epochs", "polish_epochs",
-                                  "sparsity_ramp"})
+_PATH_NEUTRAL_FIELDS = frozenset({"epochs", "log_every", "checkpoint_every", "chunk_epochs", "polish_epochs"})
 HASH_CHUNK_BYTES = 1 << 24  # raw buffers are hashed 16 MB at a time (no widened copy of X)
 
 
@@ -63,8 +62,7 @@ def path_schedule(config) -> dict:
     from calibrate.fit.sparsity import schedule_of
 
     schedule = schedule_of(config)
-    targeted = config.sparsity.active_share is not None or config.sparsity.active_per_cd is not None
-    return {"ramp_epochs": schedule.ramp_epochs if targeted else None,
+    return {"ramp_epochs": schedule.ramp_epochs if config.controlled else None,
             "polish_start": schedule.polish_start if config.polish_epochs > 0 else None}
 
 
@@ -89,7 +87,7 @@ def _hash_array(digest, array: np.ndarray) -> None:
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     flat = array.reshape(-1).view(np.uint8)
     for start in range(0, flat.size, HASH_CHUNK_BYTES):
-        digest.update(memoryview(flat[start:start + HASH_CHUNK_BYTES]))
+        digest.update(memoryview(flat[start:start + HASH_CHUNK_BYTES]))  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def problem_fingerprint(
@@ -205,7 +203,7 @@ def resumable_epoch(path: Path, config, epochs_key: str = "epochs") -> int:
     now = path_schedule(config)
     if schedule and then != now:
         raise CheckpointMismatchError(
-            f"checkpoint {path} was written for {describe_schedule(schedule.get('epochs'), then, epochs_key)}; "
+            f"checkpoint {path} was written for {describe_schedule(int(schedule['epochs']), then, epochs_key)}; "
             f"{describe_schedule(config.epochs, now, epochs_key)} moves the schedule, so the fit cannot continue on the "
             f"same path: rerun with {epochs_key}={schedule.get('epochs')}")
     raise CheckpointMismatchError(f"checkpoint {path} was written with other fit settings")
@@ -215,7 +213,7 @@ def resumable_epoch(path: Path, config, epochs_key: str = "epochs") -> int:
 def to_checkpoint(state, key, epoch: int, history: list[dict], fingerprint: str, columns: list[str],
                   config=None) -> Checkpoint:
     """A :class:`Checkpoint` of a fit's ``TrainState`` (host copies of every array); ``config``
-    (the fit's L0Config) adds the config fingerprint and schedule an early rerun check reads."""
+    (the fit's FitConfig) adds the config fingerprint and schedule an early rerun check reads."""
     import jax
     import pandas as pd
 

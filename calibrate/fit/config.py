@@ -87,6 +87,11 @@ class FitConfig:
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)  # minimum-distance settings
 
     @property
+    def controlled(self) -> bool:
+        """Whether a sparsity target steers the L0 pressure (then ``lambda_l0`` is not used)."""
+        return self.sparsity.active_share is not None or self.sparsity.active_per_cd is not None
+
+    @property
     def polish_epochs(self) -> int:
         """The final epochs with frozen gates: ``polish_share`` of ``epochs``, rounded down."""
         return int(self.polish_share * self.epochs)

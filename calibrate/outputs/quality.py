@@ -5,8 +5,9 @@ Per CD (columns of one CD are one block of the stacked weight vector):
 - Kish effective sample size ``ess = (sum w)**2 / sum w**2`` over the CD's weights;
 - ``top10_share`` / ``top100_share``: the weight held by the 10 / 100 heaviest households;
 - multipliers ``w / w0_active`` over the CD's active households, where ``w0_active`` is the
-  start scaled to the CD's active share (``w0 * n_households / n_active``): 1 means a
-  household carries exactly its share of the start; quantiles p01, p50, p99 and the max.
+  start scaled to the CD's active share (the start divided by the share of the CD's households
+  that are active): 1 means a household carries exactly its share of the start; quantiles p01,
+  p50, p99 and the max.
 Per household: ``exhaustion = sum over CDs of w / base weight`` (1 = the household's survey
 weight used once over the country).
 
@@ -49,34 +50,33 @@ def top_share(w: np.ndarray, k: int) -> np.ndarray:
     return np.divide(top, total, out=np.zeros_like(total), where=total > 0)
 
 
-def per_cd_quality(weights: np.ndarray, start: np.ndarray, cds, cd_states) -> pd.DataFrame:
-    """One row per CD (see module docstring); ``weights`` and ``start`` are stacked CD-major."""
-    n_cds = len(cds)
-    W = np.asarray(weights, dtype=np.float64).reshape(n_cds, -1)
-    S = np.asarray(start, dtype=np.float64).reshape(n_cds, -1)
-    n_hh = W.shape[1]
+def per_cd_quality(weights: np.ndarray, start: np.ndarray, layout) -> pd.DataFrame:
+    """One row per CD (see module docstring); ``layout`` is the run's StackedLayout."""
+    W = layout.per_cd(np.asarray(weights, dtype=np.float64))
+    S = layout.per_cd(np.asarray(start, dtype=np.float64))
     active = W > 0
     n_active = active.sum(axis=1)
-    quantiles = np.full((n_cds, 4), np.nan)
-    for i in range(n_cds):
+    share = n_active / W.shape[1]
+    quantiles = np.full((W.shape[0], 4), np.nan)
+    for i in range(W.shape[0]):
         on = active[i] & (S[i] > 0)
         if on.any():
-            mult = W[i, on] / (S[i, on] * n_hh / n_active[i])
+            mult = W[i, on] * share[i] / S[i, on]
             quantiles[i, :3] = np.quantile(mult, [0.01, 0.5, 0.99])
             quantiles[i, 3] = mult.max()
     return pd.DataFrame({
-        "cd_geoid": np.asarray(cds, dtype=np.int64), "state_fips": np.asarray(cd_states, dtype=np.int64),
-        "n_active": n_active, "zero_share": 1.0 - n_active / n_hh, "ess": kish_ess(W, axis=1),
+        "cd_geoid": np.asarray(layout.cds, dtype=np.int64), "state_fips": np.asarray(layout.cd_states, np.int64),
+        "n_active": n_active, "zero_share": 1.0 - share, "ess": kish_ess(W, axis=1),
         "top10_share": top_share(W, 10), "top100_share": top_share(W, 100),
         "multiplier_p01": quantiles[:, 0], "multiplier_p50": quantiles[:, 1], "multiplier_p99": quantiles[:, 2],
         "multiplier_max": quantiles[:, 3],
     }, columns=CD_COLUMNS)
 
 
-def exhaustion(weights: np.ndarray, base_weights: np.ndarray) -> np.ndarray:
+def exhaustion(weights: np.ndarray, layout) -> np.ndarray:
     """Per household: its weights summed over CDs, over its base weight."""
-    base = np.asarray(base_weights, dtype=np.float64)
-    return np.asarray(weights, dtype=np.float64).reshape(-1, base.size).sum(axis=0) / base
+    per_cd = layout.per_cd(np.asarray(weights, dtype=np.float64))
+    return per_cd.sum(axis=0) / np.asarray(layout.household_weights, dtype=np.float64)
 
 
 def heaviest_households(exhaust: np.ndarray, household_ids, household_states, n_cds_active: np.ndarray,

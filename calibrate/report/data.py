@@ -158,9 +158,12 @@ def cd_frame(files: RunFiles) -> pd.DataFrame:
         out[f"{prefix}_n"] = out["cd"].map(grouped.size()).fillna(0).astype(int)
         out[f"{prefix}_median"] = out["cd"].map(grouped.median())
         out[f"{prefix}_max"] = out["cd"].map(grouped.max())
+    from calibrate.matrix.layout import StackedLayout
+
     n_hh = int(files.summary.get("n_households", 0))
-    if files.weights is not None and n_hh and files.weights.size == n_hh * len(cds):
-        per_cd = np.asarray(files.weights).reshape(len(cds), n_hh)
+    layout = StackedLayout.of(cds, np.arange(n_hh))
+    if files.weights is not None and n_hh and files.weights.size == layout.n_columns:
+        per_cd = layout.per_cd(np.asarray(files.weights))
         out["active"] = np.count_nonzero(per_cd, axis=1)
         out["active_share"] = out["active"] / n_hh
         out["total_weight"] = per_cd.sum(axis=1, dtype=np.float64)
