@@ -122,7 +122,7 @@ def test_cli_refuses_more_epochs_before_the_matrix_build(tmp_path, fixture_datas
     the early checks with one error line naming the schedule, before any matrix work."""
     from hydra import compose, initialize_config_dir
 
-    from calibrate.app.checks import CHECKPOINT_FILE, n_households
+    from calibrate.app.checks import CHECKPOINT_FILE
     from calibrate.app.config import CONF_DIR, fit_config, to_config
 
     overrides = ["dataset=fixture", "geo=fixture", "fit.epochs=20", "fit.checkpoint_every=10", "progress=false"]

@@ -177,3 +177,27 @@ def test_select_carriers_keeps_each_groups_total_in_expectation():
         assert np.all(carried[~mask] == 0)
         totals.append(carried.reshape(2, 500).sum(axis=1) / start.reshape(2, 500).sum(axis=1))
     assert np.abs(np.mean(totals, axis=0) - 1).max() < 0.02
+
+
+def test_the_run_reads_the_dataset_once_in_its_checks(monkeypatch):
+    """prepare() keeps the arrays its validation read; the household count comes from them, not a re-read."""
+    import h5py
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.app import run as run_module
+    from calibrate.app.config import CONF_DIR, to_config
+    from calibrate.core import dataset as ds
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=["dataset=fixture", "geo=tiny"]))
+    calls = []
+    original = ds._read_all
+    monkeypatch.setattr(ds, "_read_all", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(ds, "read_h5", lambda *a, **k: (_ for _ in ()).throw(AssertionError("second read")))
+    inputs = run_module.prepare(cfg)
+    with h5py.File(cfg.dataset.path, "r") as f:
+        expected = len(f["household_id"]["2024"][()]) if isinstance(f["household_id"], h5py.Group) \
+            else len(f["household_id"][()])
+    assert calls == [1]
+    assert inputs.n_households == expected
+    assert {"household_id", "household_weight", "state_fips"} <= set(inputs.dataset_arrays)

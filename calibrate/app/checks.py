@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from calibrate.core.dataset import DatasetError, read_h5, validate_dataset
+from calibrate.core.dataset import DatasetError, validate_dataset
 from calibrate.core.errors import CalibrateError, hydra_error_line  # noqa: F401  (hydra_error_line: re-exported)
 from calibrate.core.rundir import ERROR_FILE, SUMMARY_FILE, writable_dir
 from calibrate.targets import load_targets
@@ -25,15 +25,16 @@ CHECKPOINT_FILE = "fit_checkpoint.npz"  # in the run directory; a rerun in the s
 EXIT_BAD_INPUT = 2
 
 
-def check_files(db_path: Path, dataset_path: Path, period: int) -> None:
+def check_files(db_path: Path, dataset_path: Path, period: int) -> dict:
     """The target database opens, has the schema and sane rows; the dataset opens, has the
-    required variables for ``period`` and consistent entity links."""
+    required variables for ``period`` and consistent entity links. Returns the dataset's arrays
+    (read once here; the matrix build takes them)."""
     try:
         check_database(db_path)
     except DatabaseError as exc:
         raise DatabaseError(f"db_path: {exc}") from None
     try:
-        validate_dataset(dataset_path, period=period)
+        return validate_dataset(dataset_path, period=period)
     except DatasetError as exc:
         raise DatasetError(f"dataset.path: {exc}") from None
 
@@ -47,11 +48,6 @@ def check_target_values(db_path: Path, target_filter, cds: list[int], levels: li
         raise CalibrateError(f"geo.levels={levels} keeps none of the selected targets (their levels: {found})")
     check_selection(kept, db_path)
     return len(kept)
-
-
-def n_households(dataset_path: Path, period: int) -> int:
-    """Households in the (already checked) dataset: a run fits n_households x n_cds weights."""
-    return len(read_h5(dataset_path, period, ["household_id"])["household_id"])
 
 
 def reset_run_dir(run_dir: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,6 @@ from calibrate.app.checks import (
     check_files,
     check_target_values,
     checkpoint_start,
-    n_households,
     reset_run_dir,
 )
 from calibrate.app.config import (
@@ -61,19 +60,24 @@ class RunInputs:
     levels: list[str]
     target_groups: list[str]
     target_filter: object  # calibrate.targets.TargetFilter
+    dataset_arrays: dict = field(default_factory=dict, repr=False)  # read once by the checks, used by the build
+
+    @property
+    def n_households(self) -> int:
+        return len(self.dataset_arrays["household_id"])
 
 
 def prepare(cfg: CalibrateConfig) -> RunInputs:
     """Check files, CDs and the target selection; raises CalibrateError naming the problem."""
     dataset_path = existing_file(cfg.dataset.path, "dataset.path")
     db_path = existing_file(cfg.db_path, "db_path")
-    check_files(db_path, dataset_path, cfg.period)
+    arrays = check_files(db_path, dataset_path, cfg.period)
     flt = target_filter(cfg.target)
     cds = resolve_cds(cfg.geo, db_path)
     levels = resolve_levels(cfg.geo, cds, db_path)
     check_target_values(db_path, flt, cds, levels, cfg.period)
     cache_dir = writable_dir(cfg.cache_dir, "cache_dir") if cfg.cache_dir else None
-    return RunInputs(dataset_path, db_path, cache_dir, cds, levels, sorted(cfg.target), flt)
+    return RunInputs(dataset_path, db_path, cache_dir, cds, levels, sorted(cfg.target), flt, arrays)
 
 
 def keep_levels(matrix, levels: list[str]):
@@ -111,7 +115,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
     fit = fit_config(settings.fit)
-    check_penalty_scale(fit, n_households(inputs.dataset_path, settings.period) * len(inputs.cds))
+    check_penalty_scale(fit, inputs.n_households * len(inputs.cds))
     reconcile = reconcile_config(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
     reset_run_dir(run_dir)
@@ -122,7 +126,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     matrix = build_matrix(
         inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period, db_path=inputs.db_path,  # type: ignore[arg-type]
         workers=settings.workers, cache_dir=inputs.cache_dir, progress=settings.progress,
-        executor=executor_settings(settings.executor),
+        executor=executor_settings(settings.executor), arrays=inputs.dataset_arrays,
     )
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)

@@ -105,18 +105,19 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def validate_dataset(path, required: Iterable[str] = REQUIRED_VARIABLES, period: int = DATASET_PERIOD) -> list[str]:
-    """Check ``path`` with :func:`dataset_problems`; return all its variable names.
+def validate_dataset(path, required: Iterable[str] = REQUIRED_VARIABLES,
+                     period: int = DATASET_PERIOD) -> dict[str, np.ndarray]:
+    """Check ``path`` with :func:`dataset_problems`; return the arrays it read (every variable
+    for ``period``), so a caller needs no second read.
 
     Raises ``DatasetError`` naming the file and the first problem.
     """
     path = Path(path)
-    problems = dataset_problems(path, required, period)
+    problems, arrays = _problems_and_arrays(path, tuple(required), period)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DatasetError(f"dataset {path}: {problems[0]}{more}")
-    with h5py.File(path, "r") as f:
-        return list(f.keys())
+    return arrays
 
 
 def dataset_problems(path, required: Iterable[str] = REQUIRED_VARIABLES, period: int = DATASET_PERIOD) -> list[str]:
@@ -126,23 +127,25 @@ def dataset_problems(path, required: Iterable[str] = REQUIRED_VARIABLES, period:
     as HDF5, holds every ``required`` variable for ``period`` and every variable reads in
     full (a truncated or corrupt file fails here); then :func:`entity_problems`.
     """
-    path = Path(path)
-    required = tuple(required)
+    return _problems_and_arrays(Path(path), tuple(required), period)[0]
+
+
+def _problems_and_arrays(path: Path, required: tuple[str, ...], period: int) -> tuple[list[str], dict]:
     if not path.is_file():
-        return ["file does not exist"]
+        return ["file does not exist"], {}
     if path.suffix != ".h5":
-        return [f"has suffix {path.suffix!r}: policyengine-us reads a dataset as HDF5 only from a *.h5 file"]
+        return [f"has suffix {path.suffix!r}: policyengine-us reads a dataset as HDF5 only from a *.h5 file"], {}
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        return [f"is not a readable HDF5 file (truncated, or not HDF5): {_first_line(exc)}"]
+        return [f"is not a readable HDF5 file (truncated, or not HDF5): {_first_line(exc)}"], {}
     with f:
         missing = [name for name in required if name not in f]
         if missing:
             return [f"required variable {missing[0]!r} is missing ({len(missing)} of {len(required)} required "
-                    "variables missing; is it a policyengine-us dataset?)"]
+                    "variables missing; is it a policyengine-us dataset?)"], {}
         arrays, problems = _read_all(f, required, period)
-    return problems or entity_problems(arrays, required)
+    return problems or entity_problems(arrays, required), arrays
 
 
 def _first_line(exc: Exception) -> str:

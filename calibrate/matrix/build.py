@@ -194,11 +194,13 @@ def build_matrix(
     states_per_chunk: int | None = None,
     stack: bool = True,
     executor: ExecutorSettings | None = None,
+    arrays: dict | None = None,
 ) -> CalibrationMatrix:
     """Targets, sparse X and household layout for ``cds`` and the targets ``target_filter`` selects.
 
     Only (state, template) entries missing from ``cache_dir`` are simulated (``cache_dir=None``:
     all, nothing written), on ``executor`` (default: forked local processes, ``workers`` at a time).
+    ``arrays``: the dataset's arrays for ``period`` when the caller already read them (the run's checks).
     """
     from calibrate.core.dataset import file_sha256, read_h5
 
@@ -210,7 +212,8 @@ def build_matrix(
         raise CalibrateError(f"dataset file {dataset_path} does not exist")
     cds = _check_cds(list(cds), Path(db_path))
     targets = load_targets(Path(db_path), target_filter, cds, period)
-    arrays = read_h5(dataset_path, period, REQUIRED_DATASET_VARIABLES)
+    if arrays is None or any(name not in arrays for name in REQUIRED_DATASET_VARIABLES):
+        arrays = read_h5(dataset_path, period, REQUIRED_DATASET_VARIABLES)
     layout = StackedLayout(tuple(cds), arrays["household_id"].astype(np.int64),
                            arrays["household_weight"].astype(np.float64), arrays["state_fips"].astype(np.int64))
     n_hh = layout.n_households
