@@ -30,7 +30,11 @@ def test_divergence_advice_names_the_culprit():
     import scipy.sparse as sp
 
     from calibrate.app.diagnose import divergence_advice
-    from calibrate.fit import FitConfig
+    from calibrate.fit import FitConfig as _FitConfig
+    from calibrate.fit import SparsityConfig
+
+    def FitConfig(**kw):  # noqa: N802  (fixed lambda_l0: with a sparsity target it is not used, nor blamed)
+        return _FitConfig(**kw, sparsity=SparsityConfig(active_share=None))
 
     X = sp.csr_matrix(np.ones((3, 4)))
     targets, init = np.array([4.0, 4.0, 4.0]), np.ones(4)  # X @ init == targets: data term 0

@@ -32,7 +32,9 @@ def test_user_errors_and_value_errors_are_apart():
 
 
 def _tiny_matrix():
-    return SimpleNamespace(cds=[3701], household_weights=np.ones(3), household_state_fips=np.full(3, 37),
+    from calibrate.matrix.layout import StackedLayout
+
+    return SimpleNamespace(layout=StackedLayout.of([3701], [1, 2, 3], np.ones(3), np.full(3, 37)),
                            X=sp.csr_matrix(np.ones((2, 3), np.float32)))
 
 
