@@ -66,6 +66,13 @@ class RunInputs:
     def n_households(self) -> int:
         return len(self.dataset_arrays["household_id"])
 
+    @property
+    def n_columns(self) -> int:
+        """Weights the fit will have (``StackedLayout.n_columns``: every household in every CD)."""
+        from calibrate.matrix.layout import StackedLayout
+
+        return StackedLayout.of(self.cds, self.dataset_arrays["household_id"]).n_columns
+
 
 def prepare(cfg: CalibrateConfig) -> RunInputs:
     """Check files, CDs and the target selection; raises CalibrateError naming the problem."""
@@ -115,7 +122,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     inputs = prepare(settings)
     device = setup_device(settings.gpu)
     fit = fit_config(settings.fit)
-    check_penalty_scale(fit, inputs.n_households * len(inputs.cds))
+    check_penalty_scale(fit, inputs.n_columns)
     reconcile = reconcile_config(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
     reset_run_dir(run_dir)
