@@ -103,11 +103,16 @@ def all_cds(db_path: Path) -> list[int]:
 def _read_tables(db_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     with connect(db_path) as con:
         columns = {r[1] for r in con.execute("PRAGMA table_info(targets)")}
-        # margins of error: optional columns (a database built before them has none)
-        moe = ", ".join(f"t.{c}" if c in columns else f"NULL AS {c}" for c in ("moe", "moe_confidence"))
+        # margins of error: optional columns (a database built before them has none); two constant
+        # statements, so no value is ever pasted into SQL
+        with_moe = {"moe", "moe_confidence"} <= columns
         targets = pd.read_sql_query(
             "SELECT t.target_id, t.variable, t.period, t.stratum_id, t.reform_id, t.value, "
-            f"t.active, t.tolerance, {moe}, s.stratum_group_id FROM targets t "
+            "t.active, t.tolerance, t.moe, t.moe_confidence, s.stratum_group_id FROM targets t "
+            "JOIN strata s ON s.stratum_id = t.stratum_id ORDER BY t.target_id"
+            if with_moe else
+            "SELECT t.target_id, t.variable, t.period, t.stratum_id, t.reform_id, t.value, "
+            "t.active, t.tolerance, NULL AS moe, NULL AS moe_confidence, s.stratum_group_id FROM targets t "
             "JOIN strata s ON s.stratum_id = t.stratum_id ORDER BY t.target_id",
             con,
         )
