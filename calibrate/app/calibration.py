@@ -55,7 +55,13 @@ def start_weights(matrix, home_state_share: float | None, values: np.ndarray, in
     return init * scale, scale
 
 
-def _classical_result(weights, estimates, solve, l0, seconds: float):
+def _solve_info(solve) -> dict:
+    """The summary's figures of a minimum-distance solve."""
+    return {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
+            "distance": solve.distance, "seconds": solve.seconds}
+
+
+def _classical_result(weights, estimates, info: dict, l0, seconds: float):
     """A FitResult for a solve without epochs (history: the start and the end)."""
     import jax
 
@@ -63,8 +69,8 @@ def _classical_result(weights, estimates, solve, l0, seconds: float):
 
     device = jax.devices()[0]
     return FitResult(weights=weights.astype(np.float32), estimates=estimates, history=pd.DataFrame(
-        columns=HISTORY_COLUMNS), sparsity=float(np.mean(weights == 0)), final_loss=float(solve.distance),
-        epochs=int(solve.iterations), seconds_per_epoch=seconds / max(solve.iterations, 1), compile_seconds=0.0,
+        columns=HISTORY_COLUMNS), sparsity=float(np.mean(weights == 0)), final_loss=float(info["distance"]),
+        epochs=int(info["iterations"]), seconds_per_epoch=seconds / max(info["iterations"], 1), compile_seconds=0.0,
         total_seconds=seconds, device=f"{device.platform}:{device.device_kind}", config=l0,
         lambdas=np.zeros(0))
 
@@ -102,8 +108,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
             _, base = select_carriers(start, layout.column_groups(), share, seed=fit.seed)
         solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
         weights = solve.weights
-        solve_info = {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
-                      "distance": solve.distance, "seconds": solve.seconds}
+        solve_info = _solve_info(solve)
         result = None
     else:
         l0 = replace(fit, polish_share=0.0) if fit.polish == "classical" else fit
@@ -113,13 +118,12 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
             base = carriers_start(start, weights > 0, layout)
             solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
             weights = solve.weights
-            solve_info = {"iterations": solve.iterations, "converged": solve.converged, "message": solve.message,
-                          "distance": solve.distance, "seconds": solve.seconds}
+            solve_info = _solve_info(solve)
     seconds = time.perf_counter() - t0
     if result is None or solve_info is not None:
         est = float64_estimates(matrix.X, weights)
         if result is None:
-            result = _classical_result(weights, est, _Solve(solve_info), fit, seconds)
+            result = _classical_result(weights, est, solve_info or {"iterations": 0, "distance": 0.0}, fit, seconds)
         else:
             result = replace(result, weights=weights.astype(np.float32), estimates=est,
                              sparsity=float(np.mean(weights == 0)), total_seconds=seconds)
@@ -128,14 +132,6 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     return CalibrationOutcome(weights, start, result, scale, per_cd, exhaust, wq.quality_summary(per_cd, exhaust),
                               solve_info)
 
-
-class _Solve:
-    """Solver figures as attributes (for :func:`_classical_result`)."""
-
-    def __init__(self, info: dict | None):
-        info = info or {"iterations": 0, "distance": 0.0}
-        self.iterations = info["iterations"]
-        self.distance = info["distance"]
 
 
 def quality_violations(outcome: CalibrationOutcome, quality) -> list[str]:
