@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LEVELS = ("district", "state", "national")
 GROUP_NAMES = {1: "geography", 2: "age", 3: "agi", 4: "snap", 5: "medicaid", 6: "eitc", 7: "national"}
-METHOD_OVERRIDES = {"start": ["fit=start"], "classical": ["fit=classical"], "l0": ["fit=l0_legacy"], "default": []}
+METHOD_OVERRIDES = {"start": ["fit=start"], "classical": ["fit=classical"], "l0": ["fit=l0_legacy"], "l0new": ["fit=l0"],
+                    "default": []}
 
 
 def compose(overrides: list[str]):

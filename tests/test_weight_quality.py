@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -100,39 +98,58 @@ def test_zero_start_columns_stay_zero_and_unconstrained_targets_are_free():
     assert abs(res.rel_errors[4]) > 0.5
 
 
-def test_dual_gradient_matches_finite_differences():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        A, w0, t = _tiny_problem(3, n=40, m=4)
-        from calibrate.fit.model import build_layout, device_ops
-
-        X = sp.csr_matrix(A.astype(np.float32))
-        layout, host = build_layout(X)
-        total = float(w0.sum())
-        scale = np.abs(t) + 1
-        lw = np.full(4, 0.25)
-        p = cl._Problem(device_ops(host), jnp.asarray(w0[layout.active_ids] / total),
-                        jnp.asarray(w0[layout.active_ids]), jnp.asarray(scale), jnp.asarray(t / scale),
-                        jnp.asarray(1 / (100.0 * lw)), jnp.ones(4))
-        for distance in ("kl", "chi2"):
-            dual = cl._make_dual(4, layout.active_ids.size, total, distance, 0.2, 3.0)
-            lam = np.array([0.01, -0.02, 0.03, 0.005])
-            _, g, _, _ = dual(jnp.asarray(lam), p)
-            h = 1e-6
-            fd = [(float(dual(jnp.asarray(lam + h * e), p)[0]) - float(dual(jnp.asarray(lam - h * e), p)[0])) / (2 * h)
-                  for e in np.eye(4)]
-            np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-4, atol=1e-8)
-    finally:
-        jax.config.update("jax_enable_x64", False)
+def _tiny_dual(distance, lower=0.2, upper=3.0):
+    A, w0, t = _tiny_problem(3, n=40, m=4)
+    scale = np.abs(t) + 1
+    As = sp.csr_matrix(A / scale[:, None])
+    return cl._Dual(As, As.T.tocsr(), w0, t / scale, np.full(4, 1e-3), distance, lower, upper)
 
 
-def test_conjugate_is_the_sup_over_the_box():
+@pytest.mark.parametrize("distance", ["logit", "kl", "chi2"])
+def test_dual_gradient_and_hessian_match_finite_differences(distance):
+    dual = _tiny_dual(distance)
+    lam = np.array([0.01, -0.02, 0.03, 0.005])
+    f, v = dual.value(lam)
+    g = dual.gradient(lam, v)
+    H = dual.hessian(v).toarray()
+    h = 1e-6
+    fd_g = [(dual.value(lam + h * e)[0] - dual.value(lam - h * e)[0]) / (2 * h) for e in np.eye(4)]
+    fd_h = np.column_stack([(dual.gradient(lam + h * e, dual.value(lam + h * e)[1])
+                             - dual.gradient(lam - h * e, dual.value(lam - h * e)[1])) / (2 * h) for e in np.eye(4)])
+    np.testing.assert_allclose(g, fd_g, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(H, fd_h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("distance", ["logit", "kl", "chi2"])
+def test_conjugate_is_the_sup_over_the_box(distance):
     u = np.linspace(-3, 3, 13)
-    grid = np.linspace(0.2, 3.0, 20001)
-    for distance in ("kl", "chi2"):
-        phi = np.asarray(cl.distance_value(jnp.asarray(grid), distance))
-        brute = (u[:, None] * grid[None, :] - phi[None, :]).max(axis=1)
-        np.testing.assert_allclose(np.asarray(cl.conjugate(jnp.asarray(u), distance, 0.2, 3.0)), brute, atol=1e-3)
+    grid = np.linspace(0.2, 3.0, 200001)
+    phi = cl.distance_value(grid, distance, 0.2, 3.0)
+    brute = (u[:, None] * grid[None, :] - phi[None, :]).max(axis=1)
+    np.testing.assert_allclose(cl.conjugate(u, distance, 0.2, 3.0), brute, atol=1e-4)
+    # the maximiser is the multiplier the dual hands out
+    arg = grid[np.argmax(u[:, None] * grid[None, :] - phi[None, :], axis=1)]
+    np.testing.assert_allclose(cl.multipliers_from_dual(u, distance, 0.2, 3.0), arg, atol=1e-3)
+
+
+def test_logit_distance_is_the_closed_form_and_keeps_multipliers_strictly_inside():
+    L, U = 0.2, 3.0
+    x = np.array([0.3, 1.0, 2.5])
+    k = (U - L) / ((1 - L) * (U - 1))
+    by_hand = ((x - L) * np.log((x - L) / (1 - L)) + (U - x) * np.log((U - x) / (U - 1))) / k
+    np.testing.assert_allclose(cl.distance_value(x, "logit", L, U), by_hand, rtol=1e-12)
+    m = cl.multipliers_from_dual(np.array([-1e3, -5.0, 0.0, 5.0, 1e3]), "logit", L, U)
+    assert m[2] == pytest.approx(1.0) and np.all(np.diff(m) >= 0)
+    assert np.all((m >= L) & (m <= U)) and L < m[1] < m[3] < U
+
+
+def test_logit_calibration_meets_feasible_constraints_inside_the_bounds():
+    A, w0, t = _tiny_problem(4)
+    res = calibrate_classical(sp.csr_matrix(A), t, w0, np.ones(len(t)),
+                              ClassicalConfig(distance="logit", lower=0.5, upper=1.5, penalty=1e9, tol=1e-10))
+    np.testing.assert_allclose(A @ res.weights, t, rtol=1e-6)
+    x = res.weights / w0
+    assert x.min() > 0.5 and x.max() < 1.5 and res.converged and res.iterations <= 20
 
 
 @pytest.mark.parametrize("bad, key", [({"distance": "l1"}, "distance"), ({"upper": 0.5}, "upper"),

@@ -77,7 +77,7 @@ class RunSummary:
     active_households_per_cd: dict = field(default_factory=dict)  # {min, median, max, median_share}
     sparsity_target_share: float | None = None  # requested active share per CD (null: fixed lambda_l0)
     init_scale: float = 1.0  # factor applied to the initial weights (fit.rescale_init)
-    fit_method: str = "l0"  # fit.method (l0 | classical | sample | start)
+    fit_method: str = "sample"  # fit.method (sample | l0 | classical | start)
     weight_quality: dict = field(default_factory=dict)  # ESS, top shares, multipliers, exhaustion (weight_quality.csv)
     heaviest_households: list = field(default_factory=list)  # [{household_id, state_fips, exhaustion, active_in_cds}]
     quality_warnings: list = field(default_factory=list)  # broken quality gates (conf/quality/)

@@ -40,24 +40,24 @@ class SparsityConfig:
 class StartConfig:
     """Where the fit starts: each household's base weight spread over the CDs (``StackedLayout.initial_weights``)."""
 
-    home_state_share: float | None = 0.9  # share of a household's weight on its own state's CDs (null: proportional)
+    home_state_share: float | None = None  # share of a household's weight on its own state's CDs (null: proportional)
 
 
 @dataclass
 class ClassicalConfig:
     """Minimum-distance calibration (:mod:`calibrate.fit.classical`; method classical|sample, polish classical)."""
 
-    distance: str = "kl"  # kl (raking) | chi2 (GREG)
+    distance: str = "logit"  # logit (bounded raking) | kl (raking, clipped) | chi2 (GREG, clipped)
     lower: float = 0.0  # smallest multiplier w / w0
-    upper: float = 10.0  # largest multiplier w / w0
-    penalty: float = 1.0e6  # weight of the squared relative errors against the distance
-    max_iter: int = 500  # L-BFGS iterations of the dual
-    tol: float = 1.0e-4  # stop when every target's relative residual (error beyond its penalised optimum) is below
+    upper: float = 5.0  # largest multiplier w / w0
+    penalty: float = 1.0e3  # weight of the squared relative errors against the distance
+    max_iter: int = 50  # Newton steps on the dual
+    tol: float = 1.0e-6  # stop when every target's relative residual (error beyond its penalised optimum) is below
 
 
 METHODS = ("l0", "classical", "sample", "start")
 POLISHES = ("adam", "classical")
-DISTANCES = ("kl", "chi2")
+DISTANCES = ("logit", "kl", "chi2")
 
 
 @dataclass
@@ -81,7 +81,7 @@ class FitConfig:
     rescale_init: bool = True  # scale the initial weights by the median target / initial-estimate ratio (the run)
     balance_groups: bool = True  # without per-target loss weights: every target group counts equally
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # active households per CD
-    method: str = "l0"  # l0 | classical | sample | start (calibrate.app.calibration)
+    method: str = "sample"  # sample | l0 | classical | start (calibrate.app.calibration)
     polish: str = "adam"  # l0's last phase: adam (frozen gates) | classical (carriers by minimum distance)
     start: StartConfig = field(default_factory=StartConfig)  # the start of the fit
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)  # minimum-distance settings

@@ -208,7 +208,10 @@ def console_report(table: pd.DataFrame, summary: dict, run_dir: Path, top: int =
         lines.append(f"  quality warning: {warning}")
     lines.append(
         f"matrix {summary['matrix_seconds']:.1f}s{' (cache hit)' if summary['matrix_cache_hit'] else ''}, "
-        f"fit {summary['fit_seconds']:.1f}s ({summary['seconds_per_epoch'] * 1000:.1f} ms/epoch, {summary['epochs']} epochs)"
+        f"fit {summary['fit_seconds']:.1f}s " + (
+            f"({summary['seconds_per_epoch'] * 1000:.1f} ms/epoch, {summary['epochs']} epochs)"
+            if summary.get("fit_method", "l0") == "l0" else
+            f"(fit.method={summary['fit_method']}, {summary['epochs']} Newton steps)")
     )
     lines.append(f"outputs: {Path(run_dir).resolve()}")
     return "\n".join(lines)

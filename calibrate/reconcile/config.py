@@ -57,13 +57,16 @@ class ReconcileConfig:
     """Consistency analysis and reconciliation of the targets before the fit (``conf/reconcile/``)."""
 
     name: str = "default"  # label of the setting (recorded in the summary)
-    balance: str = "level"  # loss weights: level (each level, then each group in it, a fair share) | group | none
+    balance: str = "precision"  # loss weights: precision (1 / relative SE^2) | level (each level, then each group
+    # in it, a fair share) | group | none
+    default_relative_se: float = 0.02  # balance precision: relative standard error of a target without a margin
+    min_relative_se: float = 0.002  # balance precision: floor of the relative standard error
     scale_children: dict[str, ScaleRule] = field(default_factory=dict)  # named proportional scalings
     flagged: str = "exclude"  # unsupported / thin / infeasible targets: exclude | downweight | keep
     downweight: float = 0.01  # loss-weight multiplier of down-weighted targets
     exclude_target_ids: list[int] = field(default_factory=list)  # targets left out by hand
     hierarchy_tolerance: float = 0.01  # |children sum / parent - 1| above this is inconsistent
-    max_weight_factor: float = 10.0  # a template needing its households re-weighted beyond this is unsupported
+    max_weight_factor: float = 5.0  # a template needing its households re-weighted beyond this is unsupported
     min_households: int = 5  # a target fewer households can reach is thin
     feasibility_tolerance: float = 0.02  # least achievable error (area LP) above this is infeasible
     feasibility_levels: list[str] = field(default_factory=lambda: ["national", "state"])  # areas solved
@@ -91,6 +94,8 @@ class ReconcileConfig:
             raise ReconcileError(f"reconcile.feasibility_levels: {bad[0]!r} is not national or state")
         for key, value in (("downweight", self.downweight), ("max_weight_factor", self.max_weight_factor - 1),
                            ("hierarchy_tolerance", self.hierarchy_tolerance),
+                           ("default_relative_se", self.default_relative_se),
+                           ("min_relative_se", self.min_relative_se),
                            ("feasibility_tolerance", self.feasibility_tolerance)):
             if not value > 0:
                 raise ReconcileError(f"reconcile.{key} is out of range (must be > 0; max_weight_factor > 1)")

@@ -7,7 +7,12 @@ share; inside a group every target counts the same. So 8,000 district age bins c
 drown the 50 state SNAP targets, and a handful of national totals cannot take the whole
 gradient either (the old per-variable balance gave each national total as much weight as
 all district age bins together). ``"group"`` is that old balance (each variable x level
-group 1/G), ``"none"`` weights every target equally. Excluded and held-out targets get
+group 1/G), ``"none"`` weights every target equally. ``"precision"`` weights each target by
+the inverse of its squared relative standard error: the published margin of error over
+the z of its confidence level (1.645 at 90 %) over |value|, at least ``min_relative_se``;
+``default_relative_se`` where no margin is published (administrative totals). A district
+age bin known to +-7 % then counts less than a state total known to +-2 %, and a squared
+relative error weighted so is the chi-square of the estimate against its sampling error. Excluded and held-out targets get
 weight 0, down-weighted ones their multiplier; the weights sum to 1.
 """
 
@@ -18,11 +23,27 @@ import pandas as pd
 
 from calibrate.core.errors import CalibrateError
 
-BALANCES = ("level", "group", "none")
+BALANCES = ("precision", "level", "group", "none")
+
+
+def relative_standard_errors(targets: pd.DataFrame, default: float = 0.02, minimum: float = 0.002) -> np.ndarray:
+    """Per target: published margin of error / z(confidence) / |value|, floored at ``minimum``;
+    ``default`` where the target has no margin (or no confidence level, or a zero value)."""
+    from scipy.special import ndtri
+
+    n = len(targets)
+    moe = targets["moe"].to_numpy(dtype=np.float64) if "moe" in targets else np.full(n, np.nan)
+    conf = targets["moe_confidence"].to_numpy(dtype=np.float64) if "moe_confidence" in targets else np.full(n, np.nan)
+    value = np.abs(targets["value"].to_numpy(dtype=np.float64))
+    known = np.isfinite(moe) & (moe >= 0) & np.isfinite(conf) & (conf > 0) & (conf < 1) & (value > 0)
+    z = ndtri(0.5 + np.where(known, conf, 0.5) / 2)
+    rel = np.divide(moe, z * value, out=np.full(n, np.nan), where=known)
+    return np.where(known, np.maximum(rel, minimum), default)
 
 
 def loss_weights(targets: pd.DataFrame, balance: str = "level", in_loss: np.ndarray | None = None,
-                 multiplier: np.ndarray | None = None) -> np.ndarray:
+                 multiplier: np.ndarray | None = None, default_relative_se: float = 0.02,
+                 min_relative_se: float = 0.002) -> np.ndarray:
     """Weights summing to 1 over the targets in the loss (``in_loss``), shares as described above."""
     if balance not in BALANCES:
         raise CalibrateError(f"reconcile.balance={balance!r}: choose one of {', '.join(BALANCES)}")
@@ -35,6 +56,9 @@ def loss_weights(targets: pd.DataFrame, balance: str = "level", in_loss: np.ndar
     w = np.zeros(n)
     if balance == "none":
         w[in_loss] = 1.0
+    elif balance == "precision":
+        rel = relative_standard_errors(targets, default_relative_se, min_relative_se)
+        w[in_loss] = 1.0 / np.square(rel[in_loss])
     elif balance == "group":
         keys = pd.Series(level + "|" + targets.variable.to_numpy())[in_loss]
         w[in_loss] = 1.0 / keys.map(keys.value_counts()).to_numpy()

@@ -101,7 +101,8 @@ def reconcile_targets(matrix, config: ReconcileConfig, all_cds: list[int],
     feasibility = check_feasibility(targets, scaled[0], matrix.X, matrix.layout, ~held_out & ~by_hand, config)
     analysis = pd.concat([hierarchy, support, feasibility], ignore_index=True)
     plan = plan_targets(targets, config, analysis[analysis.check != "hierarchy"], scaled)
-    weights = loss_weights(targets, config.balance, plan.in_fit & ~held_out, plan.weight_multiplier)
+    weights = loss_weights(targets, config.balance, plan.in_fit & ~held_out, plan.weight_multiplier,
+                           config.default_relative_se, config.min_relative_se)
     bands = tolerance_bands(targets, config.tolerance if config.use_db_tolerance else "none", config.moe_scale)
     unhandled = unhandled_inconsistencies(targets, hierarchy, rules)
     dropped = getattr(matrix, "dropped", None)
