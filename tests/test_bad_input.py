@@ -153,7 +153,7 @@ CASES = [
     Case("constraint-wrong-type", _db(("INSERT INTO stratum_constraints VALUES (?, 'is_blind', '==', ?, NULL)", (AGE_STRATUM, "maybe"))),
          ("target_id 6973", "stratum_id 6537", "is_blind == 'maybe'", "bool")),
     # during the run
-    Case("fit-diverges-lambda-l2", lambda ws: {"fit.lambda_l2": "1e30"},
+    Case("fit-diverges-lambda-l2", lambda ws: {"fit": "l0", "fit.lambda_l2": "1e30"},
          ("fit diverged at epoch 1", "likely cause: fit.lambda_l2=1e+30", "overflows float32"), "warm_cache"),
     Case("disk-full", lambda ws: {"hydra.run.dir": ws / "tiny" / "run"}, ("cannot write", "No space left on device"), "tiny_disk"),
 ]

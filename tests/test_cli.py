@@ -69,7 +69,7 @@ def excluded_target(target_db) -> int:
 def single_run(work, fixture_dataset, target_db, excluded_target):
     run_dir = work / "run"
     proc = _calibrate(
-        "dataset=fixture", CD_ARG, TARGETS, f"fit.epochs={EPOCHS}", "fit.log_every=10", "seed=3",
+        "dataset=fixture", CD_ARG, TARGETS, "fit=l0", f"fit.epochs={EPOCHS}", "fit.log_every=10", "seed=3",
         "gpu=a100", "gpu.allow_cpu_fallback=true", f"hydra.run.dir={run_dir}", f"cache_dir={work / 'cache'}",
         "workers=1", "progress=false", f"reconcile.exclude_target_ids=[{excluded_target}]",
     )
@@ -182,7 +182,7 @@ def test_multirun_writes_sweep_table(single_run, work):
     """4 jobs (epochs x lr) with a holdout; the two with lr=-1 fail on bad input, the sweep goes on and exits 2."""
     sweep_dir = work / "sweep"
     proc = _calibrate(
-        "-m", "hydra/launcher=basic", "dataset=fixture", CD_ARG, TARGETS, "fit.epochs=10,20", "fit.lr=0.15,-1",
+        "-m", "hydra/launcher=basic", "dataset=fixture", CD_ARG, TARGETS, "fit=l0", "fit.epochs=10,20", "fit.lr=0.15,-1",
         "holdout=random", f"hydra.sweep.dir={sweep_dir}", f"cache_dir={work / 'cache'}", "workers=1", "progress=false",
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

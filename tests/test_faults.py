@@ -34,7 +34,7 @@ from calibrate.core.dataset import read_h5
 from calibrate.publish import publish_run
 from calibrate.publish.inputs import PublishInputError
 
-ARGS = ["dataset=fixture", "geo.cds=[3701,3702]", "target=[age,snap]", "fit.epochs=1000", "fit.checkpoint_every=100",
+ARGS = ["dataset=fixture", "geo.cds=[3701,3702]", "target=[age,snap]", "fit=l0", "fit.epochs=1000", "fit.checkpoint_every=100",
         "fit.log_every=100", "workers=1", "progress=false"]
 RUN_FILES = ("weights.npy", "targets.csv", "history.csv", "dropped_targets.csv")
 KILLED = -9

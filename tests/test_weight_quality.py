@@ -218,3 +218,28 @@ def test_the_run_reads_the_dataset_once_in_its_checks(monkeypatch):
     assert calls == [1]
     assert inputs.n_households == expected
     assert {"household_id", "household_weight", "state_fips"} <= set(inputs.dataset_arrays)
+
+
+# --------------------------------------------------------------------------- precision loss weights
+
+
+def test_precision_loss_weights_are_inverse_squared_relative_standard_errors():
+    import pandas as pd
+
+    from calibrate.reconcile.loss import loss_weights, relative_standard_errors
+
+    targets = pd.DataFrame({
+        "geo_level": ["district", "district", "state", "national", "district"],
+        "stratum_group_id": [2, 2, 4, 7, 2], "variable": ["person_count"] * 3 + ["snap", "person_count"],
+        "value": [1000.0, 50000.0, 2.0e6, 9.0e10, 300.0],
+        "moe": [164.5, 82.25, np.nan, np.nan, 0.0],  # 90 %: z = 1.6449
+        "moe_confidence": [0.9, 0.9, np.nan, np.nan, 0.9],
+    })
+    rel = relative_standard_errors(targets, default=0.02, minimum=0.002)
+    z = 1.6448536269514722
+    # 82.25 / z / 50000 = 0.1 % is below the 0.2 % floor; a zero margin is floored too
+    np.testing.assert_allclose(rel, [164.5 / z / 1000, 0.002, 0.02, 0.02, 0.002], rtol=1e-9)
+    in_loss = np.array([True, True, True, True, False])
+    w = loss_weights(targets, "precision", in_loss, default_relative_se=0.02, min_relative_se=0.002)
+    by_hand = np.where(in_loss, 1 / rel**2, 0.0)
+    np.testing.assert_allclose(w, by_hand / by_hand.sum(), rtol=1e-12)

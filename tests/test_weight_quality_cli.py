@@ -42,3 +42,25 @@ def test_broken_gate_warns_and_strict_fails_with_one_error_line(tmp_path):
     assert len(errors) == 1 and "quality.min_ess=100000" in errors[0]
     assert not (strict_dir / "summary.json").exists()
     assert json.loads((strict_dir / "error.json").read_text())["status"] == "failed"
+
+
+def test_default_fit_is_pps_carriers_calibrated_by_newton(tmp_path):
+    """No fit override: fit.method=sample. Each CD keeps round(20 %) of its households (the PPS
+    draw's fixed size), the weights are non-negative and the Newton solve converged and meets
+    the fitted targets far better than the start (median error 37 % on this fixture)."""
+    run_dir = tmp_path / "default"
+    args = [a for a in ARGS if not a.startswith("fit=")]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    out = subprocess.run([sys.executable, "-m", "calibrate", *args, f"hydra.run.dir={run_dir}"], cwd=paths.REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["fit_method"] == "sample" and summary["classical"]["converged"]
+    w = np.load(run_dir / "weights.npy").reshape(len(summary["cds"]), -1)
+    n_hh = w.shape[1]
+    assert np.all(w >= 0)
+    np.testing.assert_array_equal((w > 0).sum(axis=1), round(0.2 * n_hh))
+    table = pd.read_csv(run_dir / "targets.csv")
+    fitted = table[table.status == "fit"]
+    assert np.median(np.abs(fitted.estimate / fitted.value - 1)) < 0.02
+    assert "Newton steps" in out.stdout + out.stderr
