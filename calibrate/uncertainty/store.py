@@ -42,7 +42,7 @@ def read_replicates(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise CalibrateError(f"{path} does not exist (run with uncertainty=bootstrap to write replicate weights)")
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
             meta = dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for a damaged header
         raise CalibrateError(f"{path}: not a readable replicate-weights file ({type(exc).__name__}: {exc})") from None
