@@ -5,7 +5,8 @@ each CD block the household sits in) and repeats the minimum-distance calibratio
 (:func:`calibrate.fit.classical.calibrate_classical`) on the main weights' nonzero columns,
 warm-started from the main solve's dual vector, on the same reconciled targets (or, with
 ``draw_targets``, on targets drawn from their published margins of error). A household the
-replicate does not draw (``m_i = 0``) keeps weight 0 in every CD.
+replicate does not draw (``m_i = 0``) keeps weight 0 in every CD. With the main targets all
+replicates share one factorised Hessian (:mod:`calibrate.uncertainty.chord`).
 
 - ``rao_wu``: the rescaling bootstrap of Rao and Wu (1988) with ``n_h - 1`` draws with
   replacement in each state stratum ``h``: ``m_i = n_h / (n_h - 1) * count_i``; a stratum of
@@ -90,6 +91,7 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     ``calibrate=False`` (``fit.method=start``) keeps ``start * m`` uncalibrated.
     """
     from calibrate.fit.classical import calibrate_classical
+    from calibrate.uncertainty.chord import ChordSolver
 
     t0 = time.perf_counter()
     columns = np.flatnonzero(np.asarray(main_weights) > 0)
@@ -102,6 +104,7 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     weights = np.zeros((R, columns.size), np.float32)
     multipliers = np.zeros((R, len(strata)), np.float32)
     steps, converged = [], 0
+    solver = ChordSolver(sub, values, loss_weights, start, dual, classical) if calibrate else None
     for r in range(R):
         m = bootstrap_multipliers(strata, config.method, rng)
         multipliers[r] = m
@@ -112,10 +115,14 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
         if not calibrate:
             weights[r] = start_r
             continue
-        solve = calibrate_classical(sub, targets_r, start_r, loss_weights, classical, initial_dual=dual)
-        weights[r] = solve.weights
-        steps.append(int(solve.iterations))
-        converged += bool(solve.converged)
+        if targets_r is values:  # the shared factorised Hessian (calibrate.uncertainty.chord)
+            w_r, iterations, ok = solver.solve(start_r)
+        else:  # drawn targets rescale the dual's rows: a Newton solve of its own, warm-started
+            solve = calibrate_classical(sub, targets_r, start_r, loss_weights, classical, initial_dual=dual)
+            w_r, iterations, ok = solve.weights, solve.iterations, solve.converged
+        weights[r] = w_r
+        steps.append(int(iterations))
+        converged += bool(ok)
     seconds = time.perf_counter() - t0
     log.info("replicates: %d (%s) in %.1f s, Newton steps %s", R, config.method, seconds, steps)
     return ReplicateSet(columns.astype(np.int64), weights, multipliers, config.method, int(config.seed), seconds,

@@ -60,3 +60,25 @@ def dense_replicates(tensors: dict[str, np.ndarray], n_columns: int) -> np.ndarr
     out = np.zeros((tensors["weights"].shape[0], int(n_columns)), np.float32)
     out[:, tensors["columns"]] = tensors["weights"]
     return out
+
+
+def area_replicates(tensors: dict[str, np.ndarray], columns: np.ndarray) -> np.ndarray:
+    """(R, len(columns)) replicate weights of the given run columns (0 where a column is not stored)."""
+    stored = tensors["columns"]
+    columns = np.asarray(columns, dtype=np.int64)
+    pos = np.clip(np.searchsorted(stored, columns), 0, max(stored.size - 1, 0))
+    found = stored[pos] == columns if stored.size else np.zeros(columns.size, bool)
+    return np.where(found[None, :], tensors["weights"][:, pos], np.float32(0.0)).astype(np.float32)
+
+
+def write_area_replicates(path: Path, weights: np.ndarray, meta: dict[str, str], area: str) -> Path:
+    """A published file's sidecar: ``weights`` (R x the file's households, in household_id order)."""
+    from safetensors.numpy import save_file
+
+    from calibrate.outputs import atomic_path
+
+    info = {k: str(v) for k, v in meta.items() if k in ("method", "replicates", "seed", "variance")}
+    info.update(area=area, rows="household_id 0..n-1 of the area file", z90="1.645")
+    with atomic_path(Path(path)) as tmp:
+        save_file({"weights": np.ascontiguousarray(weights, np.float32)}, str(tmp), metadata=info)
+    return Path(path)
