@@ -73,6 +73,20 @@ def test_rao_wu_draws_n_minus_1_per_stratum_and_keeps_singletons():
     assert m[strata == 2][0] == 1.0
 
 
+def test_drawn_targets_have_the_published_margin_and_keep_targets_without_one():
+    from calibrate.uncertainty.replicates import draw_target_values
+
+    rng = np.random.default_rng(6)
+    values = np.array([1000.0, 2000.0, 500.0])
+    original = np.array([1000.0, 1000.0, 500.0])  # the second was scaled x2 by the reconcile stage
+    moe = np.array([164.5, 164.5, np.nan])
+    draws = np.array([draw_target_values(values, original, moe, np.array([0.9, 0.9, np.nan]), rng)
+                      for _ in range(20000)])
+    assert draws[:, 0].std() == pytest.approx(100.0, rel=0.03)  # SE = moe / 1.645
+    assert draws[:, 1].std() == pytest.approx(200.0, rel=0.03)  # scaled like the value
+    assert np.all(draws[:, 2] == 500.0)
+
+
 # --------------------------------------------------------------------------- replicates on a calibration
 
 
