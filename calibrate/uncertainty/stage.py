@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path) -> 
         draw = (np.asarray(reconciled.plan.original, dtype=np.float64),
                 pd.to_numeric(tdf["moe"], errors="coerce").to_numpy(np.float64),
                 pd.to_numeric(tdf.get("moe_confidence"), errors="coerce").to_numpy(np.float64))
+    if config.draw_targets and draw is None:
+        logging.getLogger(__name__).warning("uncertainty.draw_targets: the targets carry no margins of error; "
+                                            "replicates use the targets as they are")
     reps = run_replicates(matrix.X, values, lw, start, outcome.weights,
                           layout.household_of(np.arange(layout.n_columns)), layout.household_states, config,
                           fit.classical, dual=outcome.dual, calibrate=fit.method != "start", target_draw=draw)
