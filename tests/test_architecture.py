@@ -12,8 +12,8 @@ import pytest
 from calibrate.core import paths
 
 PACKAGE = paths.REPO_ROOT / "calibrate"
-ORDER = ["core", "targets", "matrix", "reconcile", "fit", "outputs", "report", "publish", "app", "etl"]
-ENTRY_POINTS = {"calibrate/__init__.py", "calibrate/__main__.py", "calibrate/tracer.py"}
+ORDER = ["core", "targets", "matrix", "reconcile", "fit", "outputs", "uncertainty", "report", "publish", "app", "etl"]
+ENTRY_POINTS = {"calibrate/__init__.py", "calibrate/__main__.py", "calibrate/tracer.py", "calibrate/moe.py"}
 
 
 def _modules():

@@ -43,6 +43,8 @@ class CalibrationOutcome:
     exhaustion: np.ndarray  # per household
     quality_summary: dict
     classical: dict | None = None  # solver figures of the minimum-distance step, if any
+    replicate_start: np.ndarray | None = None  # the start replicates rescale: the carriers' start (None: the weights)
+    dual: np.ndarray | None = None  # the minimum-distance solve's final dual (warm-starts the replicates)
 
 
 def start_weights(matrix, home_state_share: float | None, values: np.ndarray, in_loss: np.ndarray,
@@ -97,7 +99,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     lw = np.asarray(reconciled.loss_weights, dtype=np.float64)
     layout = matrix.layout
     start, scale = start_weights(matrix, fit.start.home_state_share, values, lw > 0, fit.rescale_init)
-    solve_info = None
+    solve_info, base, dual = None, None, None
     if fit.method == "start":
         weights = start.copy()
         result = None
@@ -107,7 +109,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
             share = fit.sparsity.target_share(layout.n_households) or 1.0
             _, base = select_carriers(start, layout.column_groups(), share, seed=fit.seed)
         solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
-        weights = solve.weights
+        weights, dual = solve.weights, solve.dual
         solve_info = _solve_info(solve)
         result = None
     else:
@@ -117,7 +119,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
         if fit.polish == "classical":
             base = carriers_start(start, weights > 0, layout)
             solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
-            weights = solve.weights
+            weights, dual = solve.weights, solve.dual
             solve_info = _solve_info(solve)
     seconds = time.perf_counter() - t0
     if result is None or solve_info is not None:
@@ -130,7 +132,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     per_cd = wq.per_cd_quality(weights, start, layout)
     exhaust = wq.exhaustion(weights, layout)
     return CalibrationOutcome(weights, start, result, scale, per_cd, exhaust, wq.quality_summary(per_cd, exhaust),
-                              solve_info)
+                              solve_info, start if fit.method == "start" else base, dual)
 
 
 

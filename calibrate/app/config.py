@@ -6,7 +6,8 @@ key or a value of the wrong type fails at composition and Hydra names the key. A
 whose settings are one dataclass owns it and the schema uses it as it is: ``fit`` is
 :class:`calibrate.fit.config.FitConfig`, ``reconcile`` is
 :class:`calibrate.reconcile.config.ReconcileConfig`, ``publish`` is
-:class:`calibrate.publish.config.PublishConfig` (one definition, one set of defaults).
+:class:`calibrate.publish.config.PublishConfig`, ``uncertainty`` is
+:class:`calibrate.uncertainty.config.UncertaintyConfig` (one definition, one set of defaults).
 The helpers at the bottom check values once and turn the rest into the plain inputs of the
 stages (a :class:`~calibrate.targets.TargetFilter`, a CD list, executor settings).
 """
@@ -26,6 +27,7 @@ from calibrate.core.errors import CalibrateError
 from calibrate.fit.config import FitConfig, FitConfigError, validate_config
 from calibrate.publish.config import PublishConfig
 from calibrate.reconcile.config import ReconcileConfig
+from calibrate.uncertainty.config import UncertaintyConfig, UncertaintyConfigError, validate_uncertainty
 
 SCHEMA_NAME = "calibrate_schema"
 CONF_DIR = paths.REPO_ROOT / "conf"
@@ -174,6 +176,7 @@ class CalibrateConfig:
     report_top: int = 10  # worst targets listed in the console report
     holdout: HoldoutConf = field(default_factory=HoldoutConf)  # holdout targets (scored, not fitted)
     quality: QualityConf = field(default_factory=QualityConf)  # weight-quality gates
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)  # replicate weights (docs/uncertainty.md)
 
 
 def _storage_path(relative: str) -> str:
@@ -303,6 +306,14 @@ def fit_config(fit: FitConfig) -> FitConfig:
     except FitConfigError as exc:
         raise CalibrateError(str(exc)) from None
     return fit
+
+
+def uncertainty_config(conf: UncertaintyConfig) -> UncertaintyConfig:
+    """The uncertainty section, its values checked."""
+    try:
+        return validate_uncertainty(conf)
+    except UncertaintyConfigError as exc:
+        raise CalibrateError(str(exc)) from None
 
 
 def reconcile_config(conf: ReconcileConfig) -> ReconcileConfig:

@@ -34,6 +34,7 @@ from calibrate.app.config import (
     resolve_levels,
     target_filter,
     to_config,
+    uncertainty_config,
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
 from calibrate.app.diagnose import check_penalty_scale
@@ -125,6 +126,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     check_penalty_scale(fit, inputs.n_columns)
     reconcile = reconcile_config(settings.reconcile)
     holdout = holdout_spec(settings.holdout, inputs.levels)
+    uncertainty = uncertainty_config(settings.uncertainty)
     reset_run_dir(run_dir)
     resumed = checkpoint_start(run_dir, fit)
 
@@ -142,6 +144,12 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     result, init_scale, weights = outcome.result, outcome.init_scale, outcome.weights
     table = outputs.targets_table(matrix.targets_df, result.estimates, split,
                                   reconciled.plan.frame())
+    replicates = None
+    if uncertainty.enabled:
+        from calibrate.uncertainty.stage import replicate_stage, with_moe
+
+        replicates = replicate_stage(matrix, reconciled, outcome, fit, uncertainty, run_dir)
+        table = with_moe(table, matrix.X, replicates)
     write_outputs(run_dir, weights, table, result.history, matrix.dropped, reconciled.analysis)
     outputs.write_csv(run_dir / "weight_quality.csv", outcome.per_cd)
     violations = quality_violations(outcome, settings.quality)
@@ -153,6 +161,10 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     summary.fit_resumed_from_epoch = resumed
     record_quality(summary, outcome, matrix, violations)
     summary.fit_method = fit.method
+    if replicates is not None:
+        from calibrate.uncertainty.stage import summary_record
+
+        summary.uncertainty = summary_record(uncertainty, replicates)
     if violations and settings.quality.strict:
         raise CalibrateError(f"weight quality: {violations[0]} (quality.strict=true; see weight_quality.csv)")
     summary.publish = "pending" if settings.publish.enabled else "disabled"

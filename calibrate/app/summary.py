@@ -78,6 +78,7 @@ class RunSummary:
     sparsity_target_share: float | None = None  # requested active share per CD (null: fixed lambda_l0)
     init_scale: float = 1.0  # factor applied to the initial weights (fit.rescale_init)
     fit_method: str = "sample"  # fit.method (sample | l0 | classical | start)
+    uncertainty: dict = field(default_factory=dict)  # replicate weights: R, method, seed, seconds (empty: none)
     weight_quality: dict = field(default_factory=dict)  # ESS, top shares, multipliers, exhaustion (weight_quality.csv)
     heaviest_households: list = field(default_factory=list)  # [{household_id, state_fips, exhaustion, active_in_cds}]
     quality_warnings: list = field(default_factory=list)  # broken quality gates (conf/quality/)

@@ -56,6 +56,7 @@ class ClassicalResult(NamedTuple):
     converged: bool  # the dual gradient (each target's residual beyond its penalised optimum) below tol
     message: str
     seconds: float
+    dual: np.ndarray | None = None  # final dual vector (one per constrained target): warm-starts a related solve
 
 
 def validate_classical(cfg: ClassicalConfig) -> None:
@@ -173,11 +174,13 @@ def calibrate_classical(
     start: np.ndarray,
     loss_weights: np.ndarray,
     config: ClassicalConfig | None = None,
+    initial_dual: np.ndarray | None = None,
 ) -> ClassicalResult:
     """Minimum-distance weights for ``X w ~ targets`` (see module docstring).
 
     ``start`` holds w0 >= 0 per column (0: the column stays 0); ``loss_weights`` >= 0 per
-    target (normalised here; 0: not a constraint, only estimated).
+    target (normalised here; 0: not a constraint, only estimated). ``initial_dual`` (one value
+    per target with a loss weight > 0, e.g. a related solve's ``dual``) warm-starts Newton.
     """
     t0 = time.perf_counter()
     config = config or ClassicalConfig()
@@ -203,6 +206,10 @@ def calibrate_classical(
     dual = _Dual(A, A.T.tocsr(), start[carriers], targets[rows] / scale[rows],
                  1.0 / (total * config.penalty * lw[rows]), config.distance, config.lower, config.upper)
     lam = np.zeros(rows.size)
+    if initial_dual is not None:
+        lam = np.asarray(initial_dual, dtype=np.float64).copy()
+        if lam.shape != (rows.size,):
+            raise ValueError(f"initial_dual has shape {lam.shape}, expected ({rows.size},) (targets with weight > 0)")
     f, v = dual.value(lam)
     g = dual.gradient(lam, v)
     residual = float(np.abs(g).max(initial=0.0))
@@ -241,4 +248,4 @@ def calibrate_classical(
                                                                   config.upper)))
     logger.info("classical calibration: %d Newton steps, max relative residual %.2e (%s)", iterations, residual,
                 message)
-    return ClassicalResult(weights, x, e, dist, iterations, converged, message, time.perf_counter() - t0)
+    return ClassicalResult(weights, x, e, dist, iterations, converged, message, time.perf_counter() - t0, lam)

@@ -28,6 +28,7 @@ import pandas as pd
 
 from calibrate import outputs
 from calibrate.core.dataset import read_h5
+from calibrate.core.errors import CalibrateError
 from calibrate.core.faults import fault_point
 from calibrate.core.rundir import writable_dir
 from calibrate.publish.config import DEFAULT_RTOL, DEFAULT_SAMPLE_SIZE, VERIFY_MODES, PublishConfig
@@ -134,6 +135,7 @@ class _JobContext:
     spec: TargetSpec | None
     out_dir: Path
     rtol: float
+    replicates: tuple | None = None  # (tensors, metadata, run layout) of replicate_weights.safetensors, if any
 
 
 _CONTEXT: _JobContext | None = None  # set in each worker by _init_worker (fork inherits the parent's objects)
@@ -148,7 +150,8 @@ def _job(args: tuple[Area, bool]) -> tuple[PublishedFile, pd.DataFrame | None, t
     """Write one area file and, if asked, verify it; returns (file, rows, (verify wall s, verify CPU s))."""
     area, verify = args
     ctx = _CONTEXT
-    published = write_area(ctx.layout, area, ctx.run.weights, ctx.run.cds, ctx.out_dir, ctx.run.period)
+    published = write_area(ctx.layout, area, ctx.run.weights, ctx.run.cds, ctx.out_dir, ctx.run.period,
+                           ctx.replicates)
     if not verify:
         return published, None, (0.0, 0.0)
     start, cpu = time.perf_counter(), time.process_time()
@@ -181,6 +184,21 @@ def _collect(results) -> list:
         out.append(result)
         fault_point("publish")
     return out
+
+
+def _run_replicates(run: RunData) -> tuple | None:
+    """The run's replicate weights (tensors, metadata, layout), checked, or None without them."""
+    from calibrate.uncertainty.store import REPLICATE_FILE
+
+    if not (run.run_dir / REPLICATE_FILE).is_file():
+        return None
+    from calibrate.publish.moe import load_replicates
+
+    try:
+        tensors, meta = load_replicates(run)
+    except CalibrateError as exc:
+        raise PublishInputError(str(exc)) from None
+    return tensors, meta, run.layout
 
 
 def _job_cost(area: Area, run: RunData) -> int:
@@ -224,7 +242,7 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
         pe.tax_benefit_system()  # import once here; forked workers inherit it
         spec = attach_constraints(run.targets, run.db_path, run.cds, run.period)
     layout = base_layout(read_h5(run.dataset_path, run.period))
-    context = _JobContext(run, layout, spec, out, opts.rtol)
+    context = _JobContext(run, layout, spec, out, opts.rtol, _run_replicates(run))
     jobs = sorted(((a, a.name in verified) for a in chosen), key=lambda j: -_job_cost(j[0], run))
     results = _run_jobs(context, jobs, opts.workers or os.cpu_count() or 1)
 
@@ -259,9 +277,12 @@ def publish_run(run_dir, cfg_publish=None, *, areas=None, verify=None, workers=N
 
 
 def files_table(files: list[PublishedFile]) -> pd.DataFrame:
-    """One row per written file (area, paths, sizes, total weight)."""
-    return pd.DataFrame([
+    """One row per written file (area, paths, sizes, total weight; replicate_path when there are replicates)."""
+    table = pd.DataFrame([
         {"area": f.area, "kind": f.kind, "path": str(f.path), "mapping_path": str(f.mapping_path),
          "n_households": f.n_households, "n_persons": f.n_persons, "total_weight": f.total_weight}
         for f in files
     ])
+    if any(f.replicate_path for f in files):
+        table["replicate_path"] = [str(f.replicate_path or "") for f in files]
+    return table

@@ -75,6 +75,7 @@ class PublishedFile:
     n_persons: int
     total_weight: float
     seconds: float
+    replicate_path: Path | None = None  # <area>_replicate_weights.safetensors (runs with uncertainty=bootstrap)
 
 
 def _positions(ids: np.ndarray, links: np.ndarray, what: str) -> np.ndarray:
@@ -201,8 +202,11 @@ def mapping_table(arrays: dict, original_ids: np.ndarray) -> pd.DataFrame:
     })
 
 
-def write_area(layout: BaseLayout, area, weights: np.ndarray, run_cds, out_dir: Path, period: int) -> PublishedFile:
-    """Write ``<out_dir>/<area>.h5`` and ``<area>_households.csv`` (both atomically)."""
+def write_area(layout: BaseLayout, area, weights: np.ndarray, run_cds, out_dir: Path, period: int,
+               replicates=None) -> PublishedFile:
+    """Write ``<out_dir>/<area>.h5`` and ``<area>_households.csv`` (both atomically); with
+    ``replicates`` ((tensors, metadata, run StackedLayout) of the run's replicate weights) also
+    ``<area>_replicate_weights.safetensors``: each replicate's weight of the file's households."""
     import time
 
     start = time.perf_counter()
@@ -211,7 +215,17 @@ def write_area(layout: BaseLayout, area, weights: np.ndarray, run_cds, out_dir: 
     path = write_h5(arrays, safe_child(out_dir, f"{area.name}.h5"), period)
     mapping_path = safe_child(out_dir, f"{area.name}_households.csv")
     outputs.write_csv(mapping_path, mapping_table(arrays, layout.arrays["household_id"][households]))
+    replicate_path = None
+    if replicates is not None:
+        from calibrate.uncertainty.store import area_replicates, write_area_replicates
+
+        tensors, meta, run_layout = replicates
+        unique, inverse = np.unique(cds, return_inverse=True)
+        columns = run_layout.column(np.array([run_layout.cd_index(c) for c in unique], np.int64)[inverse], households)
+        replicate_path = write_area_replicates(safe_child(out_dir, f"{area.name}_replicate_weights.safetensors"),
+                                               area_replicates(tensors, columns), meta, area.name)
     return PublishedFile(
         area=area.name, kind=area.kind, path=path, mapping_path=mapping_path, n_households=len(households),
         n_persons=len(arrays["person_id"]), total_weight=float(w.sum()), seconds=time.perf_counter() - start,
+        replicate_path=replicate_path,
     )

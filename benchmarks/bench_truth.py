@@ -1,0 +1,194 @@
+"""Replicate margins of error against a population with known truth (issue 19).
+
+    python benchmarks/bench_truth.py [--samples K] [--replicates R] [--households N] [--method rao_wu|poisson]
+                                     [--values cache.npz] [--json out.json]
+
+The population is every household of the public CPS extract the project ships
+(storage/sources/microdata, built as the ETL builds the datasets), simulated once by
+policyengine-us in its own state, so every state total of every variable below is known
+exactly (sum over the population of weight x value). K samples are drawn with the embedded
+dataset's design (:func:`calibrate.etl.cps_sample.stratified_sample`: the top 1 % by income
+kept whole, the rest sampled by state), each calibrated to the population's state targets
+(states as the areas; household and person counts, age bins, SNAP households, Medicaid
+persons) by the minimum-distance calibration of ``fit.classical`` from the design weights,
+and given R replicate weights (:func:`calibrate.uncertainty.replicates.run_replicates`,
+strata = states, certainty households alone). On untargeted state totals (incomes, taxes,
+benefits) it prints: bias and RMSE of the calibrated and of the design-weighted estimates
+against the truth, the median ratio of replicate SE to the SD across the K samples, and the
+coverage of the truth by the 90 % intervals, each with a 90 % interval (binomial for the
+coverage, bootstrap over states for the ratio). A benchmark, never a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+AGE_EDGES = (0, 18, 30, 45, 65, 200)
+UNTARGETED = ("employment_income", "self_employment_income", "adjusted_gross_income", "income_tax", "eitc", "snap",
+              "ssi", "social_security", "state_income_tax", "household_net_income")
+PERIOD = 2024
+
+
+def population_values(cache: Path | None):
+    """Per population household: state, weight, target columns, untargeted values (one simulation)."""
+    if cache is not None and cache.is_file():
+        data = np.load(cache, allow_pickle=False)
+        return {k: data[k] for k in data.files}
+    from calibrate.core import paths, pe
+    from calibrate.core.dataset import write_h5
+    from calibrate.etl.base_dataset import load_population
+    from calibrate.etl.cps_population import subset_arrays
+    from calibrate.etl.cps_sample import Selection
+
+    pop, _ = load_population(paths.SOURCES, 0)
+    n = len(pop.households.weight)
+    arrays = subset_arrays(pop, Selection(np.arange(n), pop.households.weight))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_h5(arrays, Path(tmp) / "population.h5", PERIOD)
+        sim = pe.microsimulation(path)
+        hh = lambda name: np.asarray(sim.calculate(name, PERIOD, map_to="household").values, np.float64)  # noqa: E731
+        person_hh = np.asarray(sim.calculate("household_id", PERIOD, map_to="person").values)
+        ids = np.asarray(sim.calculate("household_id", PERIOD).values)
+        pos = np.searchsorted(ids, person_hh)
+        age = np.asarray(sim.calculate("age", PERIOD).values)
+        medicaid = np.asarray(sim.calculate("medicaid_enrolled", PERIOD).values, float) \
+            if pe.variable("medicaid_enrolled") is not None else np.zeros(age.size)
+        cols = [np.ones(n), np.bincount(pos, minlength=n).astype(float)]
+        cols += [np.bincount(pos, weights=((age >= lo) & (age < hi)).astype(float), minlength=n)
+                 for lo, hi in zip(AGE_EDGES[:-1], AGE_EDGES[1:])]
+        cols += [(hh("snap") > 0).astype(float), np.bincount(pos, weights=medicaid, minlength=n)]
+        out = {"state": pop.households.state_fips.astype(np.int64), "weight": pop.households.weight.astype(float),
+               "income": pop.households.income.astype(float), "targeted": np.stack(cols, 1),
+               "untargeted": np.stack([hh(v) for v in UNTARGETED], 1)}
+    if cache is not None:
+        np.savez(cache, **out)
+    return out
+
+
+def state_matrix(values: np.ndarray, state: np.ndarray, states: np.ndarray) -> sp.csr_matrix:
+    """Rows (state, column of ``values``): each household contributes its values to its own state."""
+    n, k = values.shape
+    row_state = np.searchsorted(states, state)
+    rows = (row_state[:, None] * k + np.arange(k)[None, :]).ravel()
+    cols = np.repeat(np.arange(n), k)
+    return sp.csr_matrix((values.ravel(), (rows, cols)), shape=(len(states) * k, n))
+
+
+def interval_binomial(hits: int, n: int) -> tuple[float, float]:
+    """90 % Wilson interval of a proportion."""
+    z = 1.645
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def main(argv=None) -> int:
+    from calibrate.etl.cps_sample import Households, stratified_sample
+    from calibrate.fit.classical import calibrate_classical
+    from calibrate.fit.config import ClassicalConfig
+    from calibrate.uncertainty.config import UncertaintyConfig
+    from calibrate.uncertainty.replicates import run_replicates
+    from calibrate.uncertainty.variance import replicate_se
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--replicates", type=int, default=20)
+    ap.add_argument("--households", type=int, default=12000)
+    ap.add_argument("--method", default="rao_wu")
+    ap.add_argument("--values", type=Path, default=None, help="cache of the population simulation (.npz)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    pop = population_values(args.values)
+    print(f"population: {pop['weight'].size:,} households, simulated/loaded in {time.perf_counter() - t0:.0f}s",
+          flush=True)
+    states = np.unique(pop["state"])
+    truth_t = state_matrix(pop["targeted"], pop["state"], states) @ pop["weight"]
+    U = state_matrix(pop["untargeted"], pop["state"], states)
+    truth = U @ pop["weight"]
+    h = Households(state_fips=pop["state"], weight=pop["weight"], income=pop["income"])
+    cfg = ClassicalConfig(penalty=1e4)
+    K, R = args.samples, args.replicates
+    cal, raw, se = [], [], []
+    t_fit = t_rep = 0.0
+    for k in range(K):
+        sel = stratified_sample(h, args.households, seed=1000 + k)
+        idx, w0 = sel.household_idx, sel.weight
+        X = state_matrix(pop["targeted"][idx], pop["state"][idx], states)
+        lw = np.ones(X.shape[0])
+        t = time.perf_counter()
+        main_fit = calibrate_classical(X, truth_t, w0, lw, cfg)
+        t_fit += time.perf_counter() - t
+        certain = np.isclose(w0, pop["weight"][idx])  # the top stratum: taken with certainty
+        strata = np.where(certain, -1 - np.arange(idx.size), pop["state"][idx])
+        unc = UncertaintyConfig(enabled=True, replicates=R, method=args.method, seed=k)
+        reps = run_replicates(X, truth_t, lw, w0, main_fit.weights, np.arange(idx.size), strata, unc, cfg,
+                              dual=main_fit.dual)
+        t_rep += reps.seconds
+        Us = U[:, idx]
+        est = Us @ main_fit.weights
+        rep_est = np.asarray((Us[:, reps.columns] @ reps.weights.T.astype(float)).T)
+        cal.append(est)
+        raw.append(Us @ w0)
+        se.append(replicate_se(est, rep_est))
+        print(f"sample {k + 1}/{K}: fit {main_fit.iterations} Newton steps, replicates {reps.seconds:.1f}s",
+              flush=True)
+    cal, raw, se = np.array(cal), np.array(raw), np.array(se)  # (K, n_states * n_vars)
+    n_vars = len(UNTARGETED)
+    ok = np.abs(truth) > 0
+    rows = []
+    for j, name in enumerate(UNTARGETED):
+        m = ok & (np.arange(truth.size) % n_vars == j)
+        rel = lambda e, m=m: (e[:, m] - truth[m]) / np.abs(truth[m])  # noqa: E731
+        sd = cal[:, m].std(axis=0, ddof=1)
+        ratio = np.median(se[:, m], axis=0) / np.where(sd > 0, sd, np.nan)
+        hits = np.abs(cal[:, m] - truth[m]) <= 1.645 * se[:, m]
+        rows.append({"variable": name, "states": int(m.sum()),
+                     "bias_cal": float(np.median(np.abs(rel(cal).mean(0)))),
+                     "rmse_cal": float(np.median(np.sqrt((rel(cal) ** 2).mean(0)))),
+                     "rmse_design": float(np.median(np.sqrt((rel(raw) ** 2).mean(0)))),
+                     "se_over_sd": float(np.nanmedian(ratio)), "coverage": float(hits.mean()),
+                     "coverage_interval": interval_binomial(int(hits.sum()), hits.size)})
+    allm = np.repeat(ok[None, :], K, 0)
+    hits = (np.abs(cal - truth) <= 1.645 * se)[allm]
+    sd = cal.std(axis=0, ddof=1)
+    ratio = (np.median(se, axis=0) / np.where(sd > 0, sd, np.nan))[ok]
+    rng = np.random.default_rng(0)
+    boots = [np.nanmedian(rng.choice(ratio, ratio.size)) for _ in range(2000)]
+    overall = {"K": K, "R": R, "households": args.households, "method": args.method,
+               "coverage": float(hits.mean()), "coverage_interval": interval_binomial(int(hits.sum()), hits.size),
+               "se_over_sd_median": float(np.nanmedian(ratio)),
+               "se_over_sd_interval": (float(np.quantile(boots, 0.05)), float(np.quantile(boots, 0.95))),
+               "fit_seconds_per_sample": t_fit / K, "replicate_seconds_per_sample": t_rep / K}
+    print(f"\nK={K} samples, R={R} replicates ({args.method}), {args.households} households per sample, "
+          f"{len(states)} states; untargeted state totals (median over states of |rel|):")
+    print(f"{'variable':24s} {'bias':>7s} {'rmse':>7s} {'rmse(design)':>12s} {'SE/SD':>6s} {'cover':>6s}  90% interval")
+    for r in rows:
+        lo, hi = r["coverage_interval"]
+        print(f"{r['variable']:24s} {r['bias_cal']:7.2%} {r['rmse_cal']:7.2%} {r['rmse_design']:12.2%} "
+              f"{r['se_over_sd']:6.2f} {r['coverage']:6.1%}  [{lo:.1%}, {hi:.1%}]")
+    lo, hi = overall["coverage_interval"]
+    slo, shi = overall["se_over_sd_interval"]
+    print(f"all: coverage {overall['coverage']:.1%} [{lo:.1%}, {hi:.1%}] (goal 85-95 %); median SE/SD "
+          f"{overall['se_over_sd_median']:.2f} [{slo:.2f}, {shi:.2f}] (goal 0.8-1.25); fit "
+          f"{overall['fit_seconds_per_sample']:.2f}s, R replicates {overall['replicate_seconds_per_sample']:.2f}s "
+          "per sample")
+    if args.json:
+        args.json.write_text(json.dumps({"overall": overall, "variables": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

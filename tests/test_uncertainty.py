@@ -1,0 +1,249 @@
+"""Replicate weights (``uncertainty=bootstrap``): the variance formula against closed forms, the
+replicates' properties on a real calibration, targets.csv's margins of error recomputed from
+replicate_weights.safetensors, and bad settings failing early with one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from calibrate.core import paths
+from calibrate.fit.classical import calibrate_classical
+from calibrate.fit.config import ClassicalConfig
+from calibrate.uncertainty import UncertaintyConfig, replicate_se
+from calibrate.uncertainty.replicates import bootstrap_multipliers, run_replicates
+from calibrate.uncertainty.store import dense_replicates, read_replicates
+
+ARGS = ["dataset=fixture", "geo=tiny", "progress=false"]
+
+
+def _cli(*args: str, module: str = "calibrate") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=paths.REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200, check=False)
+
+
+def _one_error_line(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- the variance formula
+
+
+def test_rao_wu_se_of_a_mean_under_srs_is_s_over_sqrt_n():
+    """Rao-Wu with n - 1 draws: E*[(mean* - mean)^2] = s^2 / n exactly (s^2 with divisor n - 1)."""
+    rng = np.random.default_rng(1)
+    y = rng.lognormal(0.0, 1.0, 40)
+    n, R = y.size, 20000
+    strata = np.zeros(n, int)
+    reps = np.array([[bootstrap_multipliers(strata, "rao_wu", rng) @ y / n] for _ in range(R)])
+    se = replicate_se(np.array([y.mean()]), reps)[0]
+    closed = y.std(ddof=1) / np.sqrt(n)
+    assert se == pytest.approx(closed, rel=0.03)  # Monte Carlo error of the SE with R = 20000: ~0.5-1 %
+
+
+def test_poisson_se_of_a_total_is_root_sum_of_squares():
+    """Poisson(1) multipliers: Var*(sum m_i y_i) = sum y_i^2."""
+    rng = np.random.default_rng(2)
+    y = rng.normal(10.0, 3.0, 50)
+    R = 20000
+    reps = np.array([[bootstrap_multipliers(np.zeros(y.size), "poisson", rng) @ y] for _ in range(R)])
+    se = replicate_se(np.array([y.sum()]), reps)[0]
+    assert se == pytest.approx(np.sqrt(np.sum(y**2)), rel=0.03)
+
+
+def test_rao_wu_draws_n_minus_1_per_stratum_and_keeps_singletons():
+    strata = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    m = bootstrap_multipliers(strata, "rao_wu", np.random.default_rng(3))
+    for h, n in ((0, 4), (1, 3)):
+        counts = m[strata == h] * (n - 1) / n
+        assert np.allclose(counts, np.round(counts)) and round(counts.sum()) == n - 1
+        assert m[strata == h].sum() == pytest.approx(n)  # the stratum keeps its size
+    assert m[strata == 2][0] == 1.0
+
+
+def test_drawn_targets_have_the_published_margin_and_keep_targets_without_one():
+    from calibrate.uncertainty.replicates import draw_target_values
+
+    rng = np.random.default_rng(6)
+    values = np.array([1000.0, 2000.0, 500.0])
+    original = np.array([1000.0, 1000.0, 500.0])  # the second was scaled x2 by the reconcile stage
+    moe = np.array([164.5, 164.5, np.nan])
+    draws = np.array([draw_target_values(values, original, moe, np.array([0.9, 0.9, np.nan]), rng)
+                      for _ in range(20000)])
+    assert draws[:, 0].std() == pytest.approx(100.0, rel=0.03)  # SE = moe / 1.645
+    assert draws[:, 1].std() == pytest.approx(200.0, rel=0.03)  # scaled like the value
+    assert np.all(draws[:, 2] == 500.0)
+
+
+# --------------------------------------------------------------------------- replicates on a calibration
+
+
+def test_replicates_are_nonnegative_zero_where_not_drawn_and_meet_the_targets():
+    rng = np.random.default_rng(4)
+    n_hh, n_cds = 120, 2
+    states = np.repeat([0, 1], n_hh // 2)
+    n_cols = n_hh * n_cds
+    household = np.tile(np.arange(n_hh), n_cds)  # CD-major stacking of this toy problem
+    cd = np.repeat(np.arange(n_cds), n_hh)
+    x = rng.poisson(2.0, n_hh).astype(float) + 1.0
+    rows = []  # per CD: count of households, sum of x
+    for c in range(n_cds):
+        rows += [(cd == c).astype(float), np.where(cd == c, x[household], 0.0)]
+    X = sp.csr_matrix(np.array(rows))
+    start = np.where(rng.random(n_cols) < 0.6, 50.0, 0.0)  # carriers: 60 % of the columns
+    truth = X @ (start * rng.uniform(0.8, 1.2, n_cols))
+    lw = np.ones(X.shape[0])
+    cfg = ClassicalConfig(penalty=1e6)
+    main = calibrate_classical(X, truth, start, lw, cfg)
+    assert main.converged and main.dual is not None and main.dual.shape == (X.shape[0],)
+    config = UncertaintyConfig(enabled=True, replicates=6, method="rao_wu", seed=5)
+    reps = run_replicates(X, truth, lw, start, main.weights, household, states, config, cfg, dual=main.dual)
+    assert reps.weights.shape == (6, np.count_nonzero(main.weights)) and reps.weights.dtype == np.float32
+    assert np.all(reps.weights >= 0)
+    hh_of = household[reps.columns]
+    not_drawn = reps.multipliers[:, hh_of] == 0
+    assert not_drawn.any() and np.all(reps.weights[not_drawn] == 0)
+    assert np.all(reps.weights[~not_drawn] > 0)
+    est = reps.estimates(X)
+    np.testing.assert_allclose(est, np.broadcast_to(truth, est.shape), rtol=1e-3)
+    # the shared-Hessian iterations reach the optimum a cold Newton solve of the same replicate finds
+    for r in (0, 5):
+        cold = calibrate_classical(X[:, reps.columns], truth, start[reps.columns] * reps.multipliers[r][hh_of], lw, cfg)
+        np.testing.assert_allclose(reps.weights[r], cold.weights, rtol=1e-4, atol=1e-3)
+    assert reps.converged == 6
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One bootstrap run and one default (uncertainty=none) run on the fixture."""
+    base = tmp_path_factory.mktemp("uncertainty")
+    boot, plain = base / "boot", base / "plain"
+    out = _cli(*ARGS, "uncertainty=bootstrap", "uncertainty.replicates=4", f"hydra.run.dir={boot}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = _cli(*ARGS, f"hydra.run.dir={plain}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return SimpleNamespace(boot=boot, plain=plain)
+
+
+def _matrix():
+    """The fixture run's matrix (from the shared cache), built here independently of the run."""
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.app.config import CONF_DIR, executor_settings, to_config
+    from calibrate.app.run import keep_levels, prepare
+    from calibrate.matrix import build_matrix
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        settings = to_config(compose("config", overrides=ARGS))
+    inputs = prepare(settings)
+    matrix = build_matrix(inputs.dataset_path, inputs.cds, inputs.target_filter, period=settings.period,
+                          db_path=inputs.db_path, workers=1, cache_dir=inputs.cache_dir, progress=False,
+                          executor=executor_settings(settings.executor), arrays=inputs.dataset_arrays)
+    return keep_levels(matrix, inputs.levels)[0]
+
+
+def test_targets_moe_equals_recomputation_from_replicate_weights(runs):
+    tensors, meta = read_replicates(runs.boot / "replicate_weights.safetensors")
+    summary = json.loads((runs.boot / "summary.json").read_text())
+    assert meta["method"] == "rao_wu" and meta["replicates"] == "4" and tensors["weights"].dtype == np.float32
+    assert summary["uncertainty"]["replicates"] == 4 and summary["uncertainty"]["seconds"] > 0
+    weights = np.load(runs.boot / "weights.npy")
+    assert set(np.flatnonzero(weights)) == set(tensors["columns"].tolist())  # the main weights' pattern
+    dense = dense_replicates(tensors, weights.size)
+    assert np.all(dense >= 0)
+    X = _matrix().X.toarray()
+    table = pd.read_csv(runs.boot / "targets.csv")
+    est, rep = X @ weights, dense.astype(np.float64) @ X.T  # (m,), (R, m)
+    np.testing.assert_allclose(table.estimate, est, rtol=1e-6)
+    se = np.sqrt(((rep - est[None, :]) ** 2).sum(axis=0) / rep.shape[0])
+    np.testing.assert_allclose(table.se, se, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table.moe90, 1.645 * se, rtol=1e-5, atol=1e-6)
+    assert (table.se > 0).mean() > 0.5
+    # replicates stay near the targets (loosely here: geo=tiny has 60 carriers per CD and a replicate
+    # draws ~63 % of them; the toy problem above checks that feasible targets are met to 1e-3)
+    fitted = table.status.eq("fit").to_numpy() & (table.value.abs() > 1000).to_numpy()
+    value = table.value.to_numpy()[fitted]
+    rel = np.abs(rep[:, fitted] - value) / np.abs(value)
+    main_rel = np.abs(table.estimate.to_numpy()[fitted] - value) / np.abs(value)
+    assert np.median(rel) < 0.15 and np.median(rel) < 10 * max(np.median(main_rel), 1e-3)
+
+
+def test_uncertainty_none_leaves_the_run_unchanged(runs):
+    np.testing.assert_array_equal(np.load(runs.plain / "weights.npy"), np.load(runs.boot / "weights.npy"))
+    plain = pd.read_csv(runs.plain / "targets.csv")
+    boot = pd.read_csv(runs.boot / "targets.csv")
+    assert "se" not in plain.columns and "moe90" not in plain.columns
+    pd.testing.assert_frame_equal(plain, boot.drop(columns=["se", "moe90"]))
+    assert not (runs.plain / "replicate_weights.safetensors").exists()
+    assert json.loads((runs.plain / "summary.json").read_text())["uncertainty"] == {}
+
+
+def test_moe_cli_rejects_a_replicate_count_the_summary_does_not_match(runs, tmp_path, capsys):
+    import shutil
+
+    from calibrate.publish.moe import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs.boot, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["uncertainty"]["replicates"] = 7
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert main([str(copy), "variable=snap", "areas=state"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "4 replicates" in err[0] and "7" in err[0]
+    assert main([str(copy), "variable=snap", "areas=county"]) == 2
+    assert "areas='county'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize("override, key", [
+    ("uncertainty.replicates=0", "uncertainty.replicates=0"),
+    ("uncertainty.replicates=-3", "uncertainty.replicates=-3"),
+    ("uncertainty.method=jackknife", "uncertainty.method='jackknife'"),
+])
+def test_bad_settings_fail_early_with_one_error_line(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    out = _cli(*ARGS, "uncertainty=bootstrap", override, f"hydra.run.dir={run_dir}",
+               f"cache_dir={tmp_path / 'cache'}")
+    line = _one_error_line(out)
+    assert key in line, line
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.entry"))  # before the build
+
+
+def test_published_file_replicates_reproduce_the_runs_margin(runs, tmp_path):
+    """A published state file and its sidecar alone give the run's SE of that state's person count."""
+    from safetensors.numpy import load_file
+
+    from calibrate.core.dataset import read_h5
+    from calibrate.publish import publish_run
+
+    result = publish_run(runs.boot, areas=["state:VT"], verify="none", workers=1, out_dir=tmp_path / "out")
+    (published,) = result.files
+    assert published.replicate_path is not None and published.replicate_path.is_file()
+    reps = load_file(str(published.replicate_path))["weights"].astype(np.float64)  # (R, households of the file)
+    arrays = read_h5(published.path, 2024)
+    w = arrays["household_weight"]
+    persons = np.bincount(arrays["person_household_id"], minlength=w.size).astype(float)
+    assert reps.shape == (4, w.size) and np.all(reps >= 0)
+    table = pd.read_csv(runs.boot / "targets.csv").set_index("label")
+    row = table.loc["VT/person_count"]
+    assert w @ persons == pytest.approx(row.estimate, rel=1e-6)
+    se = np.sqrt(np.mean((reps @ persons - w @ persons) ** 2))
+    assert se == pytest.approx(row.se, rel=1e-4)
