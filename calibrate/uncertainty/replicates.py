@@ -111,7 +111,8 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
         start_r = start * m[hh]
         targets_r = values
         if config.draw_targets and target_draw is not None:
-            targets_r = draw_target_values(values, *target_draw, rng)
+            original, moe, confidence = target_draw
+            targets_r = draw_target_values(values, original, moe, confidence, rng)
         if not calibrate:
             weights[r] = start_r
             continue

@@ -24,7 +24,7 @@ def write_replicates(path: Path, replicates, n_columns: int) -> None:
 
     from calibrate.outputs import atomic_path
 
-    tensors = {"columns": np.ascontiguousarray(replicates.columns, np.int64),
+    tensors: dict[str, np.ndarray] = {"columns": np.ascontiguousarray(replicates.columns, np.int64),
                "weights": np.ascontiguousarray(replicates.weights, np.float32),
                "multipliers": np.ascontiguousarray(replicates.multipliers, np.float32)}
     meta = {"method": replicates.method, "replicates": str(replicates.n_replicates), "seed": str(replicates.seed),
