@@ -102,7 +102,8 @@ def _tiny_dual(distance, lower=0.2, upper=3.0):
     A, w0, t = _tiny_problem(3, n=40, m=4)
     scale = np.abs(t) + 1
     As = sp.csr_matrix(A / scale[:, None])
-    return cl._Dual(As, As.T.tocsr(), w0, t / scale, np.full(4, 1e-3), distance, lower, upper)
+    cinv = np.full(4, 1e-3)
+    return cl.Dual(As, As.T.tocsr(), w0, t / scale, cinv, distance, lower, upper, 1.0 / (w0.sum() * cinv))
 
 
 @pytest.mark.parametrize("distance", ["logit", "kl", "chi2"])

@@ -129,22 +129,29 @@ def conjugate(v: np.ndarray, distance: str, lower: float, upper: float) -> np.nd
 # --------------------------------------------------------------------------- solver
 
 
-class _Dual(NamedTuple):
+class Dual(NamedTuple):
     """The dual of the constrained rows: f(lambda), its gradient and Hessian."""
 
-    A: sp.csr_matrix  # constrained rows / (|t| + 1), carrier columns only
+    A: sp.csr_matrix  # constrained rows / (|t| + 1), the given columns only
     At: sp.csr_matrix
-    w0: np.ndarray  # carriers' start
+    w0: np.ndarray  # start of the given columns
     tau: np.ndarray  # t / (|t| + 1)
     cinv: np.ndarray  # 1 / (W0 * penalty * lw)
     distance: str
     lower: float
     upper: float
+    penalty_lw: np.ndarray  # penalty * lw of the constrained rows (cinv = 1 / (W0 * penalty_lw))
+
+    def with_start(self, start: np.ndarray) -> Dual:
+        """The same rows and targets from another start on the same columns (e.g. a replicate's)."""
+        start = np.asarray(start, dtype=np.float64)
+        return self._replace(w0=start, cinv=1.0 / (float(start.sum()) * self.penalty_lw))
 
     def value(self, lam: np.ndarray) -> tuple[float, np.ndarray]:
         v = self.At @ lam
         conj = conjugate(v, self.distance, self.lower, self.upper)
-        return float(self.w0 @ conj - lam @ self.tau + 0.5 * np.sum(self.cinv * lam**2)), v
+        # elementwise sums, not BLAS dots: threaded BLAS on these vectors is slow on a busy machine
+        return float(np.sum(self.w0 * conj) - np.sum(lam * self.tau) + 0.5 * np.sum(self.cinv * lam**2)), v
 
     def gradient(self, lam: np.ndarray, v: np.ndarray) -> np.ndarray:
         x = multipliers_from_dual(v, self.distance, self.lower, self.upper)
@@ -157,7 +164,26 @@ class _Dual(NamedTuple):
         return (H + sp.diags(ridge)).tocsc()
 
 
-def _newton_step(dual: _Dual, H: sp.csc_matrix, g: np.ndarray) -> np.ndarray:
+def constrained_dual(X: sp.csr_matrix, targets: np.ndarray, start: np.ndarray, loss_weights: np.ndarray,
+                     config: ClassicalConfig, columns: np.ndarray | None = None) -> Dual:
+    """The dual of the rows with ``loss_weights > 0`` (normalised here) over X's ``columns`` (all: None);
+    ``start`` is given on those columns."""
+    lw = np.asarray(loss_weights, dtype=np.float64)
+    lw = lw / lw.sum()
+    rows = np.flatnonzero(lw > 0)
+    targets = np.asarray(targets, dtype=np.float64)
+    scale = np.abs(targets[rows]) + 1.0
+    sub = sp.csr_matrix(X)[rows]
+    if columns is not None:
+        sub = sub[:, columns]
+    A = sp.csr_matrix(sp.diags(1.0 / scale) @ sub.astype(np.float64))
+    empty = np.zeros(0)
+    dual = Dual(A, A.T.tocsr(), empty, targets[rows] / scale, empty, config.distance, config.lower, config.upper,
+                config.penalty * lw[rows])
+    return dual.with_start(start)
+
+
+def _newton_step(dual: Dual, H: sp.csc_matrix, g: np.ndarray) -> np.ndarray:
     """-H^-1 g, or the diagonally scaled gradient step if the factorisation fails."""
     try:
         step = spla.spsolve(H, -g)
@@ -196,15 +222,11 @@ def calibrate_classical(
         raise ValueError("start weights must be finite, >= 0 and not all 0")
     if not (np.all(np.isfinite(lw)) and np.all(lw >= 0)) or lw.sum() <= 0:
         raise ValueError("loss_weights must be finite, >= 0 and not all 0")
-    lw = lw / lw.sum()
     total = float(start.sum())
     carriers = np.flatnonzero(start > 0)
     rows = np.flatnonzero(lw > 0)
     scale = np.abs(targets) + 1.0
-    sub = X[rows][:, carriers] if carriers.size < n else X[rows]
-    A = sp.csr_matrix(sp.diags(1.0 / scale[rows]) @ sub.astype(np.float64))
-    dual = _Dual(A, A.T.tocsr(), start[carriers], targets[rows] / scale[rows],
-                 1.0 / (total * config.penalty * lw[rows]), config.distance, config.lower, config.upper)
+    dual = constrained_dual(X, targets, start[carriers], lw, config, carriers if carriers.size < n else None)
     lam = np.zeros(rows.size)
     if initial_dual is not None:
         lam = np.asarray(initial_dual, dtype=np.float64).copy()
