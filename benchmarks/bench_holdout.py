@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LEVELS = ("district", "state", "national")
-GROUP_NAMES = {1: "geography", 2: "age", 3: "agi", 4: "snap", 5: "medicaid", 6: "eitc", 7: "national"}
+GROUP_NAMES = {1: "geography", 2: "age", 3: "agi", 4: "snap", 5: "medicaid", 6: "eitc", 7: "national", 8: "households",
+               9: "soi", 10: "households_snap"}
 METHOD_OVERRIDES = {"start": ["fit=start"], "classical": ["fit=classical"], "l0": ["fit=l0_legacy"], "l0new": ["fit=l0"],
                     "default": []}
 
@@ -89,8 +90,8 @@ def main() -> None:
     logging.getLogger("jax").setLevel(logging.WARNING)
 
     from calibrate import outputs
-    from calibrate.app.config import fit_config, reconcile_config
     from calibrate.app.calibration import calibration_stage
+    from calibrate.app.config import fit_config, reconcile_config
     from calibrate.app.run import keep_levels, prepare, reconcile_stage
     from calibrate.matrix import build_matrix
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ import scipy.sparse as sp
 
 from calibrate.fit import FitConfig, SparsityConfig, fit_l0
 from calibrate.reconcile import ReconcileConfig, ScaleRule, loss_weights, reconcile_targets
+from calibrate.reconcile.config import ReconcileError
 from calibrate.reconcile.consistency import cds_per_state, check_hierarchy, template_key
 from calibrate.reconcile.feasibility import min_l1_relative_errors
 from calibrate.reconcile.reconcile import EXCLUDED, FIT, plan_targets, scale_children, unhandled_inconsistencies
@@ -81,6 +83,28 @@ def test_scale_children_keeps_parent_totals_and_child_shares(two_states):
     # a state with a CD missing from the selection is not imposed on the CDs that are there
     values, reason, scaled = scale_children(two_states, two_states.value.to_numpy(), (SNAP_RULE,), {1: 3, 2: 1})
     assert values[1] == 30.0 and values[2] == 10.0 and "2 of its 3 children" in reason[1] and not scaled[1]
+
+
+def test_follow_rule_applies_the_followed_factor_per_state(two_states):
+    """SNAP composition rows (group 10, ``snap > 0``) take the factor their state's SNAP totals got."""
+    extra = _frame([(10, "household_count", "district", 101, 8.0, 10), (11, "household_count", "district", 102, 2.0, 10),
+                    (12, "household_count", "district", 201, 5.0, 10), (13, "household_count", "district", 101, 70.0, 10)])
+    extra["constraints"] = [(Constraint("snap", ">", "0"), Constraint("household_oldest_age", ">=", "60"))] * 3 + [
+        (Constraint("snap", "==", "0"),)]
+    t = pd.concat([two_states, extra], ignore_index=True)
+    follow = ScaleRule("composition", ("household_count",), (10,), "district", "state", "snap > 0", "snap")
+    config = ReconcileConfig(scale_children={"snap": SNAP_RULE, "composition": follow}).validate()
+    values, reason, scaled = scale_children(t, t.value.to_numpy(), config.rules, {1: 2, 2: 1})
+    # by hand: state 1's CD SNAP totals 30 + 10 are scaled to 100 (x2.5), state 2's 50 to 50 (x1)
+    np.testing.assert_allclose(values[9:], [8.0 * 2.5, 2.0 * 2.5, 5.0, 70.0])
+    assert scaled[9:].tolist() == [True, True, True, False] and "as rule snap scaled" in reason[9]
+    # a state whose totals were not imposed leaves its composition rows as they are, saying why
+    values, reason, scaled = scale_children(t, t.value.to_numpy(), config.rules, {1: 3, 2: 1})
+    assert values[9] == 8.0 and not scaled[9] and "scaled no parent of area 1" in reason[9] and scaled[11]
+    for bad in ({"composition": follow}, {"snap": SNAP_RULE, "composition": replace(follow, parent_level="national")},
+                {"snap": SNAP_RULE, "composition": replace(follow, constraint="snap>0")}):
+        with pytest.raises(ReconcileError, match="composition"):
+            ReconcileConfig(scale_children=bad).validate()
 
 
 def test_unhandled_inconsistencies(two_states):

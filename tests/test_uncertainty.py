@@ -210,6 +210,32 @@ def test_moe_cli_rejects_a_replicate_count_the_summary_does_not_match(runs, tmp_
     assert "areas='county'" in capsys.readouterr().err
 
 
+def test_moe_cli_gives_each_cds_estimate_and_replicate_se(runs, tmp_path):
+    """``python -m calibrate.moe`` on the run: per CD the weighted person count and its replicate SE,
+    against a hand computation from the dataset's persons per household and the weight files."""
+    from calibrate.core.dataset import read_h5
+
+    out_csv = tmp_path / "persons.csv"
+    out = _cli(str(runs.boot), "variable=person_count", "areas=cd", f"out={out_csv}", module="calibrate.moe")
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = pd.read_csv(out_csv)
+    arrays = read_h5(paths.FIXTURE_DATASET, 2024)
+    ids = arrays["household_id"]
+    persons = np.bincount(pd.Index(ids).get_indexer(arrays["person_household_id"]), minlength=ids.size).astype(float)
+    weights = np.load(runs.boot / "weights.npy").ravel()
+    tensors, _ = read_replicates(runs.boot / "replicate_weights.safetensors")
+    dense = dense_replicates(tensors, weights.size).astype(np.float64)
+    cds = json.loads((runs.boot / "summary.json").read_text())["cds"]
+    assert [str(c) for c in cds] == table.area.astype(str).tolist()
+    for k in range(len(cds)):  # CD k holds columns k * n_households ... (k + 1) * n_households - 1
+        block = slice(k * ids.size, (k + 1) * ids.size)
+        estimate = weights[block] @ persons
+        se = np.sqrt(np.mean((dense[:, block] @ persons - estimate) ** 2))
+        row = table.iloc[k]
+        assert row.estimate == pytest.approx(estimate, rel=1e-6) and row.se == pytest.approx(se, rel=1e-4)
+        assert row.moe90 == pytest.approx(1.645 * se, rel=1e-3) and se > 0
+
+
 # --------------------------------------------------------------------------- bad settings
 
 

@@ -32,6 +32,18 @@ class ScaleRule:
     stratum_group_ids: list[int] = field(default_factory=list)  # stratum groups (empty: any)
     child_level: str = "district"  # district | state
     parent_level: str = "state"  # state | national
+    constraint: str = ""  # only targets whose stratum holds this constraint, e.g. "snap > 0" (empty: any)
+    follow: str = ""  # another rule's name: apply its factor per parent area instead of a parent target
+
+    def constraint_key(self) -> tuple[str, str, str] | None:
+        """``constraint`` as (variable, operation, value); None when empty."""
+        if not self.constraint.strip():
+            return None
+        parts = self.constraint.split()
+        if len(parts) != 3:
+            raise ReconcileError(f"reconcile.scale_children.{self.name}.constraint={self.constraint!r}: "
+                                 "write it as '<variable> <operation> <value>', e.g. 'snap > 0'")
+        return parts[0], parts[1], parts[2]
 
     def matches(self, targets: pd.DataFrame) -> np.ndarray:
         ok = np.ones(len(targets), dtype=bool)
@@ -39,6 +51,10 @@ class ScaleRule:
             ok &= targets.variable.isin(list(self.variables)).to_numpy()
         if self.stratum_group_ids:
             ok &= targets.stratum_group_id.isin(list(self.stratum_group_ids)).to_numpy()
+        key = self.constraint_key()
+        if key is not None:
+            ok &= np.array([any((c.variable, c.operation, str(c.value)) == key for c in cons)
+                            for cons in targets.constraints], dtype=bool)
         return ok
 
 
@@ -99,6 +115,16 @@ class ReconcileConfig:
                            ("feasibility_tolerance", self.feasibility_tolerance)):
             if not value > 0:
                 raise ReconcileError(f"reconcile.{key} is out of range (must be > 0; max_weight_factor > 1)")
-        for rule in self.rules:
+        rules = {rule.name: rule for rule in self.rules}
+        for rule in rules.values():
             check_rule(rule)
+            rule.constraint_key()
+            if rule.follow:
+                followed = rules.get(rule.follow)
+                if followed is None or followed.follow:
+                    raise ReconcileError(f"reconcile.scale_children.{rule.name}.follow={rule.follow!r}: name another "
+                                         "rule of reconcile.scale_children that has no follow of its own")
+                if (followed.child_level, followed.parent_level) != (rule.child_level, rule.parent_level):
+                    raise ReconcileError(f"reconcile.scale_children.{rule.name}: child_level and parent_level must "
+                                         f"be those of the rule it follows ({rule.follow})")
         return self

@@ -64,9 +64,16 @@ def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[Scale
     reason = np.full(len(t), "", dtype=object)
     scaled = np.zeros(len(t), dtype=bool)
     level = t.geo_level.to_numpy()
-    for rule in sorted(rules, key=lambda r: {"national": 0, "state": 1, "district": 2}.get(r.parent_level, 3)):
+    factors: dict[str, dict[int, tuple[float, str]]] = {}  # rule -> parent area -> (factor, parent label)
+    order = {"national": 0, "state": 1, "district": 2}
+    for rule in sorted(rules, key=lambda r: (order.get(r.parent_level, 3), bool(r.follow))):
         check_rule(rule)
         selected = rule.matches(t)
+        if rule.follow:
+            _scale_like(t, values, reason, scaled, selected & (level == rule.child_level), rule,
+                        factors.get(rule.follow, {}))
+            continue
+        applied = factors.setdefault(rule.name, {})
         for template in sorted(set(t.template[selected])):
             same = selected & (t.template.to_numpy() == template)
             parents = np.flatnonzero(same & (level == rule.parent_level))
@@ -89,7 +96,24 @@ def scale_children(targets: pd.DataFrame, values: np.ndarray, rules: tuple[Scale
                 values[kids] *= factor
                 scaled[kids] = True
                 reason[kids] = f"scaled x{factor:.4f} to {t.label.iat[p]} (rule {rule.name})"
+                applied[0 if rule.parent_level == "national" else int(geo)] = (float(factor), str(t.label.iat[p]))
     return values, reason, scaled
+
+
+def _scale_like(t: pd.DataFrame, values: np.ndarray, reason: np.ndarray, scaled: np.ndarray, rows: np.ndarray,
+                rule: ScaleRule, followed: dict[int, tuple[float, str]]) -> None:
+    """Scale ``rows`` (a mask) by the factor ``rule.follow`` applied to their parent area, in place."""
+    rows = np.flatnonzero(rows)
+    parents = _parent_of(t, rows, rule.child_level) if rule.parent_level != "national" else np.zeros(rows.size, int)
+    for geo in np.unique(parents):
+        kids = rows[parents == geo]
+        if int(geo) not in followed:
+            reason[kids] = f"not scaled (rule {rule.name}): rule {rule.follow} scaled no parent of area {int(geo)}"
+            continue
+        factor, label = followed[int(geo)]
+        values[kids] *= factor
+        scaled[kids] = True
+        reason[kids] = f"scaled x{factor:.4f} as rule {rule.follow} scaled to {label} (rule {rule.name})"
 
 
 def _n_children(rule: ScaleRule, parent_geo: int, state_cds: dict[int, int]) -> int:
