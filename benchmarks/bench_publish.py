@@ -41,7 +41,7 @@ from calibrate.publish import publish_run  # noqa: E402
 from calibrate.targets import TargetFilter, all_cds  # noqa: E402
 from calibrate.targets.geography import STATE_FIPS, state_of_cd  # noqa: E402
 
-DEFAULT_GROUPS = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7))  # conf/config.yaml's default target groups
+DEFAULT_GROUPS = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7, 11))  # conf/config.yaml's default target groups
 PERIOD = 2024
 
 

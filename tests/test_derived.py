@@ -123,7 +123,7 @@ def test_reconcile_flags_s2201_rows_the_data_cannot_represent(fixture_dataset, t
     from calibrate.reconcile.config import ReconcileConfig
     from calibrate.targets import TargetFilter, all_cds, load_targets
 
-    groups = TargetFilter(stratum_group_ids=(8, 10))
+    groups = TargetFilter(stratum_group_ids=(8, 10, 11))
     selected = load_targets(target_db, groups, [5001], PERIOD)
     matrix = build_matrix(fixture_dataset, [5001], groups, PERIOD, target_db, workers=1, cache_dir=tmp_path,
                           progress=False)

@@ -106,7 +106,7 @@ def test_every_s2201_target_is_its_raw_cell_and_suppressed_cells_give_none(db):
             continue
         by_geo[state * 100 + (1 if district in ("00", "98") else int(district))] = r
     got = query(db, "SELECT t.notes, t.value, t.moe, c.value FROM targets t JOIN strata s USING (stratum_id) "
-                    "JOIN stratum_constraints c USING (stratum_id) WHERE s.stratum_group_id IN (8, 10) "
+                    "JOIN stratum_constraints c USING (stratum_id) WHERE s.stratum_group_id IN (8, 10, 11) "
                     "AND c.constraint_variable = 'congressional_district_geoid'")
     seen = set()
     for notes, value, moe, geoid in got:
@@ -218,7 +218,7 @@ def test_new_groups_compose_and_the_database_passes_validation(db):
         cfg = to_config(compose("config", overrides=["target=[geography,age,snap,medicaid,national,households,households_snap,soi]",
                                                      "reconcile.tolerance=moe"]))
         bad = to_config(compose("config", overrides=["reconcile.tolerance=sometimes"]))
-    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 8, 9, 10)
+    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 8, 9, 10, 11)
     assert cfg.reconcile.tolerance == "moe"
     reconcile_config(cfg.reconcile)
     with pytest.raises(CalibrateError, match="reconcile.tolerance='sometimes'"):

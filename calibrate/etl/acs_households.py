@@ -1,7 +1,10 @@
-"""ACS S2201 household composition by congressional district (stratum groups 8 and 10).
+"""ACS S2201 household composition by congressional district (stratum groups 8, 10 and 11).
 
-Group 8: all households (column C01); group 10: the same rows for households receiving and
-not receiving SNAP (C03, C05; ACS-reported receipt, which runs below USDA's caseload).
+Group 11: all households (column C01) by age composition alone (a member 60+ / none, children
+under 18 / none), which the embedded data measures exactly; group 8: the other all-household
+rows (family type, poverty, workers: derived approximations, docs/targets.md); group 10: the
+same rows for households receiving and not receiving SNAP (C03, C05; ACS-reported receipt,
+which runs below USDA's caseload).
 
 Row meanings are the Census Bureau's S2201 variable labels (api.census.gov
 ``/data/<year>/acs/acs1/subject/groups/S2201``; see storage/sources/PROVENANCE.md). Columns
@@ -90,6 +93,20 @@ S2201_ROWS: tuple[tuple[int, str, tuple[Constraint, ...], str | None], ...] = (
 NOT_STORED = {34: "median income (dollars): a median, not a sum over households"}
 
 
+AGE_VARIABLES = frozenset({"household_oldest_age", "household_youngest_age"})
+ALL_HOUSEHOLDS_GROUP, AGE_COMPOSITION_GROUP, SNAP_SPLIT_GROUP = 8, 11, 10
+
+
+def household_group(population: str, constraints: tuple[Constraint, ...]) -> int:
+    """Stratum group of an S2201 cell: SNAP / non-SNAP cross-tabs (10), all households by age
+    composition only (11), every other all-household row (8)."""
+    if population != "C01":
+        return SNAP_SPLIT_GROUP
+    if constraints and all(c.variable in AGE_VARIABLES for c in constraints):
+        return AGE_COMPOSITION_GROUP
+    return ALL_HOUSEHOLDS_GROUP
+
+
 def estimate_column(population: str, row: int) -> str:
     return f"S2201_{population}_{row:03d}E"
 
@@ -105,7 +122,7 @@ def unsupported_rows() -> dict[int, str]:
 
 
 def add_households(plan, s2201: dict, s2201_moe: dict, acs_year: int, sub_stratum) -> list[str]:
-    """Group 8 and 10 strata and targets for every CD; returns the suppressed cells (no target)."""
+    """Group 8, 10 and 11 strata and targets for every CD; returns the suppressed cells (no target)."""
     skipped = []
     for cd, row_values in sorted(s2201.items()):
         geo = ("cd", cd)
@@ -114,7 +131,7 @@ def add_households(plan, s2201: dict, s2201_moe: dict, acs_year: int, sub_stratu
         for pop, r, label, cons, why in cells:
             pop_label, pop_cons = POPULATIONS[pop]
             column = estimate_column(pop, r)
-            group = 8 if pop == "C01" else 10  # SNAP / non-SNAP cross-tabs: their own group (ACS-reported SNAP)
+            group = household_group(pop, cons)
             stratum = sub_stratum(plan, "s2201", geo, group, (list(POPULATIONS).index(pop), r), pop_cons + cons,
                                   f"ACS S2201 {pop_label}: {label}")
             value = row_values[column]

@@ -1,7 +1,8 @@
 """Turn the parsed sources into a deterministic plan of strata and targets (no database here).
 
 Stratum groups (``stratum_group_id``): 1 geography, 2 age, 3 AGI, 4 SNAP, 5 Medicaid, 6 EITC,
-7 national totals. A non-geographic stratum repeats its geographic constraint and has the
+7 national totals, 8 ACS households (composition), 9 SOI national, 10 ACS SNAP / non-SNAP
+households, 11 ACS households by age composition. A non-geographic stratum repeats its geographic constraint and has the
 geographic stratum as parent. Strata are listed in a fixed sort order, so ids are reproducible.
 """
 
@@ -18,7 +19,8 @@ from . import program_sources as programs
 from .target_sources import SOURCES, Constraint, Finding, SourceInfo, constraint_value
 
 GROUPS = {1: "geography", 2: "age", 3: "AGI", 4: "SNAP", 5: "Medicaid", 6: "EITC", 7: "national totals",
-          8: "ACS households", 9: "SOI national", 10: "ACS SNAP households"}
+          8: "ACS households", 9: "SOI national", 10: "ACS SNAP households",
+          11: "ACS households by age"}
 ACS_YEAR = 2024  # ACS 2024 1-year tables
 SNAP_FISCAL_YEAR = 2024
 MEDICAID_PERIOD = "202412"
