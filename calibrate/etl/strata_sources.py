@@ -2,8 +2,8 @@
 
 Stratum groups (``stratum_group_id``): 1 geography, 2 age, 3 AGI, 4 SNAP, 5 Medicaid, 6 EITC,
 7 national totals, 8 ACS households (composition), 9 SOI national, 10 ACS SNAP / non-SNAP
-households, 11 ACS households by age composition. A non-geographic stratum repeats its geographic constraint and has the
-geographic stratum as parent. Strata are listed in a fixed sort order, so ids are reproducible.
+households, 11 ACS households by age composition. A non-geographic stratum repeats its
+geographic constraint and has the geographic stratum as parent. Strata are listed in a fixed sort order, so ids are reproducible.
 """
 
 from __future__ import annotations
