@@ -1,8 +1,8 @@
 """Held-out error and weight quality of calibration methods on the whole country.
 
     python benchmarks/bench_holdout.py [--geo all] [--holdouts random:0,random:1,random:2,snap_district,
-        medicaid_state,age65] [--methods start,classical,l0,default] [--epochs 300] [--json out.json]
-        [override ...]
+        medicaid_state,age65] [--methods start,classical,l0,default] [--json out.json]
+        [--compare-groups 1,2,4,5,7] [--tables DIR] [override ...]
 
 Builds (or loads from the cache) the matrix of the default targets once; for each holdout
 (a random 20 % of every stratum with a seed, or a whole family: every district SNAP target,
@@ -63,13 +63,21 @@ def stats(err: np.ndarray) -> dict:
         if err.size else {"n": 0}
 
 
-def scores(table) -> dict:
-    """Per split, per level and per (family, level): error figures over the targets kept."""
+def scores(table, compare_groups: tuple[int, ...] = ()) -> dict:
+    """Per split, per level and per (family, level): error figures over the targets kept.
+
+    With ``compare_groups`` each level also gets ``<level>@groups``: the figures over those
+    stratum groups only (e.g. the targets of an older default, to compare target sets).
+    """
     kept = table[table.status != "excluded"]
     out: dict = {}
     for split in ("train", "holdout"):
         part = kept[kept.split == split]
         out[split] = {lvl: stats(part.abs_rel_error[part.geo_level == lvl].to_numpy()) for lvl in LEVELS}
+        if compare_groups:
+            sub = part[part.stratum_group_id.isin(compare_groups)]
+            out[split].update({f"{lvl}@groups": stats(sub.abs_rel_error[sub.geo_level == lvl].to_numpy())
+                               for lvl in LEVELS})
         for (g, lvl), sub in part.groupby(["stratum_group_id", "geo_level"]):
             out[split][f"{GROUP_NAMES.get(int(g), g)}/{lvl}"] = stats(sub.abs_rel_error.to_numpy())
     return out
@@ -85,6 +93,8 @@ def main() -> None:
     p.add_argument("--holdouts", default="random:0,random:1,random:2,snap_district,medicaid_state,age65")
     p.add_argument("--methods", default="start,classical,l0,default")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compare-groups", default="", help="stratum groups for the '<level>@groups' figures, e.g. 1,2,4,5,7")
+    p.add_argument("--tables", type=Path, default=None, help="folder for each run's per-target table (CSV)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every method, e.g. fit.epochs=300")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -125,7 +135,11 @@ def main() -> None:
             weights = outcome.weights
             table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights), split,
                                           reconciled.plan.frame())
-            sc = scores(table)
+            compare = tuple(int(g) for g in a.compare_groups.split(",") if g)
+            sc = scores(table, compare)
+            if a.tables:
+                a.tables.mkdir(parents=True, exist_ok=True)
+                table.to_csv(a.tables / f"{holdout.replace(':', '_')}_{name}.csv", index=False)
             q = outcome.quality_summary
             row = {"holdout": holdout, "method": name, "overrides": extra, "seconds": seconds,
                    "zero": float(np.mean(weights == 0)), "quality": q, "scores": sc}
@@ -139,6 +153,10 @@ def main() -> None:
             row = next(r for r in results if r["holdout"] == holdout and r["method"] == name)
             fams = {k: v for k, v in row["scores"]["holdout"].items() if "/" in k and v.get("n")}
             print(f"  {name:<12}" + "  ".join(f"{k} {fmt(v)}" for k, v in sorted(fams.items())))
+            groups = {k: v for k, v in row["scores"]["holdout"].items() if k.endswith("@groups") and v.get("n")}
+            if groups:
+                print(f"  {name:<12}held out, groups {a.compare_groups} only: "
+                      + "  ".join(f"{k.split('@')[0]} {fmt(v)}" for k, v in groups.items()))
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 

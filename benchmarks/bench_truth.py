@@ -39,37 +39,65 @@ UNTARGETED = ("employment_income", "self_employment_income", "adjusted_gross_inc
 PERIOD = 2024
 
 
-def population_values(cache: Path | None):
-    """Per population household: state, weight, target columns, untargeted values (one simulation)."""
-    if cache is not None and cache.is_file():
-        data = np.load(cache, allow_pickle=False)
-        return {k: data[k] for k in data.files}
-    from calibrate.core import paths, pe
+def _simulate_households(pop, idx: np.ndarray, tmp: Path) -> dict[str, np.ndarray]:
+    """Targeted columns and untargeted values of the households ``idx`` (one simulation)."""
+    from calibrate.core import pe
     from calibrate.core.dataset import write_h5
-    from calibrate.etl.base_dataset import load_population
     from calibrate.etl.cps_population import subset_arrays
     from calibrate.etl.cps_sample import Selection
 
+    path = write_h5(subset_arrays(pop, Selection(idx, pop.households.weight[idx])), tmp / "chunk.h5", PERIOD)
+    sim = pe.microsimulation(path)
+    hh = lambda name: np.asarray(sim.calculate(name, PERIOD, map_to="household").values, np.float64)  # noqa: E731
+    ids = np.asarray(sim.calculate("household_id", PERIOD).values)
+    if not np.array_equal(ids, idx + 1):
+        raise RuntimeError("the simulation reordered the households")
+    pos = np.searchsorted(ids, np.asarray(sim.calculate("household_id", PERIOD, map_to="person").values))
+    n = idx.size
+    age = np.asarray(sim.calculate("age", PERIOD).values)
+    medicaid = np.asarray(sim.calculate("medicaid_enrolled", PERIOD).values, float) \
+        if pe.variable("medicaid_enrolled") is not None else np.zeros(age.size)
+    cols = [np.ones(n), np.bincount(pos, minlength=n).astype(float)]
+    cols += [np.bincount(pos, weights=((age >= lo) & (age < hi)).astype(float), minlength=n)
+             for lo, hi in zip(AGE_EDGES[:-1], AGE_EDGES[1:])]
+    cols += [(hh("snap") > 0).astype(float), np.bincount(pos, weights=medicaid, minlength=n)]
+    return {"targeted": np.stack(cols, 1), "untargeted": np.stack([hh(v) for v in UNTARGETED], 1)}
+
+
+def population_values(cache: Path | None, chunk_households: int = 15000):
+    """Per population household: state, weight, target columns, untargeted values.
+
+    The population is simulated a few whole states at a time (each household in its own
+    state, as in one simulation of everyone), which keeps memory at one embedded-dataset's
+    simulation; one simulation of all households grew past 16 GB.
+    """
+    if cache is not None and cache.is_file():
+        data = np.load(cache, allow_pickle=False)
+        return {k: data[k] for k in data.files}
+    from calibrate.core import paths
+    from calibrate.etl.base_dataset import load_population
+
     pop, _ = load_population(paths.SOURCES, 0)
-    n = len(pop.households.weight)
-    arrays = subset_arrays(pop, Selection(np.arange(n), pop.households.weight))
+    state = pop.households.state_fips.astype(np.int64)
+    n = state.size
+    chunks: list[list[int]] = [[]]
+    sizes = np.bincount(state)
+    for s in np.unique(state):
+        if chunks[-1] and sum(sizes[chunks[-1]]) + sizes[s] > chunk_households:
+            chunks.append([])
+        chunks[-1].append(int(s))
+    targeted = np.zeros((n, 2 + len(AGE_EDGES) - 1 + 2))
+    untargeted = np.zeros((n, len(UNTARGETED)))
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_h5(arrays, Path(tmp) / "population.h5", PERIOD)
-        sim = pe.microsimulation(path)
-        hh = lambda name: np.asarray(sim.calculate(name, PERIOD, map_to="household").values, np.float64)  # noqa: E731
-        person_hh = np.asarray(sim.calculate("household_id", PERIOD, map_to="person").values)
-        ids = np.asarray(sim.calculate("household_id", PERIOD).values)
-        pos = np.searchsorted(ids, person_hh)
-        age = np.asarray(sim.calculate("age", PERIOD).values)
-        medicaid = np.asarray(sim.calculate("medicaid_enrolled", PERIOD).values, float) \
-            if pe.variable("medicaid_enrolled") is not None else np.zeros(age.size)
-        cols = [np.ones(n), np.bincount(pos, minlength=n).astype(float)]
-        cols += [np.bincount(pos, weights=((age >= lo) & (age < hi)).astype(float), minlength=n)
-                 for lo, hi in zip(AGE_EDGES[:-1], AGE_EDGES[1:])]
-        cols += [(hh("snap") > 0).astype(float), np.bincount(pos, weights=medicaid, minlength=n)]
-        out = {"state": pop.households.state_fips.astype(np.int64), "weight": pop.households.weight.astype(float),
-               "income": pop.households.income.astype(float), "targeted": np.stack(cols, 1),
-               "untargeted": np.stack([hh(v) for v in UNTARGETED], 1)}
+        for i, group in enumerate(chunks):
+            idx = np.flatnonzero(np.isin(state, group))
+            t = time.perf_counter()
+            part = _simulate_households(pop, idx, Path(tmp))
+            targeted[idx], untargeted[idx] = part["targeted"], part["untargeted"]
+            print(f"  simulated {idx.size:,} households of {len(group)} states ({i + 1}/{len(chunks)}) in "
+                  f"{time.perf_counter() - t:.0f}s", flush=True)
+    out = {"state": state, "weight": pop.households.weight.astype(float),
+           "income": pop.households.income.astype(float), "targeted": targeted, "untargeted": untargeted}
     if cache is not None:
         np.savez(cache, **out)
     return out

@@ -125,6 +125,60 @@ def test_replicates_are_nonnegative_zero_where_not_drawn_and_meet_the_targets():
     assert reps.converged == 6
 
 
+def _toy_problem(seed: int = 4):
+    """Two CDs of 120 households, count and sum rows per CD, carriers on 60 % of the columns."""
+    rng = np.random.default_rng(seed)
+    n_hh, n_cds = 120, 2
+    states = np.repeat([0, 1], n_hh // 2)
+    household = np.tile(np.arange(n_hh), n_cds)
+    cd = np.repeat(np.arange(n_cds), n_hh)
+    x = rng.poisson(2.0, n_hh).astype(float) + 1.0
+    rows = []
+    for c in range(n_cds):
+        rows += [(cd == c).astype(float), np.where(cd == c, x[household], 0.0)]
+    X = sp.csr_matrix(np.array(rows))
+    start = np.where(rng.random(n_hh * n_cds) < 0.6, 50.0, 0.0)
+    truth = X @ (start * rng.uniform(0.8, 1.2, n_hh * n_cds))
+    return X, truth, start, household, states
+
+
+def test_replicates_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tmp_path, monkeypatch, caplog):
+    from calibrate.uncertainty import chord
+
+    X, truth, start, household, states = _toy_problem()
+    lw, cfg = np.ones(X.shape[0]), ClassicalConfig(penalty=1e6)
+    main = calibrate_classical(X, truth, start, lw, cfg)
+    config = UncertaintyConfig(enabled=True, replicates=7, method="rao_wu", seed=3, checkpoint_every=2)
+    args = (X, truth, lw, start, main.weights, household, states, config, cfg)
+    whole = run_replicates(*args, dual=main.dual)  # no checkpoint
+    path = tmp_path / "replicate_checkpoint.safetensors"
+    solve, calls = chord.ChordSolver.solve, []
+
+    def dies_at_the_sixth(self, start_r):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return solve(self, start_r)
+
+    monkeypatch.setattr(chord.ChordSolver, "solve", dies_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        run_replicates(*args, dual=main.dual, checkpoint=path)
+    monkeypatch.setattr(chord.ChordSolver, "solve", solve)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as fh:
+        assert fh.metadata()["done"] == "4" and fh.get_tensor("weights").shape[0] == 4
+    resumed = run_replicates(*args, dual=main.dual, checkpoint=path)
+    assert resumed.resumed == 4
+    np.testing.assert_array_equal(resumed.weights, whole.weights)
+    np.testing.assert_array_equal(resumed.multipliers, whole.multipliers)
+    assert resumed.converged == whole.converged == 7 and resumed.newton_steps == whole.newton_steps
+    # a checkpoint of other main weights is not reused
+    with caplog.at_level("WARNING"):
+        other = run_replicates(X, truth, lw, start, main.weights * 1.01, household, states, config, cfg,
+                               dual=main.dual, checkpoint=path)
+    assert other.resumed == 0 and "other main weights" in caplog.text
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -243,6 +297,7 @@ def test_moe_cli_gives_each_cds_estimate_and_replicate_se(runs, tmp_path):
     ("uncertainty.replicates=0", "uncertainty.replicates=0"),
     ("uncertainty.replicates=-3", "uncertainty.replicates=-3"),
     ("uncertainty.method=jackknife", "uncertainty.method='jackknife'"),
+    ("uncertainty.checkpoint_every=-1", "uncertainty.checkpoint_every=-1"),
 ])
 def test_bad_settings_fail_early_with_one_error_line(tmp_path, override, key):
     run_dir = tmp_path / "run"
@@ -273,3 +328,41 @@ def test_published_file_replicates_reproduce_the_runs_margin(runs, tmp_path):
     assert w @ persons == pytest.approx(row.estimate, rel=1e-6)
     se = np.sqrt(np.mean((reps @ persons - w @ persons) ** 2))
     assert se == pytest.approx(row.se, rel=1e-4)
+
+
+def test_a_checkpoint_of_another_replicate_count_fails_early_with_one_error_line(runs, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs.boot, run_dir)
+    assert (run_dir / "replicate_checkpoint.safetensors").is_file()  # the finished run's, R = 4
+    out = _cli(*ARGS, "uncertainty=bootstrap", "uncertainty.replicates=6", f"hydra.run.dir={run_dir}",
+               f"cache_dir={tmp_path / 'cache'}")
+    line = _one_error_line(out)
+    assert "uncertainty.replicates=6" in line and "replicates=4" in line and "replicate checkpoint" in line, line
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.entry"))  # before the build
+
+
+def test_kill_during_replicates_resumes_to_the_uninterrupted_replicates(runs, tmp_path):
+    """SIGKILL after the first replicate checkpoint; the rerun resumes and ends with the same file."""
+    from safetensors import safe_open
+
+    boot = ["uncertainty=bootstrap", "uncertainty.replicates=60", "uncertainty.checkpoint_every=1"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert _cli(*ARGS, *boot, f"hydra.run.dir={clean}").returncode == 0
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "CALIBRATE_FAULT": "replicates"}
+    out = subprocess.run([sys.executable, "-m", "calibrate", *ARGS, *boot, f"hydra.run.dir={killed}"],
+                         cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert not (killed / "summary.json").exists() and not (killed / "replicate_weights.safetensors").exists()
+    with safe_open(str(killed / "replicate_checkpoint.safetensors"), framework="numpy") as fh:
+        done = int(fh.metadata()["done"])
+    assert 0 < done < 60
+    out = _cli(*ARGS, *boot, f"hydra.run.dir={killed}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"with {done} of 60 done" in out.stdout
+    a, _ = read_replicates(clean / "replicate_weights.safetensors")
+    b, _ = read_replicates(killed / "replicate_weights.safetensors")
+    for key in ("columns", "weights", "multipliers"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert json.loads((killed / "summary.json").read_text())["uncertainty"]["resumed"] == done

@@ -129,6 +129,12 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     uncertainty = uncertainty_config(settings.uncertainty)
     reset_run_dir(run_dir)
     resumed = checkpoint_start(run_dir, fit)
+    if uncertainty.enabled:
+        from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE, check_resume
+
+        if done := check_resume(run_dir, uncertainty):
+            print(f"replicates: resuming from {run_dir / CHECKPOINT_FILE} with {done} of "
+                  f"{uncertainty.replicates} done", flush=True)
 
     from calibrate.matrix import build_matrix
 

@@ -7,6 +7,7 @@ Unset (normal use) a point costs one environment lookup. Points:
 - ``matrix-build``: the first chunk of states has been simulated; nothing assembled or cached yet;
 - ``matrix-cache-write``: a cache entry is written under its temporary name, not yet renamed;
 - ``fit-chunk``: the fit has written its first checkpoint and is still running;
+- ``replicates``: the first replicate checkpoint is written and the replicates are still running;
 - ``outputs``: ``weights.npy`` is written, the other run files and ``summary.json`` are not;
 - ``publish``: the first area file is written, the others and ``publish.json`` are not.
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 FAULT_ENV = "CALIBRATE_FAULT"
-POINTS = ("matrix-build", "matrix-cache-write", "fit-chunk", "outputs", "publish")
+POINTS = ("matrix-build", "matrix-cache-write", "fit-chunk", "replicates", "outputs", "publish")
 
 
 def armed(point: str) -> bool:
@@ -49,8 +50,8 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 def kill_when_file_appears(point: str, path: Path, poll_seconds: float = 0.001) -> None:
     """If ``point`` is armed: SIGKILL this process as soon as ``path`` is (re)written (a daemon thread).
 
-    Used for the fit, whose loop lives in the numerical core (which knows nothing of this
-    facility): the fit's next checkpoint file marks the moment.
+    Used for loops that know nothing of this facility (the fit's, in the numerical core; the
+    replicates'): their next checkpoint file marks the moment.
     """
     if not armed(point):
         return

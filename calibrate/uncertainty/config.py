@@ -22,6 +22,7 @@ class UncertaintyConfig:
     method: str = "rao_wu"  # rao_wu (rescaling bootstrap, n_h - 1 draws per state) | poisson (Poisson(1) multipliers)
     seed: int = 0  # seed of the household draws (and of the target draws)
     draw_targets: bool = False  # also draw each replicate's targets from their published margins of error
+    checkpoint_every: int = 10  # write replicate_checkpoint.safetensors every this many replicates (0: never)
 
 
 def validate_uncertainty(cfg: UncertaintyConfig) -> UncertaintyConfig:
@@ -33,4 +34,7 @@ def validate_uncertainty(cfg: UncertaintyConfig) -> UncertaintyConfig:
                                      "replicates with uncertainty.enabled=true")
     if cfg.enabled and int(cfg.replicates) > 10000:
         raise UncertaintyConfigError(f"uncertainty.replicates={cfg.replicates!r} is more than 10000")
+    if isinstance(cfg.checkpoint_every, bool) or int(cfg.checkpoint_every) < 0:
+        raise UncertaintyConfigError(f"uncertainty.checkpoint_every={cfg.checkpoint_every!r} must be 0 (no checkpoint) "
+                                     "or a positive number of replicates")
     return cfg

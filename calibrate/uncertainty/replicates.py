@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -70,6 +71,7 @@ class ReplicateSet:
     seconds: float
     newton_steps: list[int]
     converged: int  # replicates whose solve converged
+    resumed: int = 0  # replicates read from a checkpoint instead of computed
 
     @property
     def n_replicates(self) -> int:
@@ -82,15 +84,19 @@ class ReplicateSet:
 
 
 def run_replicates(X, values, loss_weights, replicate_start, main_weights, household_of_column, strata, config,
-                   classical, dual=None, calibrate: bool = True, target_draw=None) -> ReplicateSet:
+                   classical, dual=None, calibrate: bool = True, target_draw=None,
+                   checkpoint: Path | None = None) -> ReplicateSet:
     """``config.replicates`` replicates (see module docstring).
 
     ``replicate_start``: the main fit's start on its carriers (the main weights for a fit
     without one); ``household_of_column``: the household index of each column;
     ``target_draw``: (original values, moe, confidence) for ``config.draw_targets``;
-    ``calibrate=False`` (``fit.method=start``) keeps ``start * m`` uncalibrated.
+    ``calibrate=False`` (``fit.method=start``) keeps ``start * m`` uncalibrated;
+    ``checkpoint``: resume from and write to this file every ``config.checkpoint_every``
+    replicates (:mod:`calibrate.uncertainty.checkpoint`).
     """
     from calibrate.fit.classical import calibrate_classical
+    from calibrate.uncertainty import checkpoint as ckpt
     from calibrate.uncertainty.chord import ChordSolver
 
     t0 = time.perf_counter()
@@ -99,13 +105,20 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     hh = np.asarray(household_of_column)[columns]
     values = np.asarray(values, dtype=np.float64)
     sub = X[:, columns]
-    rng = np.random.default_rng(config.seed)
     R = int(config.replicates)
-    weights = np.zeros((R, columns.size), np.float32)
-    multipliers = np.zeros((R, len(strata)), np.float32)
-    steps, converged = [], 0
-    solver = ChordSolver(sub, values, loss_weights, start, dual, classical) if calibrate else None
-    for r in range(R):
+    basis = ckpt.basis_hash(columns, start, values, np.asarray(main_weights, np.float64)[columns],
+                            np.asarray([calibrate]))
+    done = ckpt.load(checkpoint, config, basis) if checkpoint is not None else None
+    progress = ckpt.Progress(0, np.zeros((R, columns.size), np.float32), np.zeros((R, len(strata)), np.float32), [], 0)
+    if done is not None:
+        progress.weights[:done.done], progress.multipliers[:done.done] = done.weights, done.multipliers
+        progress.done, progress.steps, progress.converged = done.done, done.steps, done.converged
+        log.info("replicates: resuming from %s with %d of %d done", checkpoint, done.done, R)
+    resumed = progress.done
+    weights, multipliers, steps = progress.weights, progress.multipliers, progress.steps
+    solver = ChordSolver(sub, values, loss_weights, start, dual, classical) if calibrate and resumed < R else None
+    for r in range(resumed, R):
+        rng = np.random.default_rng([int(config.seed), r])  # replicate r's own stream: resumable
         m = bootstrap_multipliers(strata, config.method, rng)
         multipliers[r] = m
         start_r = start * m[hh]
@@ -115,16 +128,20 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
             targets_r = draw_target_values(values, original, moe, confidence, rng)
         if not calibrate:
             weights[r] = start_r
-            continue
-        if targets_r is values:  # the shared factorised Hessian (calibrate.uncertainty.chord)
-            w_r, iterations, ok = solver.solve(start_r)
+        elif targets_r is values:  # the shared factorised Hessian (calibrate.uncertainty.chord)
+            weights[r], iterations, ok = solver.solve(start_r)  # type: ignore[union-attr]
+            steps.append(int(iterations))
+            progress.converged += bool(ok)
         else:  # drawn targets rescale the dual's rows: a Newton solve of its own, warm-started
             solve = calibrate_classical(sub, targets_r, start_r, loss_weights, classical, initial_dual=dual)
-            w_r, iterations, ok = solve.weights, solve.iterations, solve.converged
-        weights[r] = w_r
-        steps.append(int(iterations))
-        converged += bool(ok)
+            weights[r] = solve.weights
+            steps.append(int(solve.iterations))
+            progress.converged += bool(solve.converged)
+        progress.done = r + 1
+        if checkpoint is not None and config.checkpoint_every > 0 and \
+                (progress.done % config.checkpoint_every == 0 or progress.done == R):
+            ckpt.save(checkpoint, config, basis, progress)
     seconds = time.perf_counter() - t0
     log.info("replicates: %d (%s) in %.1f s, Newton steps %s", R, config.method, seconds, steps)
     return ReplicateSet(columns.astype(np.int64), weights, multipliers, config.method, int(config.seed), seconds,
-                        steps, converged if calibrate else R)
+                        steps, progress.converged if calibrate else R, resumed)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from calibrate.core import faults
+from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE
 from calibrate.uncertainty.replicates import ReplicateSet, run_replicates
 from calibrate.uncertainty.store import REPLICATE_FILE, VARIANCE_RULE, write_replicates
 from calibrate.uncertainty.variance import moe90, replicate_se
@@ -29,9 +31,12 @@ def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path) -> 
     if config.draw_targets and draw is None:
         logging.getLogger(__name__).warning("uncertainty.draw_targets: the targets carry no margins of error; "
                                             "replicates use the targets as they are")
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE
+    faults.kill_when_file_appears("replicates", checkpoint)  # test facility
     reps = run_replicates(matrix.X, values, lw, start, outcome.weights,
                           layout.household_of(np.arange(layout.n_columns)), layout.household_states, config,
-                          fit.classical, dual=outcome.dual, calibrate=fit.method != "start", target_draw=draw)
+                          fit.classical, dual=outcome.dual, calibrate=fit.method != "start", target_draw=draw,
+                          checkpoint=checkpoint)
     write_replicates(Path(run_dir) / REPLICATE_FILE, reps, layout.n_columns)
     return reps
 
@@ -51,5 +56,6 @@ def summary_record(config, replicates: ReplicateSet) -> dict:
     steps = replicates.newton_steps
     return {"setting": config.name, "replicates": replicates.n_replicates, "method": replicates.method,
             "seed": replicates.seed, "draw_targets": bool(config.draw_targets), "seconds": replicates.seconds,
-            "converged": replicates.converged, "newton_steps_median": float(np.median(steps)) if steps else 0.0,
+            "converged": replicates.converged, "resumed": replicates.resumed,
+            "newton_steps_median": float(np.median(steps)) if steps else 0.0,
             "file": REPLICATE_FILE, "variance": VARIANCE_RULE}
