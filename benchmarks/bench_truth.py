@@ -4,11 +4,12 @@
                                      [--values cache.npz] [--json out.json]
 
 The population is every household of the public CPS extract the project ships
-(storage/sources/microdata, built as the ETL builds the datasets), simulated once by
-policyengine-us in its own state, so every state total of every variable below is known
-exactly (sum over the population of weight x value). K samples are drawn with the embedded
-dataset's design (:func:`calibrate.etl.cps_sample.stratified_sample`: the top 1 % by income
-kept whole, the rest sampled by state), each calibrated to the population's state targets
+(storage/sources/microdata, built as the ETL builds the datasets), simulated by
+policyengine-us a few whole states at a time, each household in its own state, so every
+state total of every variable below is known exactly (sum over the population of weight x
+value). K samples are drawn with the embedded dataset's design
+(:func:`calibrate.etl.cps_sample.stratified_sample`: the top 1 % by income kept whole, the
+rest sampled by state), each calibrated to the population's state targets
 (states as the areas; household and person counts, age bins, SNAP households, Medicaid
 persons) by the minimum-distance calibration of ``fit.classical`` from the design weights,
 and given R replicate weights (:func:`calibrate.uncertainty.replicates.run_replicates`,
