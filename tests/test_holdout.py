@@ -216,3 +216,23 @@ def test_family_holdouts_hold_out_exactly_the_family():
     assert held(HoldoutFamily(stratum_group_ids=(2,), age_from=65)) == [0, 0, 0, 1, 0, 1, 0]
     assert held(HoldoutFamily(stratum_group_ids=(4,), levels=("district",)),
                 HoldoutFamily(stratum_group_ids=(2,), age_from=65)) == [1, 0, 0, 1, 0, 1, 0]
+
+
+def test_every_holdout_config_composes_and_soi_holds_out_the_soi_family_only():
+    """Each conf/holdout/*.yaml gives a valid spec; holdout=soi holds out stratum group 9 and nothing else."""
+    from hydra import compose, initialize_config_dir
+
+    from calibrate.app.config import CONF_DIR, holdout_spec, to_config
+
+    names = sorted(p.stem for p in (CONF_DIR / "holdout").glob("*.yaml"))
+    assert {"none", "random", "soi", "snap_district"} <= set(names)
+    specs = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for name in names:
+            specs[name] = holdout_spec(to_config(compose("config", overrides=[f"holdout={name}"])).holdout,
+                                       ["district", "state", "national"])
+    rows = [dict(target_id=i + 1, stratum_group_id=g, geo_level=lvl, variable="tax_unit_count", constraints=())
+            for i, (g, lvl) in enumerate([(9, "national"), (9, "national"), (7, "national"), (1, "state"),
+                                          (2, "district")])]
+    split = split_targets(pd.DataFrame(rows), specs["soi"])
+    assert (split == HOLDOUT).tolist() == [True, True, False, False, False]
