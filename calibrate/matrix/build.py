@@ -63,6 +63,7 @@ class CalibrationMatrix:
     entries_simulated: int = 0  # (state, template) entries computed by this build
     entries_cached: int = 0  # (state, template) entries read from the cache
     simulations: int = 0  # policyengine-us simulations run
+    cache_dir: Path | None = None  # the cache it was built with (the fit keeps its layout of X there too)
 
     # Read-only views of the layout (its one owner).
     cds = property(lambda self: self.layout.cds)
@@ -265,4 +266,5 @@ def build_matrix(
         entries_simulated=simulated.entries,
         entries_cached=n_cached,
         simulations=simulated.simulations,
+        cache_dir=None if cache_dir is None else Path(cache_dir),
     )
