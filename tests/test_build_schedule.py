@@ -151,3 +151,17 @@ def test_a_killed_worker_of_a_planned_build_fails_it_and_stops_the_others(tmp_pa
     jobs = plan_jobs({11: [0], 50: [0]}, TEMPLATES, KEYS, tmp_path / "x.h5", PERIOD, 2, 2, True, N_HH)
     assert sorted(j.states for j in jobs) == [(11,), (50,)]  # two workers: one state each
     assert_a_killed_worker_stops_the_others(jobs, tmp_path, monkeypatch)
+
+
+def test_measured_state_costs_are_recorded_merged_and_normalised(tmp_path, caplog):
+    from calibrate.matrix.schedule import COSTS_FILE, read_state_weights, record_state_costs
+
+    assert read_state_weights(tmp_path) is None and read_state_weights(None) is None
+    record_state_costs(tmp_path, {1: 2.0, 2: 6.0})
+    record_state_costs(tmp_path, {2: 4.0, 3: 0.0})  # a later build measured 2 again and 3 (unusable: 0)
+    assert read_state_weights(tmp_path) == pytest.approx({1: 2 / 3, 2: 4 / 3})
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / COSTS_FILE).write_text("{not json")
+    with caplog.at_level("WARNING", logger="calibrate.matrix.schedule"):
+        assert read_state_weights(tmp_path) is None
+    assert "unusable" in caplog.text

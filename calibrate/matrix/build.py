@@ -33,7 +33,7 @@ from calibrate.matrix.cache import CacheContext, ContributionCache, Entry, polic
 from calibrate.matrix.contributions import check_variables
 from calibrate.matrix.executors import ExecutorError, ExecutorSettings, default_workers, open_executor
 from calibrate.matrix.layout import StackedLayout
-from calibrate.matrix.schedule import plan_chunks
+from calibrate.matrix.schedule import job_cost, plan_chunks, read_state_weights, record_state_costs
 from calibrate.matrix.simulate import SimulationJob, state_contributions  # noqa: F401  (public re-export)
 from calibrate.targets import TargetFilter, TargetSelectionError, all_cds, load_targets
 
@@ -156,10 +156,12 @@ class _Simulated:
     simulations: int = 0
     wall: dict = field(default_factory=dict)
     cpu: dict = field(default_factory=dict)
+    per_cost: dict = field(default_factory=dict)  # state -> CPU-s per unit of its job's estimated cost
 
 
 def _simulate_missing(jobs: list[SimulationJob], executor, cache: ContributionCache,
-                      entries: dict[tuple[int, int], Entry], key_index: dict[str, int], progress: bool) -> _Simulated:
+                      entries: dict[tuple[int, int], Entry], key_index: dict[str, int], progress: bool,
+                      n_households: int = 1) -> _Simulated:
     """Run ``jobs``; write each result's entries to the cache and ``entries`` as it arrives."""
     from tqdm.auto import tqdm
 
@@ -176,6 +178,8 @@ def _simulate_missing(jobs: list[SimulationJob], executor, cache: ContributionCa
                     entries[(state, key_index[key])] = entry
                 done.wall[state] = result.wall_seconds / len(result.states)
                 done.cpu[state] = result.cpu_seconds / len(result.states)
+                estimate = job_cost(result.states, float(n_households) * len(result.template_keys), result.simulations == 1)
+                done.per_cost[state] = result.cpu_seconds / max(estimate, 1e-12)
             done.entries += len(result.states) * len(result.template_keys)
             done.simulations += result.simulations
             bar.update(len(result.states))
@@ -241,8 +245,10 @@ def build_matrix(
             states_per_chunk = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_hh) if stack else 1
         with open_executor(executor, workers, period) as runner:
             jobs = plan_jobs(missing, templates, keys, dataset_path, period, runner.slots, states_per_chunk, stack,
-                             n_hh)
-            simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress)
+                             n_hh, read_state_weights(cache_dir))
+            simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress,
+                                          n_hh)
+        record_state_costs(cache_dir, simulated.per_cost)
 
     X, kept = assemble(targets, layout, entries, row_template)
     del entries

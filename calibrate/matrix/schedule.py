@@ -6,13 +6,21 @@ copies and the templates computed, and every simulation pays a fixed start-up. T
 start jobs in list order on the first free worker, so a longest-first list is LPT scheduling:
 no worker is left idle while a long job runs alone at the end. The number of jobs per group
 of states (one state per job .. ``states_per_chunk`` per job) is the one whose LPT makespan on
-the workers is smallest (ties: fewer CPU-seconds, i.e. fewer simulations).
+the workers is smallest (ties: fewer CPU-seconds, i.e. fewer simulations). States' weights (1
+each by default) come from the CPU-seconds earlier builds measured (``state_costs.json`` in the
+cache folder, normalised to mean 1).
 """
 
 from __future__ import annotations
 
 import heapq
+import json
+import logging
+import math
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 # Per-simulation start-up in units of one state's work, from the default file (3 states, 1
 # process): stacked in one simulation 73 s, one simulation per state 100 s -> a + 3b = 73,
@@ -76,3 +84,41 @@ def plan_chunks(groups: Sequence[tuple[Sequence[int], float]], workers: int, sta
             if span < best[0] * (1 - 1e-9) or (span <= best[0] * (1 + 1e-9) and total < best[1] * (1 - 1e-9)):
                 choice, best = trial, (span, total)
     return [(g, chunk) for _, g, chunk in plan(choice)]
+
+
+COSTS_FILE = "state_costs.json"  # in the cache folder: measured CPU-s per unit of estimated cost, per state
+log = logging.getLogger(__name__)
+
+
+def read_state_weights(cache_dir: Path | None) -> dict[int, float] | None:
+    """Relative per-state costs measured by earlier builds (mean 1), or None when none are recorded."""
+    path = None if cache_dir is None else Path(cache_dir) / COSTS_FILE
+    if path is None or not path.is_file():
+        return None
+    try:
+        measured = {int(s): float(v) for s, v in json.loads(path.read_text()).items()}
+    except (ValueError, TypeError, AttributeError, OSError) as exc:
+        log.warning("build cost record %s is unusable (%s); planning without it", path, exc)
+        return None
+    measured = {s: v for s, v in measured.items() if math.isfinite(v) and v > 0}
+    if not measured:
+        return None
+    mean = sum(measured.values()) / len(measured)
+    return {s: v / mean for s, v in measured.items()}
+
+
+def record_state_costs(cache_dir: Path | None, measured: dict[int, float]) -> None:
+    """Merge ``measured`` (state -> CPU-s per unit of :func:`job_cost`) into the cache's record, atomically."""
+    if cache_dir is None or not measured:
+        return
+    path = Path(cache_dir) / COSTS_FILE
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        record = {**(old if isinstance(old, dict) else {}), **{str(s): float(v) for s, v in measured.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(dict(sorted(record.items(), key=lambda kv: int(kv[0]))), fh)
+        os.replace(tmp, path)
+    except (ValueError, OSError) as exc:
+        log.warning("build cost record %s not updated (%s)", path, exc)
