@@ -64,6 +64,7 @@ def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
 
 
 COMPILATION_FOLDER = "jax"  # in the cache folder: JAX's persistent compilation cache
+MIN_CACHED_COMPILE_SECONDS = 0.2  # the fit's programs are cached, not the many tiny eager ops of other stages
 RUNTIME_FLAGS = {"JAX_DEFAULT_MATMUL_PRECISION": "jax_default_matmul_precision", "JAX_ENABLE_X64": "jax_enable_x64"}
 log = logging.getLogger(__name__)
 
@@ -113,5 +114,5 @@ def setup_device(gpu: GpuConf, cache_dir: Path | None = None) -> DeviceInfo:
     jax.config.update("jax_default_device", devices[0])  # also undoes an earlier run's CPU choice
     if cache_dir is not None:
         jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / COMPILATION_FOLDER))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
     return DeviceInfo(gpu.name, gpu.platform.value, platform, str(devices[0].device_kind), fallback)
