@@ -4,6 +4,10 @@
     python benchmarks/bench_fit.py --matrix X.npz --targets y.npy [--groups g.npy] [--init w.npy]
     python benchmarks/bench_fit.py --gpu-report [--bandwidth-gbs 3350]
 
+Every mode prints the epoch time as a multiple of the memory-bandwidth bound: the bytes an
+epoch must move (``bytes_per_epoch``) over the streaming bandwidth measured in the same run
+(``stream_bandwidth``, or ``--bandwidth-gbs``).
+
 Same hyperparameters, initial weights and epochs for both fits, and the same objective:
 l0-python sums group-normalised squared errors, so it is given group multipliers 1/G
 (one group of all targets when not balancing), which makes its data term this fit's
@@ -97,16 +101,50 @@ def run_l0python(X, targets, groups, init, cfg: FitConfig, loss_weights):
     return per_epoch, obj, data_loss(X, targets, loss_weights, weights), setup
 
 
+PRODUCTS_PER_EPOCH = 2  # the forward X w and the backward X^T g of one training step
+
+
 def bytes_per_epoch(X: sp.csr_matrix) -> tuple[int, str]:
     """Lower bound of bytes one epoch must move, and its formula."""
     n, nnz = X.shape[1], X.nnz
     n_active = int(np.count_nonzero(np.diff(X.tocsc().indptr)))
-    total = 48 * n + 20 * n_active + 32 * nnz
-    return total, ("48 B/column (read+write log_w, log_alpha, Adam m, v) + 20 B/active column "
-                   "(noise id, w, grad w) + 32 B/nonzero (two passes over rows/cols/vals + gathers)")
+    total = 8 * nnz * PRODUCTS_PER_EPOCH + 48 * n + 20 * n_active
+    return total, (f"8 B/nonzero (4 value + 4 index) x {PRODUCTS_PER_EPOCH} products + 48 B/column (read+write "
+                   "log_w, log_alpha, Adam m, v) + 20 B/active column (noise id, w, grad w)")
 
 
-def gpu_report(X, targets, groups, init, cfg: FitConfig, bandwidth_gbs: float) -> None:
+def stream_bandwidth(n_bytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Streaming read bandwidth (bytes/s) of the default JAX device: the best of ``repeats`` sums of
+    one float32 array of ``n_bytes`` (measured in this run, under this run's load)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones(n_bytes // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(a))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(total(a))
+        best = min(best, time.perf_counter() - t0)
+    del a
+    return n_bytes / best
+
+
+def print_bound(X: sp.csr_matrix, seconds_per_epoch: float, bandwidth: float | None = None) -> None:
+    """The epoch's bytes, the bandwidth (measured now unless given) and the epoch time as a multiple of the bound."""
+    nbytes, formula = bytes_per_epoch(X)
+    measured = bandwidth is None
+    bandwidth = stream_bandwidth() if bandwidth is None else bandwidth
+    bound = nbytes / bandwidth
+    print(f"bytes per epoch               {nbytes / 1e6:.1f} MB  [{formula}]")
+    print(f"memory bandwidth              {bandwidth / 1e9:.1f} GB/s "
+          f"({'measured in this run: best sum of a 1 GiB float32 array' if measured else 'given'})")
+    print(f"bandwidth bound/epoch         {bound * 1e3:.3f} ms")
+    print(f"epoch time / bound            {seconds_per_epoch / bound:.2f}x")
+
+
+def gpu_report(X, targets, groups, init, cfg: FitConfig, bandwidth_gbs: float | None) -> None:
     """Seconds/epoch, total for cfg.epochs incl. compilation, and the memory-bandwidth ratio.
 
     JAX's backend start-up (CUDA context) is timed apart: a pipeline pays it once per
@@ -120,8 +158,6 @@ def gpu_report(X, targets, groups, init, cfg: FitConfig, bandwidth_gbs: float) -
     cold = fit_l0(X, targets, init, cfg, groups, progress=False)
     warm = fit_l0(X, targets, init, cfg, groups, progress=False)
     assert np.array_equal(cold.weights, warm.weights), "same seed must give identical weights"
-    nbytes, formula = bytes_per_epoch(X)
-    bound = nbytes / (bandwidth_gbs * 1e9)
     print(f"device                        {cold.device}")
     print(f"backend start-up seconds      {backend:.2f} (once per process, not in the fit)")
     print(f"epochs                        {cold.epochs}")
@@ -130,9 +166,8 @@ def gpu_report(X, targets, groups, init, cfg: FitConfig, bandwidth_gbs: float) -
     print(f"total seconds incl. compile   {cold.total_seconds:.2f} (warm run, cached programs: {warm.total_seconds:.2f})")
     print(f"  of which training epochs    {cold.seconds_per_epoch * cold.epochs:.2f}")
     print(f"final loss / sparsity         {cold.final_loss:.6g} / {cold.sparsity:.4f}")
-    print(f"bytes per epoch               {nbytes / 1e6:.1f} MB  [{formula}]")
-    print(f"bandwidth bound/epoch         {bound * 1e6:.1f} us at {bandwidth_gbs:.0f} GB/s")
-    print(f"epoch time / bound            {cold.seconds_per_epoch / bound:.1f}x")
+    print(f"setup seconds (before epoch 1) {cold.setup_seconds:.2f} (warm run {warm.setup_seconds:.2f})")
+    print_bound(X, warm.seconds_per_epoch, None if bandwidth_gbs is None else bandwidth_gbs * 1e9)
 
 
 def main(argv=None) -> None:
@@ -147,7 +182,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-l0python", action="store_true", help="skip the l0-python baseline")
     ap.add_argument("--gpu-report", action="store_true", help="2,000-epoch timing and bandwidth ratio")
     ap.add_argument("--gpu-epochs", type=int, default=2000, help="epochs for --gpu-report")
-    ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth (H100 SXM: 3350)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None,
+                    help="memory bandwidth in GB/s (default: measured in this run)")
     args = ap.parse_args(argv)
     if args.matrix and not args.targets:
         ap.error("--matrix needs --targets")
@@ -171,6 +207,7 @@ def main(argv=None) -> None:
         print(f"  setup (sparse conversion) {base[3]:.1f} s")
         print(f"speed-up per epoch: {base[0] / ours[0]:.1f}x; objective ratio ours/l0: {ours[1] / base[1]:.3f}; "
               f"data-loss ratio ours/l0: {ours[2] / base[2]:.3f}")
+    print_bound(X, res.seconds_per_epoch, None if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9)
 
 
 if __name__ == "__main__":

@@ -192,13 +192,18 @@ def main() -> None:
 
         scaling_states = parse_states(a.scaling_states) if a.scaling_states else states
         scaling_cds = [c for c in all_cds(paths.TARGET_DB) if state_of_cd(c) in scaling_states]
-        times = {}
+        times, floors = {}, {}
         for k in [int(w) for w in a.scaling.split(",") if w.strip()]:
             if k == a.workers and scaling_states == states:
-                times[k] = cold
+                times[k], floors[k] = cold, cpu / a.workers
                 continue
-            _, times[k], _ = timed_build(f"cold build, {k} workers, {len(scaling_states)} states", rows, cds=scaling_cds,
-                                         target_filter=flt, workers=k, cache_dir=tmp / f"scale-{k}", **common)
+            mk, times[k], _ = timed_build(f"cold build, {k} workers, {len(scaling_states)} states", rows,
+                                          cds=scaling_cds, target_filter=flt, workers=k, cache_dir=tmp / f"scale-{k}",
+                                          **common)
+            floors[k] = sum(mk.state_cpu_seconds.values()) / k
+        if times:
+            rows.append(("build wall / (simulation CPU-s / workers)",
+                         ", ".join(f"{k} workers: {times[k] / floors[k]:.3f}" for k in sorted(times))))
         if len(times) > 1:
             base = min(times)
             rows.append(("worker scaling (speed-up vs fewest workers)",

@@ -290,17 +290,23 @@ def _die_or_wait(job):
 
 def test_a_killed_worker_fails_the_build_and_stops_the_others(fixture_dataset, tmp_path, monkeypatch):
     """An out-of-memory kill is a SIGKILL: the build stops with an error, the other worker is killed too."""
-    from calibrate.matrix import executors
     from calibrate.matrix.simulate import SimulationJob
 
-    monkeypatch.setattr(executors, "run_job", _die_or_wait)
     dataset = tmp_path / "fixture.h5"
     shutil.copy(fixture_dataset, dataset)
-    jobs = [SimulationJob(str(dataset), (state,), None, (), PERIOD, True) for state in (50, 11)]
+    assert_a_killed_worker_stops_the_others([SimulationJob(str(dataset), (s,), None, (), PERIOD, True) for s in (50, 11)],
+                                            tmp_path, monkeypatch)
+
+
+def assert_a_killed_worker_stops_the_others(jobs, folder, monkeypatch):
+    """Run ``jobs`` (state 11 among them, datasets in ``folder``) on 2 forked workers, 11's killed."""
+    from calibrate.matrix import executors
+
+    monkeypatch.setattr(executors, "run_job", _die_or_wait)
     with pytest.raises(executors.ExecutorError, match="worker died"):
         for _ in executors.LocalExecutor(2).run(jobs):
             pass
-    pid = int((tmp_path / "waiting.pid").read_text())
+    pid = int((folder / "waiting.pid").read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     time.sleep(1)
-    assert not (tmp_path / "waiting.finished").exists()
+    assert not (folder / "waiting.finished").exists()

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from calibrate.app.config import GpuConf
 from calibrate.core.errors import CalibrateError
@@ -62,6 +63,8 @@ def choose_platform(gpu: GpuConf, available: list[str]) -> tuple[str, bool]:
     )
 
 
+COMPILATION_FOLDER = "jax"  # in the cache folder: JAX's persistent compilation cache
+MIN_CACHED_COMPILE_SECONDS = 0.2  # the fit's programs are cached, not the many tiny eager ops of other stages
 RUNTIME_FLAGS = {"JAX_DEFAULT_MATMUL_PRECISION": "jax_default_matmul_precision", "JAX_ENABLE_X64": "jax_enable_x64"}
 log = logging.getLogger(__name__)
 
@@ -92,9 +95,11 @@ def _apply_to_imported_jax(gpu: GpuConf, env: dict[str, str | None]) -> None:
                     "(they take effect in a fresh process)", gpu.name, ", ".join(skipped))
 
 
-def setup_device(gpu: GpuConf) -> DeviceInfo:
+def setup_device(gpu: GpuConf, cache_dir: Path | None = None) -> DeviceInfo:
     """Apply the profile (environment, or JAX's config when JAX is already imported) and check
-    the device; the chosen device becomes JAX's default, so the fit's arrays live there."""
+    the device; the chosen device becomes JAX's default, so the fit's arrays live there.
+    ``cache_dir``: JAX's persistent compilation cache goes to its ``jax`` folder (compiled
+    programs are reused by later runs of the same shapes)."""
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "backend 'tpu'" chatter
     env = device_env(gpu)
     if "jax" not in sys.modules:
@@ -107,4 +112,7 @@ def setup_device(gpu: GpuConf) -> DeviceInfo:
     platform, fallback = choose_platform(gpu, available)
     devices = jax.devices("cpu") if platform == "cpu" else [d for d in jax.devices() if d.platform != "cpu"]
     jax.config.update("jax_default_device", devices[0])  # also undoes an earlier run's CPU choice
+    if cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / COMPILATION_FOLDER))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
     return DeviceInfo(gpu.name, gpu.platform.value, platform, str(devices[0].device_kind), fallback)

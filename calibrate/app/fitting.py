@@ -19,12 +19,23 @@ from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
 from calibrate.core.linalg import float64_matvec
 
+LAYOUT_FOLDER = "fit-layout"  # in the matrix cache folder: the L0 fit's layouts of X (calibrate.fit.layout_cache)
+
 
 def rescale_factor(X, init: np.ndarray, values: np.ndarray, in_loss: np.ndarray) -> float:
     """exp(median(log(target / estimate))) over loss targets with both positive; 1 if none."""
     estimate = float64_matvec(X, init)  # not X @ init: scipy would copy a float32 X whole to float64
     ok = in_loss & (estimate > 0) & (values > 0)
     return float(np.exp(np.median(np.log(values[ok] / estimate[ok])))) if ok.any() else 1.0
+
+
+def layout_cache_path(matrix) -> Path | None:
+    """Where the fit keeps its layout of ``matrix.X``: the matrix's cache folder, named by its key and shape."""
+    cache_dir, key = getattr(matrix, "cache_dir", None), getattr(matrix, "cache_key", "")
+    if cache_dir is None or not key:
+        return None
+    X = matrix.X
+    return Path(cache_dir) / LAYOUT_FOLDER / f"{key}-{X.shape[0]}x{X.shape[1]}-{X.nnz}.safetensors"
 
 
 def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, loss_weights: np.ndarray,
@@ -51,7 +62,8 @@ def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, los
     column_groups = layout.column_groups()
     try:
         result = fit_l0(matrix.X, values, init, l0, checkpoint_path=checkpoint, progress=progress,
-                        loss_weights=loss_weights, tolerances=tolerances, column_groups=column_groups)
+                        loss_weights=loss_weights, tolerances=tolerances, column_groups=column_groups,
+                        layout_cache=layout_cache_path(matrix))
     except FitDivergedError as exc:
         raise CalibrateError(f"fit diverged: {exc} ({divergence_advice(l0, matrix.X, values, init)})") from None
     except CheckpointMismatchError as exc:

@@ -121,7 +121,7 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     overrides = list(overrides) if overrides is not None else hydra_overrides
 
     inputs = prepare(settings)
-    device = setup_device(settings.gpu)
+    device = setup_device(settings.gpu, inputs.cache_dir)
     fit = fit_config(settings.fit)
     check_penalty_scale(fit, inputs.n_columns)
     reconcile = reconcile_config(settings.reconcile)

@@ -83,6 +83,8 @@ class RunSummary:
     heaviest_households: list = field(default_factory=list)  # [{household_id, state_fips, exhaustion, active_in_cds}]
     quality_warnings: list = field(default_factory=list)  # broken quality gates (conf/quality/)
     classical: dict = field(default_factory=dict)  # minimum-distance solve: iterations, converged, distance, seconds
+    fit_setup_seconds: float = 0.0  # the L0 fit before its first epoch (checks, layout, transfer, compile)
+    fit_layout_cached: bool = False  # the L0 fit's layout of X came from the cache folder
 
 
 def fitted_mask(table):
@@ -152,6 +154,8 @@ def make_summary(settings: CalibrateConfig, inputs, device: DeviceInfo, matrix, 
         matrix_cache_key=str(matrix.cache_key),
         fit_seconds=float(result.total_seconds),
         compile_seconds=float(result.compile_seconds),
+        fit_setup_seconds=float(result.setup_seconds),
+        fit_layout_cached=bool(result.layout_cached),
         seconds_per_epoch=float(result.seconds_per_epoch),
         epochs=int(result.epochs),
         final_loss=float(result.final_loss),

@@ -30,6 +30,7 @@ from calibrate.fit.checkpoint import (
     to_checkpoint,
 )
 from calibrate.fit.config import FitConfig, validate_config
+from calibrate.fit.layout_cache import cached_layout
 from calibrate.fit.loop import (
     DeviceProblem,
     Hyper,
@@ -41,7 +42,6 @@ from calibrate.fit.loop import (
 )
 from calibrate.fit.model import (
     GateShape,
-    build_layout,
     device_ops,
     join_vector,
     relative_loss,
@@ -97,6 +97,8 @@ class FitResult:
     config: FitConfig
     lambdas: np.ndarray  # final L0 weight of each column group
     sparsity_target_share: float | None = None  # open share asked of each column group (None: fixed lambda_l0)
+    setup_seconds: float = 0.0  # everything before the first epoch: checks, layout, transfer, compile, first evaluation
+    layout_cached: bool = False  # the layout of X came from ``layout_cache``
 
 
 def _per_target(values, m: int, name: str, default: float) -> np.ndarray:
@@ -208,6 +210,7 @@ def fit_l0(
     loss_weights: np.ndarray | None = None,
     tolerances: np.ndarray | None = None,
     column_groups: np.ndarray | None = None,
+    layout_cache: Path | None = None,
 ) -> FitResult:
     """Fit sparse non-negative weights w with X @ w ~ targets (see module docstring).
 
@@ -217,7 +220,8 @@ def fit_l0(
     reported, not fitted), else from ``groups`` / ``config.balance_groups``.
     ``column_groups`` (one id per column, e.g. the CD of each stacked column) are the
     groups whose open share ``config.sparsity`` controls (default: one group; ``active_per_cd`` is
-    taken per group of columns).
+    taken per group of columns). ``layout_cache``: a file keeping X's device layout between fits
+    (:mod:`calibrate.fit.layout_cache`).
     """
     config = config if config is not None else FitConfig()
     t_start = time.perf_counter()
@@ -243,7 +247,7 @@ def fit_l0(
         if checkpoint.epoch > cfg.epochs:
             raise ValueError(f"checkpoint {checkpoint_path} is at epoch {checkpoint.epoch}, beyond epochs={cfg.epochs}")
 
-    layout, host_ops = build_layout(X)
+    layout, host_ops, layout_cached = cached_layout(X, layout_cache)
     group_arrays = build_group_index(layout, column_groups, cfg.seed)
     problem = DeviceProblem(
         ops=device_ops(host_ops),
@@ -277,6 +281,7 @@ def fit_l0(
         ev, _, lambdas = evaluation()
         history.append(_history_row(0, ev, in_loss, lambdas))
     start_epoch, train_seconds = epoch, 0.0
+    setup_seconds = time.perf_counter() - t_start
     with tqdm(total=cfg.epochs, initial=epoch, disable=not progress, unit="epoch", desc="L0 fit") as bar:
         while epoch < cfg.epochs:
             stop = _next_stop(epoch, cfg)
@@ -314,4 +319,6 @@ def fit_l0(
         config=cfg,
         lambdas=np.asarray(lambdas, np.float64),
         sparsity_target_share=share,
+        setup_seconds=setup_seconds,
+        layout_cached=layout_cached,
     )

@@ -152,12 +152,24 @@ def _pressed(params: SplitParams, pressure: jax.Array, groups: GroupIndex, lr: f
                        GateParams(params.inactive.log_weight, apply_pressure(params.inactive.log_alpha, inactive, lr)))
 
 
+def _active_adam_step(opt, grads: SplitParams, opt_state, params: SplitParams):
+    """Adam on the active part only, for a zero inactive gradient: the inactive moments stay
+    (zero) and its update would be exactly 0, so skipping it is bitwise the full step."""
+    is_split = lambda x: isinstance(x, SplitParams)  # noqa: E731
+    active_state = jax.tree_util.tree_map(lambda x: x.active if is_split(x) else x, opt_state, is_leaf=is_split)
+    updates, active_state = opt.update(grads.active, active_state, params.active)
+    merged = jax.tree_util.tree_map(lambda old, new: old._replace(active=new) if is_split(old) else new,
+                                    opt_state, active_state, is_leaf=is_split)
+    return SplitParams(optax.apply_updates(params.active, updates), params.inactive), merged
+
+
 @lru_cache(maxsize=8)
 def make_chunk_runner(hyper: Hyper):
     """Cached jit(run(state, start, stop, key, problem) -> state) running epochs [start, stop)."""
     opt = optimizer(hyper)
     schedule = hyper.schedule
     controlled = schedule.target_share > 0
+    unpenalised = controlled and hyper.lambda_l2 == 0  # every penalty weight is 0: the inactive part gets no gradient
 
     def run(state: TrainState, start, stop, key, problem: DeviceProblem) -> TrainState:
         def loss_of_params(params, u, lambdas, polish):
@@ -166,15 +178,18 @@ def make_chunk_runner(hyper: Hyper):
                               hard_concrete_sample(alpha, u, hyper.shape))
             return split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights, hyper.shape,
                                    column_lambdas(_loss_lambdas(lambdas, controlled), problem.groups),
-                                   hyper.lambda_l2, problem.tolerances)
+                                   hyper.lambda_l2, problem.tolerances, penalised=not unpenalised)
 
         def epoch_step(epoch, st: TrainState) -> TrainState:
             polish = epoch >= schedule.polish_start
             u = epoch_uniforms(key, epoch, problem.noise_ids)
             (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
                 st.params, u, st.lambdas, polish)
-            updates, opt_state = opt.update(grads, st.opt_state, st.params)
-            params = optax.apply_updates(st.params, updates)
+            if unpenalised:
+                params, opt_state = _active_adam_step(opt, grads, st.opt_state, st.params)
+            else:
+                updates, opt_state = opt.update(grads, st.opt_state, st.params)
+                params = optax.apply_updates(st.params, updates)
             lambdas = st.lambdas
             if controlled:
                 params = _pressed(params, st.lambdas, problem.groups, hyper.lr)

@@ -336,11 +336,17 @@ def split_objective(
     lambda_l0,
     lambda_l2: float,
     tolerances: jax.Array | None = None,
+    penalised: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """(objective, estimates) for given active-column gates (stochastic or deterministic)."""
+    """(objective, estimates) for given active-column gates (stochastic or deterministic).
+
+    ``penalised=False`` (static): the data term only, for callers whose penalty weights are all
+    zero (under sparsity control without L2): same value and gradient, no pass over all columns."""
     w = jnp.exp(params.active.log_weight) * gates
     estimates = sparse_matvec(targets.shape[0], ops, w)
     data = jnp.sum(loss_weights * excess_errors(relative_errors(estimates, targets), tolerances) ** 2)
+    if not penalised:
+        return data, estimates
     return data + penalties(params, shape, lambda_l0, lambda_l2), estimates
 
 

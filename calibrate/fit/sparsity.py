@@ -80,9 +80,10 @@ def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: in
     """
     if column_groups is None:
         column_groups = np.zeros(layout.n_columns, dtype=np.int64)
-    codes = np.unique(np.asarray(column_groups), return_inverse=True)[1].astype(np.int32)
+    codes = _group_codes(np.asarray(column_groups))
     joined = np.concatenate([codes[layout.active_ids], codes[layout.inactive_ids]])
-    order = np.argsort(joined, kind="stable")
+    # a stable sort of 16-bit keys is a radix sort (same order as on int32, a fraction of the time)
+    order = np.argsort(joined.astype(np.int16) if codes.max(initial=0) < 2**15 else joined, kind="stable")
     counts = np.bincount(joined)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     members = np.full((counts.size, int(counts.max())), joined.size, dtype=np.int32)
@@ -94,6 +95,16 @@ def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: in
         "sizes": counts.astype(np.float32), "speed_active": speed[layout.active_ids],
         "speed_inactive": speed[layout.inactive_ids],
     }
+
+
+def _group_codes(groups: np.ndarray) -> np.ndarray:
+    """``np.unique(groups, return_inverse=True)[1]`` as int32; integer ids of a small range in one pass."""
+    if groups.dtype.kind in "iu" and groups.size and int(groups.max()) - int(groups.min()) <= 4 * groups.size:
+        offset = groups.astype(np.int64) - int(groups.min())
+        present = np.zeros(int(offset.max()) + 1, dtype=bool)
+        present[offset] = True
+        return (np.cumsum(present) - 1).astype(np.int32)[offset]
+    return np.unique(groups, return_inverse=True)[1].astype(np.int32)
 
 
 def scheduled_share(epoch: jax.Array, schedule: SparsitySchedule) -> jax.Array:

@@ -33,6 +33,7 @@ from calibrate.matrix.cache import CacheContext, ContributionCache, Entry, polic
 from calibrate.matrix.contributions import check_variables
 from calibrate.matrix.executors import ExecutorError, ExecutorSettings, default_workers, open_executor
 from calibrate.matrix.layout import StackedLayout
+from calibrate.matrix.schedule import job_cost, plan_chunks, read_state_weights, record_state_costs
 from calibrate.matrix.simulate import SimulationJob, state_contributions  # noqa: F401  (public re-export)
 from calibrate.targets import TargetFilter, TargetSelectionError, all_cds, load_targets
 
@@ -62,6 +63,7 @@ class CalibrationMatrix:
     entries_simulated: int = 0  # (state, template) entries computed by this build
     entries_cached: int = 0  # (state, template) entries read from the cache
     simulations: int = 0  # policyengine-us simulations run
+    cache_dir: Path | None = None  # the cache it was built with (the fit keeps its layout of X there too)
 
     # Read-only views of the layout (its one owner).
     cds = property(lambda self: self.layout.cds)
@@ -127,23 +129,22 @@ def cache_key(dataset_path: Path, targets: pd.DataFrame, cds: list[int], period:
     return _matrix_key(file_sha256(dataset_path), targets, cds, period)
 
 
-def _chunks(states: list[int], workers: int, states_per_chunk: int) -> list[list[int]]:
-    size = max(1, min(states_per_chunk, -(-len(states) // max(workers, 1))))
-    return [states[i : i + size] for i in range(0, len(states), size)]
-
-
 def plan_jobs(missing: dict[int, list[int]], templates: pd.DataFrame, template_keys: list[str], dataset_path: Path,
-              period: int, slots: int, states_per_chunk: int, stack: bool) -> list[SimulationJob]:
-    """Jobs computing exactly the missing entries: states missing the same templates share jobs."""
+              period: int, slots: int, states_per_chunk: int, stack: bool, n_households: int = 1,
+              state_weights: dict[int, float] | None = None) -> list[SimulationJob]:
+    """Jobs computing exactly the missing entries, longest-first (:mod:`calibrate.matrix.schedule`):
+    states missing the same templates share jobs, chunked for the smallest makespan on ``slots``.
+    ``state_weights``: relative cost of a state's simulation (default 1 each)."""
     by_set = defaultdict(list)
     for state, needed in sorted(missing.items()):
         by_set[tuple(sorted(needed))].append(state)
+    sets = sorted(by_set)
+    groups = [(by_set[ids], float(n_households) * len(ids)) for ids in sets]
     jobs = []
-    for template_ids, states in sorted(by_set.items()):
-        subset = templates.iloc[list(template_ids)].reset_index(drop=True)
-        keys = tuple(template_keys[t] for t in template_ids)
-        for chunk in _chunks(states, slots, states_per_chunk):
-            jobs.append(SimulationJob(str(dataset_path), tuple(chunk), subset, keys, period, stack))
+    for g, chunk in plan_chunks(groups, slots, states_per_chunk, stack, state_weights):
+        subset = templates.iloc[list(sets[g])].reset_index(drop=True)
+        keys = tuple(template_keys[t] for t in sets[g])
+        jobs.append(SimulationJob(str(dataset_path), tuple(chunk), subset, keys, period, stack))
     return jobs
 
 
@@ -155,10 +156,12 @@ class _Simulated:
     simulations: int = 0
     wall: dict = field(default_factory=dict)
     cpu: dict = field(default_factory=dict)
+    per_cost: dict = field(default_factory=dict)  # state -> CPU-s per unit of its job's estimated cost
 
 
 def _simulate_missing(jobs: list[SimulationJob], executor, cache: ContributionCache,
-                      entries: dict[tuple[int, int], Entry], key_index: dict[str, int], progress: bool) -> _Simulated:
+                      entries: dict[tuple[int, int], Entry], key_index: dict[str, int], progress: bool,
+                      n_households: int = 1) -> _Simulated:
     """Run ``jobs``; write each result's entries to the cache and ``entries`` as it arrives."""
     from tqdm.auto import tqdm
 
@@ -175,6 +178,8 @@ def _simulate_missing(jobs: list[SimulationJob], executor, cache: ContributionCa
                     entries[(state, key_index[key])] = entry
                 done.wall[state] = result.wall_seconds / len(result.states)
                 done.cpu[state] = result.cpu_seconds / len(result.states)
+                estimate = job_cost(result.states, float(n_households) * len(result.template_keys), result.simulations == 1)
+                done.per_cost[state] = result.cpu_seconds / max(estimate, 1e-12)
             done.entries += len(result.states) * len(result.template_keys)
             done.simulations += result.simulations
             bar.update(len(result.states))
@@ -239,8 +244,11 @@ def build_matrix(
         if states_per_chunk is None:
             states_per_chunk = max(1, MAX_HOUSEHOLDS_PER_SIMULATION // n_hh) if stack else 1
         with open_executor(executor, workers, period) as runner:
-            jobs = plan_jobs(missing, templates, keys, dataset_path, period, runner.slots, states_per_chunk, stack)
-            simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress)
+            jobs = plan_jobs(missing, templates, keys, dataset_path, period, runner.slots, states_per_chunk, stack,
+                             n_hh, read_state_weights(cache_dir))
+            simulated = _simulate_missing(jobs, runner, cache, entries, {k: i for i, k in enumerate(keys)}, progress,
+                                          n_hh)
+        record_state_costs(cache_dir, simulated.per_cost)
 
     X, kept = assemble(targets, layout, entries, row_template)
     del entries
@@ -264,4 +272,5 @@ def build_matrix(
         entries_simulated=simulated.entries,
         entries_cached=n_cached,
         simulations=simulated.simulations,
+        cache_dir=None if cache_dir is None else Path(cache_dir),
     )
