@@ -43,11 +43,11 @@ def basis_hash(*arrays: np.ndarray) -> str:
 
 @dataclass
 class Progress:
-    """Replicates already done (the first ``done`` rows) and their Newton/chord step counts."""
+    """Replicates done so far (the first ``done`` rows) and their Newton/chord step counts."""
 
     done: int
-    weights: np.ndarray  # float32, (done, n_columns_kept)
-    multipliers: np.ndarray  # float32, (done, n_households)
+    weights: np.ndarray  # float32, (R, n_columns_kept)
+    multipliers: np.ndarray  # float32, (R, n_households)
     steps: list[int]
     converged: int
 
@@ -63,6 +63,12 @@ def _metadata(path: Path) -> dict[str, str]:
                              "delete it to compute the replicates afresh") from None
 
 
+def _mismatch(meta: dict[str, str], config) -> str | None:
+    """The first setting key on which the checkpoint's metadata differs from ``config``."""
+    want = setting(config)
+    return next((key for key in SETTING_KEYS if meta.get(key) != want[key]), None)
+
+
 def check_resume(run_dir: Path, config) -> int:
     """Replicates a rerun in ``run_dir`` resumes from (0: none), refusing a checkpoint of another
     setting with one ``error:`` line (before any expensive work)."""
@@ -70,30 +76,36 @@ def check_resume(run_dir: Path, config) -> int:
     if not config.enabled or config.checkpoint_every <= 0 or not path.is_file():
         return 0
     meta = _metadata(path)
-    want = setting(config)
-    for key in SETTING_KEYS:
-        if meta.get(key) != want[key]:
-            raise CalibrateError(f"uncertainty.{key}={want[key]} does not match the replicate checkpoint {path} "
-                                 f"({key}={meta.get(key)}, {meta.get('done', '?')} replicates done); rerun with "
-                                 f"uncertainty.{key}={meta.get(key)}, delete the checkpoint, or give another "
-                                 "hydra.run.dir")
+    key = _mismatch(meta, config)
+    if key is not None:
+        raise CalibrateError(f"uncertainty.{key}={setting(config)[key]} does not match the replicate checkpoint "
+                             f"{path} ({key}={meta.get(key)}, {meta.get('done', '?')} replicates done); rerun with "
+                             f"uncertainty.{key}={meta.get(key)}, delete the checkpoint, or give another "
+                             "hydra.run.dir")
     return int(meta.get("done", 0))
 
 
-def load(path: Path, config, basis: str) -> Progress | None:
-    """The checkpoint's replicates if it is for ``config`` and ``basis``; None if absent or stale."""
+def resume(path: Path | None, config, basis: str, n_columns: int, n_households: int) -> Progress:
+    """Room for ``config.replicates`` replicates, holding the checkpoint's if it is for ``config``
+    and ``basis`` (none if absent or stale: a stale one is recomputed, with a warning)."""
     from safetensors import safe_open
 
-    if config.checkpoint_every <= 0 or not Path(path).is_file():
-        return None
+    R = int(config.replicates)
+    progress = Progress(0, np.zeros((R, n_columns), np.float32), np.zeros((R, n_households), np.float32), [], 0)
+    if path is None or config.checkpoint_every <= 0 or not Path(path).is_file():
+        return progress
     meta = _metadata(Path(path))
-    if meta.get("basis") != basis or any(meta.get(k) != v for k, v in setting(config).items()):
+    if meta.get("basis") != basis or _mismatch(meta, config) is not None:
         log.warning("replicate checkpoint %s was computed for other main weights or settings; "
                     "computing the replicates afresh", path)
-        return None
+        return progress
+    done = int(meta["done"])
     with safe_open(str(path), framework="numpy") as fh:
-        weights, multipliers, steps = (fh.get_tensor(k) for k in ("weights", "multipliers", "steps"))
-    return Progress(int(meta["done"]), weights, multipliers, [int(s) for s in steps], int(meta["converged"]))
+        progress.weights[:done], progress.multipliers[:done] = fh.get_tensor("weights"), fh.get_tensor("multipliers")
+        progress.steps = [int(s) for s in fh.get_tensor("steps")]
+    progress.done, progress.converged = done, int(meta["converged"])
+    log.info("replicates: resuming from %s with %d of %d done", path, done, R)
+    return progress
 
 
 def save(path: Path, config, basis: str, progress: Progress) -> None:

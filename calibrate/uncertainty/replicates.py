@@ -108,12 +108,7 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     R = int(config.replicates)
     basis = ckpt.basis_hash(columns, start, values, np.asarray(main_weights, np.float64)[columns],
                             np.asarray([calibrate]))
-    done = ckpt.load(checkpoint, config, basis) if checkpoint is not None else None
-    progress = ckpt.Progress(0, np.zeros((R, columns.size), np.float32), np.zeros((R, len(strata)), np.float32), [], 0)
-    if done is not None:
-        progress.weights[:done.done], progress.multipliers[:done.done] = done.weights, done.multipliers
-        progress.done, progress.steps, progress.converged = done.done, done.steps, done.converged
-        log.info("replicates: resuming from %s with %d of %d done", checkpoint, done.done, R)
+    progress = ckpt.resume(checkpoint, config, basis, columns.size, len(strata))
     resumed = progress.done
     weights, multipliers, steps = progress.weights, progress.multipliers, progress.steps
     solver = ChordSolver(sub, values, loss_weights, start, dual, classical) if calibrate and resumed < R else None
