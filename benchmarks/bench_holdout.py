@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--tables", type=Path, default=None, help="folder for each run's per-target table (CSV)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every method, e.g. fit.epochs=300")
     a = p.parse_args()
+    compare = tuple(int(g) for g in a.compare_groups.split(",") if g)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
 
@@ -135,7 +136,6 @@ def main() -> None:
             weights = outcome.weights
             table = outputs.targets_table(matrix.targets_df, outputs.estimates(matrix.X, weights), split,
                                           reconciled.plan.frame())
-            compare = tuple(int(g) for g in a.compare_groups.split(",") if g)
             sc = scores(table, compare)
             if a.tables:
                 a.tables.mkdir(parents=True, exist_ok=True)
