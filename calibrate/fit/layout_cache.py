@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import scipy.sparse as sp
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from calibrate.core.files import atomic_file
 from calibrate.fit.model import Layout, build_layout
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,8 @@ def save_layout(path: Path, X: sp.csr_matrix, layout: Layout, arrays: dict) -> N
     counts = {name: len(arrays[name]) for name in TUPLES}
     metadata = {"format": FORMAT, "x": x_fingerprint(X), "n_columns": str(layout.n_columns),
                 "counts": json.dumps(counts), "sha256": json.dumps(_checksums(flat))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
 
 
 def load_layout(path: Path, X: sp.csr_matrix) -> tuple[Layout, dict]:

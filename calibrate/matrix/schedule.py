@@ -17,10 +17,10 @@ import heapq
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from calibrate.core.files import atomic_file
 
 # Per-simulation start-up in units of one state's work, from the default file (3 states, 1
 # process): stacked in one simulation 73 s, one simulation per state 100 s -> a + 3b = 73,
@@ -115,10 +115,7 @@ def record_state_costs(cache_dir: Path | None, measured: dict[int, float]) -> No
     try:
         old = json.loads(path.read_text()) if path.is_file() else {}
         record = {**(old if isinstance(old, dict) else {}), **{str(s): float(v) for s, v in measured.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(dict(sorted(record.items(), key=lambda kv: int(kv[0]))), fh)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(dict(sorted(record.items(), key=lambda kv: int(kv[0])))))
     except (ValueError, OSError) as exc:
         log.warning("build cost record %s not updated (%s)", path, exc)

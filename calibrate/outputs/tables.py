@@ -8,8 +8,6 @@ a run directory without it did not finish.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from calibrate.core.errors import CalibrateError
+from calibrate.core.files import atomic_file
 
 TARGET_COLUMNS = [
     "target_id", "stratum_id", "stratum_group_id", "variable", "geo_level", "geographic_id", "label",
@@ -33,32 +32,14 @@ class OutputWriteError(CalibrateError):
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
-
-    An ``OSError`` while writing (no space left, read-only folder) becomes an
-    :class:`OutputWriteError` naming ``path``; the temporary file is removed either way.
-    """
+    """:func:`calibrate.core.files.atomic_file` for run files: an ``OSError`` while writing (no space
+    left, read-only folder) becomes an :class:`OutputWriteError` naming ``path``."""
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=f"{path.suffix}.tmp")
-        os.close(fd)
-        yield Path(tmp)
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the usual umask-based mode
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            yield tmp
     except OSError as exc:
         raise OutputWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _file_mode() -> int:
-    """0666 minus the process umask (what open() would have used)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
