@@ -165,6 +165,7 @@ def test_stage_configs_are_the_schema():
 @pytest.mark.parametrize("override, key", [
     ("fit.lr=-1", "fit.lr=-1.0"), ("fit.polish_share=1.0", "fit.polish_share=1.0"),
     ("fit.sparsity.active_per_cd=0", "fit.sparsity.active_per_cd=0"), ("fit.sparsity.ramp=2", "fit.sparsity.ramp=2.0"),
+    ("fit.sparsity.carriers=stratified", "fit.sparsity.carriers='stratified'"),
 ])
 def test_bad_fit_value_names_the_key(override, key):
     with pytest.raises(CalibrateError, match="^" + key.replace(".", r"\.") + " ") as info:

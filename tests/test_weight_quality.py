@@ -197,6 +197,34 @@ def test_select_carriers_keeps_each_groups_total_in_expectation():
     assert np.abs(np.mean(totals, axis=0) - 1).max() < 0.02
 
 
+def test_coordinated_carriers_keep_each_draw_pareto_and_spread_each_unit_over_its_share_of_groups():
+    """Within a group the coordinated draw has the same inclusion frequencies as an independent one;
+    across groups a unit's carrier count varies far less than the binomial count of independent draws."""
+    rng = np.random.default_rng(2)
+    n_units, n_groups = 1000, 40
+    w = rng.uniform(1, 5, n_units)
+    start = np.tile(w, n_groups)
+    groups = np.repeat(np.arange(n_groups), n_units)
+    units = np.tile(np.arange(n_units), n_groups)
+    pi = pps_probabilities(w, 200)
+    hits = np.zeros(n_units)
+    draws = 30
+    spread = {"coordinated": [], "independent": []}
+    for seed in range(draws):
+        for kind in spread:
+            mask, carried = select_carriers(start, groups, 0.2, seed, units if kind == "coordinated" else None)
+            per_group = mask.reshape(n_groups, n_units)
+            assert per_group.sum(axis=1).tolist() == [200] * n_groups
+            assert np.all(carried[~mask] == 0)
+            spread[kind].append(np.var(per_group.sum(axis=0) - n_groups * pi))
+            if kind == "coordinated":
+                hits += per_group.mean(axis=0)
+    assert np.abs(hits / draws - pi).max() < 0.05  # marginal inclusion as the design's pi
+    binomial = np.mean(n_groups * pi * (1 - pi))  # variance of a unit's count under independent draws
+    assert np.mean(spread["independent"]) == pytest.approx(binomial, rel=0.3)
+    assert np.mean(spread["coordinated"]) < 0.2 * binomial
+
+
 def test_the_run_reads_the_dataset_once_in_its_checks(monkeypatch):
     """prepare() keeps the arrays its validation read; the household count comes from them, not a re-read."""
     import h5py

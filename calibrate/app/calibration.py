@@ -107,7 +107,9 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
         base = start
         if fit.method == "sample":
             share = fit.sparsity.target_share(layout.n_households) or 1.0
-            _, base = select_carriers(start, layout.column_groups(), share, seed=fit.seed)
+            units = (layout.household_of(np.arange(layout.n_columns))
+                     if fit.sparsity.carriers == "coordinated" else None)
+            _, base = select_carriers(start, layout.column_groups(), share, seed=fit.seed, units=units)
         solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
         weights, dual = solve.weights, solve.dual
         solve_info = _solve_info(solve)

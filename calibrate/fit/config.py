@@ -28,6 +28,7 @@ class SparsityConfig:
     active_per_cd: int | None = None  # or a number of active households per CD (overrides active_share)
     ramp: float = 0.5  # share of the (non-polish) epochs over which the active share falls from 1 to its target
     gain: float = 20.0  # controller gain: lambda per unit of relative share error, in units of the loss scale
+    carriers: str = "coordinated"  # method sample: coordinated | independent draws of each CD's carriers
 
     def target_share(self, group_size: int) -> float | None:
         """The open share asked of a group of ``group_size`` columns (None: no target)."""
@@ -57,6 +58,7 @@ class ClassicalConfig:
 
 METHODS = ("l0", "classical", "sample", "start")
 POLISHES = ("adam", "classical")
+CARRIERS = ("coordinated", "independent")
 DISTANCES = ("logit", "kl", "chi2")
 
 
@@ -127,6 +129,7 @@ _RULES = {
     "sparsity.active_per_cd": ("int?", lambda v: v >= 1, "must be null or an integer >= 1"),
     "sparsity.ramp": ("float", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "sparsity.gain": ("float", lambda v: v > 0, "must be > 0"),
+    "sparsity.carriers": ("str", lambda v: v in CARRIERS, f"must be one of {', '.join(CARRIERS)}"),
     "method": ("str", lambda v: v in METHODS, f"must be one of {', '.join(METHODS)}"),
     "polish": ("str", lambda v: v in POLISHES, f"must be one of {', '.join(POLISHES)}"),
     "start.home_state_share": ("float?", lambda v: 0 < v < 1, "must be null (proportional) or in (0, 1)"),

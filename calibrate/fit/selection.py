@@ -9,6 +9,12 @@ Pareto pi-ps sampling (Rosen 1997) picks exactly that many: ranking keys
 win. The carriers' start is then ``w0 / pi`` (Horvitz-Thompson), so every group keeps its
 start total in expectation and, as the weights ``w0 / pi`` are nearly equal, the most
 effective households a sample of that size can have.
+
+When the same unit (household) has a column in every group, independent draws give some units
+many more carriers than ``sum pi`` and so a large weight summed over the groups. Coordinated
+draws (permanent random numbers with one random rotation per group: ``u = frac(v_unit +
+r_group)``) keep each group's draw a Pareto pi-ps sample, since within a group the ``u`` are
+still independent uniforms, but spread each unit's carriers over close to ``sum pi`` groups.
 """
 
 from __future__ import annotations
@@ -54,18 +60,32 @@ def pareto_sample(pi: np.ndarray, u: np.ndarray) -> np.ndarray:
     return mask
 
 
+def coordinated_uniforms(units: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+    """One uniform per column, ``frac(v[unit] + r[group])``: independent within a group, rotated
+    between groups (``r``: a random permutation of ``k / n_groups``)."""
+    rng = np.random.default_rng(seed)
+    unit_codes = np.unique(np.asarray(units), return_inverse=True)[1]
+    group_codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    v = rng.random(int(unit_codes.max(initial=-1)) + 1)
+    n_groups = int(group_codes.max(initial=-1)) + 1
+    rotation = rng.permutation(n_groups) / max(n_groups, 1)
+    return np.mod(v[unit_codes] + rotation[group_codes], 1.0)
+
+
 def select_carriers(start: np.ndarray, column_groups: np.ndarray, share: float, seed: int = 0,
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(carrier mask, carriers' start w0 / pi, 0 elsewhere) with ``share`` of each group's columns.
 
-    Uniforms are one stream per seed over the column ids, so the draw does not depend on the
-    group order.
+    Without ``units`` the uniforms are one stream per seed over the column ids (independent draws);
+    with ``units`` (one id per column) they are coordinated between groups. Either way the draw
+    does not depend on the group order.
     """
     start = np.asarray(start, dtype=np.float64)
     groups = np.asarray(column_groups)
     if not 0 < share <= 1:
         raise ValueError(f"share={share!r} must be in (0, 1]")
-    u = np.random.default_rng(seed).random(start.size)
+    u = (np.random.default_rng(seed).random(start.size) if units is None
+         else coordinated_uniforms(units, groups, seed))
     mask = np.zeros(start.size, bool)
     carried = np.zeros(start.size)
     order = np.argsort(groups, kind="stable")
