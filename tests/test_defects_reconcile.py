@@ -90,3 +90,26 @@ def test_highs_failure_is_a_row_and_a_warning(monkeypatch, caplog):
     assert table.loc[1, "flag"] == table.loc[3, "flag"] == "unsolved"
     assert "Numerical difficulties" in table.loc[1, "detail"]
     assert any("national 0" in r.getMessage() and "HiGHS status 4" in r.getMessage() for r in caplog.records)
+
+
+def test_a_holdout_does_not_change_which_targets_are_feasible():
+    """Two age bins, their total and a spending total the bins rule out (+20 %): without a holdout the
+    national programme flags the spending total. Holding out one bin must not free the programme to
+    miss the person count instead (the bin is still published): the plan is the same either way."""
+    from types import SimpleNamespace
+
+    from calibrate.reconcile.holdout import HOLDOUT, TRAIN
+    from calibrate.reconcile.reconcile import EXCLUDED
+    from calibrate.reconcile.stage import reconcile_targets
+
+    t = _frame([(1, "bin_a", "national", 0, 2.0, 2), (2, "bin_b", "national", 0, 2.0, 2),
+                (3, "person_count", "national", 0, 4.0, 1), (4, "spending", "national", 0, 50.0, 5)])
+    X = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [10, 10, 20, 20]], np.float32))
+    matrix = SimpleNamespace(targets_df=t, X=X, layout=StackedLayout.of([101], [0, 1, 2, 3], np.ones(4), [1] * 4),
+                             dropped=None)
+    config = ConsistencySettings(min_households=1)
+    plans = [reconcile_targets(matrix, config, [101], split).plan.status for split in
+             (None, np.array([TRAIN, HOLDOUT, TRAIN, TRAIN]))]
+    # independent reading: bins and count exact imply spending 2*10 + 2*20 = 60, 20 % above its 50
+    assert [s == EXCLUDED for s in plans[0]] == [False, False, False, True]
+    np.testing.assert_array_equal(plans[1], plans[0])

@@ -75,7 +75,7 @@ class ReconcileConfig:
     name: str = "default"  # label of the setting (recorded in the summary)
     balance: str = "precision"  # loss weights: precision (1 / relative SE^2) | level (each level, then each group
     # in it, a fair share) | group | none
-    default_relative_se: float = 0.02  # balance precision: relative standard error of a target without a margin
+    default_relative_se: float = 0.01  # balance precision: relative standard error of a target without a margin
     min_relative_se: float = 0.002  # balance precision: floor of the relative standard error
     scale_children: dict[str, ScaleRule] = field(default_factory=dict)  # named proportional scalings
     flagged: str = "exclude"  # unsupported / thin / infeasible targets: exclude | downweight | keep

@@ -4,8 +4,9 @@ Takes the built matrix (targets, X, household layout), the reconcile settings an
 holdout split; gives a :class:`ReconciledTargets` with the values to fit, per-target
 loss weights and tolerances, the plan (status and reason of every target) and the
 analysis table written to ``consistency.csv``. Order: hierarchy on the raw values, scale
-rules, support and feasibility on the scaled values of the targets still in the fit,
-then exclusions and loss weights.
+rules, support and feasibility on the scaled values of the targets not excluded by hand
+(held-out ones included: a holdout only takes targets out of the loss), then exclusions and
+loss weights.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def reconcile_targets(matrix, config: ReconcileConfig, all_cds: list[int],
     held_out = np.zeros(len(targets), bool) if split is None else np.asarray(split) == HOLDOUT
     by_hand = targets.target_id.isin(config.exclude_target_ids).to_numpy()
     support = check_support(targets, scaled[0], matrix.X, matrix.layout, config)
-    feasibility = check_feasibility(targets, scaled[0], matrix.X, matrix.layout, ~held_out & ~by_hand, config)
+    # on every target, held out or not: a holdout changes what is scored, not which targets
+    # the data can meet (held-out age bins left out of the national programme would free it to
+    # miss the national person count instead of the totals those bins rule out)
+    feasibility = check_feasibility(targets, scaled[0], matrix.X, matrix.layout, ~by_hand, config)
     analysis = pd.concat([hierarchy, support, feasibility], ignore_index=True)
     plan = plan_targets(targets, config, analysis[analysis.check != "hierarchy"], scaled)
     weights = loss_weights(targets, config.balance, plan.in_fit & ~held_out, plan.weight_multiplier,
