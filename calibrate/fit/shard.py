@@ -80,10 +80,10 @@ class ShardedFit(NamedTuple):
     def join(self, active: np.ndarray, inactive: np.ndarray) -> np.ndarray:
         """Full-length column vector in original order from the padded per-device parts."""
         out = np.empty(self.n_columns, dtype=np.result_type(active, inactive))
-        a, i = active.size // len(self.blocks), inactive.size // len(self.blocks)
-        for d, block in enumerate(self.blocks):
-            out[block.active] = active[d * a:d * a + block.active.size]
-            out[block.inactive] = inactive[d * i:d * i + block.inactive.size]
+        parts = zip(self.blocks, np.split(active, len(self.blocks)), np.split(inactive, len(self.blocks)))
+        for block, active_part, inactive_part in parts:
+            out[block.active] = active_part[:block.active.size]
+            out[block.inactive] = inactive_part[:block.inactive.size]
         return out
 
 
