@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate.fit import FitConfig, FitConfigError, SparsityConfig, fit_l0, validate_config
+from calibrate.fit import CheckpointMismatchError, FitConfig, FitConfigError, SparsityConfig, fit_l0, validate_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_fit import _problem  # noqa: E402
 
+BASE = dict(epochs=160, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5))
 SCRIPT = textwrap.dedent("""
     import json, logging, sys
     sys.path.insert(0, "tests")
@@ -108,6 +109,17 @@ def test_sharded_fit_resumes_from_its_checkpoint(two_device_fits):
     np.testing.assert_array_equal(fits["resumed"]["history"], fits["5-auto"]["history"])
 
 
+@pytest.mark.parametrize("shard", ["auto", "off"])
+def test_a_two_device_checkpoint_is_refused_elsewhere(two_device_fits, shard):
+    """This process sees one device: the padded 2-device state cannot continue here, nor unsharded."""
+    _, _, tmp = two_device_fits
+    X, y, _, _ = _problem(m=24, n=300, density=0.15, empty_columns=10)
+    cfg = FitConfig(**BASE, shard=shard, checkpoint_every=40)
+    with pytest.raises(CheckpointMismatchError, match="different problem or config"):
+        fit_l0(X, y, np.full(300, 2.0), cfg, column_groups=np.repeat(np.arange(5), 60),
+               checkpoint_path=tmp / "fit.npz", progress=False)
+
+
 def test_sharded_fit_skips_the_layout_cache_with_a_warning(two_device_fits):
     _, stderr, tmp = two_device_fits
     assert "fit.shard=auto: the layout cache" in stderr
@@ -118,7 +130,7 @@ def test_one_device_mesh_gives_the_single_device_fit():
     """In this process JAX sees one device: ``shard=auto`` runs the sharded program on a 1-device mesh."""
     X, y, _, _ = _problem(m=24, n=180, density=0.15, empty_columns=10)
     groups = np.repeat(np.arange(3), 60)
-    base = dict(epochs=80, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5))
+    base = {**BASE, "epochs": 80}
     single = fit_l0(X, y, np.full(180, 2.0), FitConfig(**base), column_groups=groups, progress=False)
     sharded = fit_l0(X, y, np.full(180, 2.0), FitConfig(**base, shard="auto"), column_groups=groups, progress=False)
     assert sharded.n_devices == single.n_devices == 1
