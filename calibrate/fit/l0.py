@@ -229,7 +229,8 @@ def fit_l0(
     ``column_groups`` (one id per column, e.g. the CD of each stacked column) are the
     groups whose open share ``config.sparsity`` controls (default: one group; ``active_per_cd`` is
     taken per group of columns). ``layout_cache``: a file keeping X's device layout between fits
-    (:mod:`calibrate.fit.layout_cache`).
+    (:mod:`calibrate.fit.layout_cache`; not used by a sharded fit). ``config.shard="auto"`` splits the
+    columns by column group over every device JAX sees (:mod:`calibrate.fit.shard`).
     """
     config = config if config is not None else FitConfig()
     t_start = time.perf_counter()

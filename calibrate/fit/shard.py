@@ -14,6 +14,7 @@ are stripped from the result.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import jax
@@ -35,6 +36,7 @@ from calibrate.fit.model import (
 )
 from calibrate.fit.sparsity import LOG_ALPHA_FLOOR, GroupIndex, column_speeds, group_codes, group_members
 
+log = logging.getLogger(__name__)
 AXIS = "columns"
 PAD_LOG_WEIGHT = -100.0  # exp() is 0 in float32: padding adds nothing to the L2 term
 
@@ -127,14 +129,19 @@ def _padded_slots(slots: list[tuple]) -> tuple[list[tuple], list[tuple]]:
 
 def setup(X: sp.csr_matrix, targets: np.ndarray, loss_weights: np.ndarray, tolerances: np.ndarray,
           init_weights: np.ndarray, column_groups: np.ndarray | None, cfg, devices: list) -> ShardedFit:
-    """Split X's columns by column group over ``devices`` (a contiguous run of groups each) and put the
-    per-device layouts, the replicated targets and the initial parameters on a 1-D mesh."""
+    """Split X's columns by column group over ``devices`` (a contiguous run of groups each, their counts
+    differing by at most one) and put the per-device layouts, the replicated targets and the initial
+    parameters on a 1-D mesh."""
     n = X.shape[1]
     codes = np.zeros(n, np.int32) if column_groups is None else group_codes(np.asarray(column_groups))
     n_devices = len(devices)
-    per_device = -(-(int(codes.max(initial=0)) + 1) // n_devices)
-    local_groups = per_device + 1  # the last one holds the device's padding columns
-    on_device = codes // per_device
+    n_real = int(codes.max(initial=0)) + 1
+    if n_real < n_devices:
+        log.warning("fit.shard: %d column group(s) on %d devices; %d device(s) hold no column", n_real, n_devices,
+                    n_devices - n_real)
+    first = np.array([run[0] if run.size else n_real for run in np.array_split(np.arange(n_real), n_devices)])
+    local_groups = -(-n_real // n_devices) + 1  # the last one holds the device's padding columns
+    on_device = np.searchsorted(first, codes, side="right") - 1
     mesh = Mesh(np.array(devices), (AXIS,))
     columns, layouts, slots = [], [], []
     for d in range(n_devices):
@@ -163,7 +170,7 @@ def setup(X: sp.csr_matrix, targets: np.ndarray, loss_weights: np.ndarray, toler
     )
     del forward, slots
     blocks = [Block(cols[layout.active_ids], cols[layout.inactive_ids]) for (cols, _), layout in zip(columns, layouts)]
-    groups, positions = _group_index(mesh, blocks, codes, per_device, local_groups, n_active, n_inactive, cfg.seed)
+    groups, positions = _group_index(mesh, blocks, codes, first, local_groups, n_active, n_inactive, cfg.seed)
     replicated = NamedSharding(mesh, P())
     problem = DeviceProblem(
         ops=ops,
@@ -184,7 +191,7 @@ def setup(X: sp.csr_matrix, targets: np.ndarray, loss_weights: np.ndarray, toler
     return ShardedFit(mesh, problem, params, blocks, positions, n_devices * local_groups, n)
 
 
-def _group_index(mesh: Mesh, blocks: list[Block], codes: np.ndarray, per_device: int, local_groups: int,
+def _group_index(mesh: Mesh, blocks: list[Block], codes: np.ndarray, first: np.ndarray, local_groups: int,
                  n_active: int, n_inactive: int, seed: int) -> tuple[GroupIndex, np.ndarray]:
     """Each device's ``GroupIndex`` over its padded columns, and the real groups' global positions."""
     speed = column_speeds(codes.size, seed)
@@ -192,8 +199,8 @@ def _group_index(mesh: Mesh, blocks: list[Block], codes: np.ndarray, per_device:
     parts: dict[str, list[np.ndarray]] = {k: [] for k in GroupIndex._fields}
     members = []
     for d, block in enumerate(blocks):
-        active = _pad(codes[block.active] - d * per_device, n_active, pad_group).astype(np.int32)
-        inactive = _pad(codes[block.inactive] - d * per_device, n_inactive, pad_group).astype(np.int32)
+        active = _pad(codes[block.active] - first[d], n_active, pad_group).astype(np.int32)
+        inactive = _pad(codes[block.inactive] - first[d], n_inactive, pad_group).astype(np.int32)
         table, counts = group_members(np.concatenate([active, inactive]), local_groups)
         members.append(table)
         parts["active"].append(active)
@@ -205,5 +212,6 @@ def _group_index(mesh: Mesh, blocks: list[Block], codes: np.ndarray, per_device:
     parts["members"] = [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=n_active + n_inactive)
                         for t in members]
     real = np.unique(codes)
-    positions = (real // per_device) * local_groups + real % per_device
+    device = np.searchsorted(first, real, side="right") - 1
+    positions = device * local_groups + real - first[device]
     return GroupIndex(**{k: _split(mesh, v) for k, v in parts.items()}), positions
