@@ -15,6 +15,7 @@ are stripped from the result.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from typing import NamedTuple
 
 import jax
@@ -70,12 +71,7 @@ class ShardedFit(NamedTuple):
 
     def programs(self, hyper, state: TrainState, key) -> tuple:
         """(compiled chunk runner, compiled evaluator) of ``hyper`` (with ``axis``) over the mesh."""
-        specs, problem_spec = state_specs(state), _problem_specs()
-        run = jax.jit(jax.shard_map(chunk_fn(hyper), mesh=self.mesh, in_specs=(specs, P(), P(), P(), problem_spec),
-                                    out_specs=specs), donate_argnums=(0,))
-        ev_specs = Evaluation._make((P(), P(), P(), P(), P(), P(AXIS), P(), P()))
-        evaluate = jax.jit(jax.shard_map(evaluate_fn(hyper), mesh=self.mesh, in_specs=(P(AXIS), P(AXIS), problem_spec),
-                                         out_specs=ev_specs))
+        run, evaluate = _sharded_programs(hyper, self.mesh, state_specs(state))
         return (run.lower(state, 0, 1, key, self.problem).compile(),
                 evaluate.lower(state.params, state.lambdas, self.problem).compile())
 
@@ -87,6 +83,18 @@ class ShardedFit(NamedTuple):
             out[block.active] = active_part[:block.active.size]
             out[block.inactive] = inactive_part[:block.inactive.size]
         return out
+
+
+@lru_cache(maxsize=8)
+def _sharded_programs(hyper, mesh: Mesh, specs: TrainState) -> tuple:
+    """Cached jit(shard_map(...)) of the chunk runner and the evaluator (one trace and compile per shapes)."""
+    problem_spec = _problem_specs()
+    run = jax.jit(jax.shard_map(chunk_fn(hyper), mesh=mesh, in_specs=(specs, P(), P(), P(), problem_spec),
+                                out_specs=specs), donate_argnums=(0,))
+    ev_specs = Evaluation._make((P(), P(), P(), P(), P(), P(AXIS), P(), P()))
+    evaluate = jax.jit(jax.shard_map(evaluate_fn(hyper), mesh=mesh, in_specs=(P(AXIS), P(AXIS), problem_spec),
+                                     out_specs=ev_specs))
+    return run, evaluate
 
 
 def state_specs(state: TrainState) -> TrainState:
