@@ -44,7 +44,12 @@ PAD_LOG_WEIGHT = -100.0  # exp() is 0 in float32: padding adds nothing to the L2
 
 def shard_devices(setting: str) -> list | None:
     """The devices a ``FitConfig.shard`` setting spreads the fit over (None: the single-device fit)."""
-    return None if setting == "off" else list(jax.devices())
+    if setting == "off":
+        return None
+    if not hasattr(jax, "shard_map"):  # public from JAX 0.6/0.7 on (older ones: jax.experimental only, untested)
+        raise RuntimeError(f"fit.shard={setting} needs jax.shard_map, which JAX {jax.__version__} lacks: "
+                           "upgrade JAX or use fit.shard=off")
+    return list(jax.devices())
 
 
 class Block(NamedTuple):
