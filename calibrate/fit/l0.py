@@ -55,6 +55,7 @@ from calibrate.fit.shard import AXIS, shard_devices
 from calibrate.fit.shard import setup as shard_setup
 from calibrate.fit.sparsity import GroupIndex, build_group_index, schedule_of
 
+log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointMismatchError",
     "FitConfig",
@@ -68,7 +69,6 @@ __all__ = [
 # loss = data_loss + l0_penalty + l2_penalty (deterministic gates) in both modes; under a sparsity
 # target l0_penalty is 0 and lambda_median is the controller's pressure (units of lr), which acts
 # outside the objective; with a fixed lambda_l0 it is that lambda.
-log = logging.getLogger(__name__)
 HISTORY_COLUMNS = [
     "epoch", "loss", "data_loss", "l0_penalty", "l2_penalty", "mean_abs_rel_error", "median_abs_rel_error",
     "p90_abs_rel_error", "p95_abs_rel_error", "max_abs_rel_error", "n_active", "open_share_min",
