@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_fit import _problem
 
 from calibrate.fit import CheckpointMismatchError, FitConfig, FitConfigError, SparsityConfig, fit_l0, validate_config
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_fit import _problem  # noqa: E402
-
 BASE = dict(epochs=160, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5))
 SCRIPT = textwrap.dedent("""
-    import json, logging, sys
+    import json, sys
     sys.path.insert(0, "tests")
     import numpy as np
     import calibrate.fit.l0 as l0_module
