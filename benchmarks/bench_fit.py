@@ -3,6 +3,7 @@
     python benchmarks/bench_fit.py --epochs 50                  # synthetic seed-shaped problem
     python benchmarks/bench_fit.py --matrix X.npz --targets y.npy [--groups g.npy] [--init w.npy]
     python benchmarks/bench_fit.py --gpu-report [--bandwidth-gbs 3350]
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/bench_fit.py --shard   # sharded fit
 
 Every mode prints the epoch time as a multiple of the memory-bandwidth bound: the bytes an
 epoch must move (``bytes_per_epoch``) over the streaming bandwidth measured in the same run
@@ -36,8 +37,8 @@ from calibrate.fit.model import target_loss_weights  # noqa: E402
 from calibrate.matrix.layout import StackedLayout  # noqa: E402
 
 
-def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str]:
-    """(X, targets, groups, init weights, label) from files or the synthetic generator."""
+def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str, np.ndarray | None]:
+    """(X, targets, groups, init weights, label, column groups) from files or the synthetic generator."""
     if args.matrix:
         X = sp.load_npz(args.matrix).tocsr()
         targets = np.load(args.targets)
@@ -45,13 +46,13 @@ def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np
         init = np.load(args.init) if args.init else np.ones(X.shape[1])
         if not args.init:
             print("note: no --init given, starting from weights 1.0 (l0-python's default)")
-        return X, targets, groups, init, f"matrix {args.matrix}"
+        return X, targets, groups, init, f"matrix {args.matrix}", None
     p = make_problem(SyntheticSpec(seed=args.seed))
     rank = np.array([np.sum(p.cd_state[:i] == s) for i, s in enumerate(p.cd_state)]) + 1  # CD number in its state
     layout = StackedLayout.of(np.asarray(p.cd_state) * 100 + rank, np.arange(len(p.base_weights)), p.base_weights,
                               p.household_state)
     init = layout.initial_weights()
-    return p.X, p.targets, p.groups, init, "synthetic seed-shaped problem"
+    return p.X, p.targets, p.groups, init, "synthetic seed-shaped problem", layout.column_groups()
 
 
 def data_loss(X, targets, loss_weights, weights) -> float:
@@ -170,6 +171,25 @@ def gpu_report(X, targets, groups, init, cfg: FitConfig, bandwidth_gbs: float | 
     print_bound(X, warm.seconds_per_epoch, None if bandwidth_gbs is None else bandwidth_gbs * 1e9)
 
 
+def shard_report(X, targets, groups, init, column_groups, cfg: FitConfig) -> None:
+    """The sharded fit (``shard=auto``, columns split by column group) against ``shard=off`` in the same
+    run: epoch time as a ratio, and how far the weights are apart (same gates, other sum order)."""
+    import jax
+
+    single = fit_l0(X, targets, init, cfg, groups, progress=False, column_groups=column_groups)
+    sharded = fit_l0(X, targets, init, replace(cfg, shard="auto"), groups, progress=False,
+                     column_groups=column_groups)
+    gap = np.abs(sharded.weights - single.weights)
+    print(f"devices JAX sees              {len(jax.devices())} ({sharded.n_devices} used by shard=auto)")
+    print(f"column groups                 {1 if column_groups is None else np.unique(column_groups).size}")
+    print(f"s/epoch shard=off / auto      {single.seconds_per_epoch:.4f} / {sharded.seconds_per_epoch:.4f} "
+          f"(ratio auto/off {sharded.seconds_per_epoch / single.seconds_per_epoch:.2f})")
+    print(f"setup seconds off / auto      {single.setup_seconds:.2f} / {sharded.setup_seconds:.2f}")
+    print(f"max |w_auto - w_off| / max w  {gap.max() / max(single.weights.max(), 1e-30):.2e}; "
+          f"same zero weights: {np.array_equal(sharded.weights == 0, single.weights == 0)}")
+    print(f"final loss off / auto         {single.final_loss:.6g} / {sharded.final_loss:.6g}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=50, help="epochs for the comparison (default 50)")
@@ -182,14 +202,20 @@ def main(argv=None) -> None:
     ap.add_argument("--no-l0python", action="store_true", help="skip the l0-python baseline")
     ap.add_argument("--gpu-report", action="store_true", help="2,000-epoch timing and bandwidth ratio")
     ap.add_argument("--gpu-epochs", type=int, default=2000, help="epochs for --gpu-report")
+    ap.add_argument("--shard", action="store_true",
+                    help="shard=auto against shard=off (set XLA_FLAGS=--xla_force_host_platform_device_count=2 on CPU)")
     ap.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="memory bandwidth in GB/s (default: measured in this run)")
     args = ap.parse_args(argv)
     if args.matrix and not args.targets:
         ap.error("--matrix needs --targets")
 
-    X, targets, groups, init, label = load_problem(args)
+    X, targets, groups, init, label, column_groups = load_problem(args)
     print(f"{label}: {X.shape[0]} targets x {X.shape[1]:,} columns, nnz {X.nnz:,}")
+    if args.shard:
+        shard_report(X, targets, groups, init, column_groups,
+                     FitConfig(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs, seed=args.fit_seed))
+        return
     if args.gpu_report:
         gpu_report(X, targets, groups, init, FitConfig(epochs=args.gpu_epochs, seed=args.fit_seed), args.bandwidth_gbs)
         return

@@ -5,7 +5,7 @@ the device comes from ``conf/gpu/``); gives a :class:`FitResult` (weights, estim
 history, timings). Pure numerics: knows nothing about Hydra, policyengine or files except
 an optional checkpoint path. ``config`` holds the settings (also the Hydra schema of
 ``fit``), ``model`` the pure functions (gates, sparse products, loss), ``loop`` the jitted
-epoch loop, ``checkpoint`` atomic resumable state.
+epoch loop, ``shard`` the loop split over devices, ``checkpoint`` atomic resumable state.
 
 The JAX parts load on first use, so ``calibrate.fit.config`` can be read (e.g. by the
 config schema) before the device profile sets JAX's environment.

@@ -60,6 +60,7 @@ METHODS = ("l0", "classical", "sample", "start")
 POLISHES = ("adam", "classical")
 CARRIERS = ("coordinated", "independent")
 DISTANCES = ("logit", "kl", "chi2")
+SHARDS = ("off", "auto")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class FitConfig:
     polish: str = "adam"  # l0's last phase: adam (frozen gates) | classical (carriers by minimum distance)
     start: StartConfig = field(default_factory=StartConfig)  # the start of the fit
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)  # minimum-distance settings
+    shard: str = "off"  # off: one device | auto: columns split by column group over every device JAX sees
 
     @property
     def controlled(self) -> bool:
@@ -139,6 +141,7 @@ _RULES = {
     "classical.penalty": ("float", lambda v: v > 0, "must be > 0"),
     "classical.max_iter": ("int", lambda v: v >= 1, "must be an integer >= 1"),
     "classical.tol": ("float", lambda v: v > 0, "must be > 0"),
+    "shard": ("str", lambda v: v in SHARDS, f"must be one of {', '.join(SHARDS)}"),
 }
 
 

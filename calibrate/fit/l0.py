@@ -9,8 +9,12 @@ policyengine, Hydra or project files. The model matches l0-python 0.6.2's
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -47,8 +51,11 @@ from calibrate.fit.model import (
     relative_loss,
     target_loss_weights,
 )
+from calibrate.fit.shard import AXIS, shard_devices
+from calibrate.fit.shard import setup as shard_setup
 from calibrate.fit.sparsity import GroupIndex, build_group_index, schedule_of
 
+log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointMismatchError",
     "FitConfig",
@@ -99,6 +106,7 @@ class FitResult:
     sparsity_target_share: float | None = None  # open share asked of each column group (None: fixed lambda_l0)
     setup_seconds: float = 0.0  # everything before the first epoch: checks, layout, transfer, compile, first evaluation
     layout_cached: bool = False  # the layout of X came from ``layout_cache``
+    n_devices: int = 1  # devices the columns were split over (``config.shard``)
 
 
 def _per_target(values, m: int, name: str, default: float) -> np.ndarray:
@@ -221,7 +229,8 @@ def fit_l0(
     ``column_groups`` (one id per column, e.g. the CD of each stacked column) are the
     groups whose open share ``config.sparsity`` controls (default: one group; ``active_per_cd`` is
     taken per group of columns). ``layout_cache``: a file keeping X's device layout between fits
-    (:mod:`calibrate.fit.layout_cache`).
+    (:mod:`calibrate.fit.layout_cache`; not used by a sharded fit). ``config.shard="auto"`` splits the
+    columns by column group over every device JAX sees (:mod:`calibrate.fit.shard`).
     """
     config = config if config is not None else FitConfig()
     t_start = time.perf_counter()
@@ -238,44 +247,67 @@ def fit_l0(
     else:
         loss_weights = loss_weights / loss_weights.sum()
     in_loss = loss_weights > 0
+    devices = shard_devices(cfg.shard)
     fingerprint = ""
     if checkpoint_path:
         fingerprint = problem_fingerprint(X, targets, init_weights, loss_weights, cfg, tolerances, column_groups)
+        if devices is not None:  # the padded per-device layout of the state depends on the device count
+            fingerprint = hashlib.sha256(f"{fingerprint}|shard:{len(devices)}".encode()).hexdigest()
     checkpoint = None
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         checkpoint = load_checkpoint(Path(checkpoint_path), fingerprint)
         if checkpoint.epoch > cfg.epochs:
             raise ValueError(f"checkpoint {checkpoint_path} is at epoch {checkpoint.epoch}, beyond epochs={cfg.epochs}")
 
-    layout, host_ops, layout_cached = cached_layout(X, layout_cache)
-    group_arrays = build_group_index(layout, column_groups, cfg.seed)
-    problem = DeviceProblem(
-        ops=device_ops(host_ops),
-        targets=jnp.asarray(targets, jnp.float32),
-        loss_weights=jnp.asarray(loss_weights, jnp.float32),
-        tolerances=jnp.asarray(tolerances, jnp.float32),
-        noise_ids=jnp.asarray(layout.active_ids.astype(np.uint32)),
-        groups=GroupIndex(**{k: jnp.asarray(v) for k, v in group_arrays.items()}),
-    )
-    del host_ops
+    sharded = None
+    if devices is None:
+        layout, host_ops, layout_cached = cached_layout(X, layout_cache)
+        group_arrays = build_group_index(layout, column_groups, cfg.seed)
+        problem = DeviceProblem(
+            ops=device_ops(host_ops),
+            targets=jnp.asarray(targets, jnp.float32),
+            loss_weights=jnp.asarray(loss_weights, jnp.float32),
+            tolerances=jnp.asarray(tolerances, jnp.float32),
+            noise_ids=jnp.asarray(layout.active_ids.astype(np.uint32)),
+            groups=GroupIndex(**{k: jnp.asarray(v) for k, v in group_arrays.items()}),
+        )
+        del host_ops
+        params, n_groups = initial_params(layout, init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed), \
+            group_arrays["sizes"].size
+        join: Callable[[np.ndarray, np.ndarray], np.ndarray] = partial(join_vector, layout)
+    else:
+        if layout_cache is not None:
+            log.warning("fit.shard=%s: the layout cache %s is not used (each device's layout is built afresh)",
+                        cfg.shard, layout_cache)
+        sharded = shard_setup(X, targets, loss_weights, tolerances, init_weights, column_groups, cfg, devices)
+        problem, params, n_groups, join, layout_cached = (sharded.problem, sharded.params, sharded.n_groups,
+                                                          sharded.join, False)
+        hyper = hyper._replace(axis=AXIS)
+    place = (lambda s: s) if sharded is None else sharded.place  # noqa: E731
     key = jax.random.key(cfg.seed)
     controlled = share is not None
-    n_groups = group_arrays["sizes"].size
-    state = initial_state(initial_params(layout, init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed),
-                          hyper, X.shape[0], np.full(n_groups, 0.0 if controlled else cfg.lambda_l0))
+    state = place(initial_state(params, hyper, X.shape[0], np.full(n_groups, 0.0 if controlled else cfg.lambda_l0)))
 
     t_compile = time.perf_counter()
-    run_chunk = make_chunk_runner(hyper).lower(state, 0, 1, key, problem).compile()
-    evaluate = make_evaluator(hyper).lower(state.params, state.lambdas, problem).compile()
+    if sharded is None:
+        run_chunk = make_chunk_runner(hyper).lower(state, 0, 1, key, problem).compile()
+        evaluate = make_evaluator(hyper).lower(state.params, state.lambdas, problem).compile()
+    else:
+        run_chunk, evaluate = sharded.programs(hyper, state, key)
     weights_fn = make_weights_fn(hyper.shape).lower(state.params).compile()
     compile_seconds = time.perf_counter() - t_compile
     history: list[dict] = []
     epoch = 0
     if checkpoint is not None:
         state, key, epoch, history = restore_state(state, checkpoint)
+        state = place(state)
 
     def evaluation():
-        return jax.device_get((evaluate(state.params, state.lambdas, problem), state.divergence, state.lambdas))
+        got = jax.device_get((evaluate(state.params, state.lambdas, problem), state.divergence, state.lambdas))
+        if sharded is None:
+            return got
+        real = sharded.group_positions  # the padding groups out
+        return got[0]._replace(open_shares=got[0].open_shares[real]), got[1], got[2][real]
 
     if epoch == 0:
         ev, _, lambdas = evaluation()
@@ -303,8 +335,8 @@ def fit_l0(
 
     final, divergence, lambdas = evaluation()
     _raise_if_diverged(divergence, final, epoch)
-    weights = join_vector(layout, *(np.asarray(w, np.float32) for w in weights_fn(state.params)))
-    device = next(iter(problem.targets.devices()))  # where the fit's arrays were, not the first device
+    weights = join(*(np.asarray(w, np.float32) for w in weights_fn(state.params)))
+    device = min(problem.targets.devices(), key=lambda d: d.id)  # where the fit's arrays were, not the first device
     return FitResult(
         weights=weights,
         estimates=float64_matvec(X_caller, weights),
@@ -321,4 +353,5 @@ def fit_l0(
         sparsity_target_share=share,
         setup_seconds=setup_seconds,
         layout_cached=layout_cached,
+        n_devices=len(problem.targets.devices()),
     )

@@ -79,6 +79,7 @@ class Hyper(NamedTuple):
     lr: float
     lambda_l2: float
     schedule: SparsitySchedule  # target_share <= 0: lambdas stay fixed
+    axis: str | None = None  # mesh axis of the column blocks inside shard_map (calibrate.fit.shard); None: one device
 
 
 class Evaluation(NamedTuple):
@@ -107,14 +108,21 @@ def initial_params(layout: Layout, init_weights: np.ndarray, init_keep_prob: flo
     program to compile), drawn over the full column vector in original order so it does
     not depend on the active/inactive split.
     """
-    rng = np.random.default_rng([seed, 0x10])
-    n = layout.n_columns
-    log_weight = np.log(init_weights.astype(np.float32)) + np.float32(jitter) * rng.standard_normal(n, np.float32)
-    logit = np.float32(np.log(init_keep_prob / (1.0 - init_keep_prob)))
-    log_alpha = logit + np.float32(jitter) * rng.standard_normal(n, np.float32)
+    log_weight, log_alpha = initial_vectors(init_weights, init_keep_prob, jitter, seed)
     (lw_a, lw_i), (la_a, la_i) = split_vector(layout, log_weight), split_vector(layout, log_alpha)
     as32 = lambda x: jnp.asarray(x, dtype=jnp.float32)  # noqa: E731
     return SplitParams(GateParams(as32(lw_a), as32(la_a)), GateParams(as32(lw_i), as32(la_i)))
+
+
+def initial_vectors(init_weights: np.ndarray, init_keep_prob: float, jitter: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log weights, log_alpha) over all columns in original order (see :func:`initial_params`)."""
+    rng = np.random.default_rng([seed, 0x10])
+    n = init_weights.shape[0]
+    log_weight = np.log(init_weights.astype(np.float32)) + np.float32(jitter) * rng.standard_normal(n, np.float32)
+    logit = np.float32(np.log(init_keep_prob / (1.0 - init_keep_prob)))
+    log_alpha = logit + np.float32(jitter) * rng.standard_normal(n, np.float32)
+    return log_weight, log_alpha
 
 
 def initial_state(params: SplitParams, hyper: Hyper, n_targets: int, lambdas: np.ndarray) -> TrainState:
@@ -166,6 +174,11 @@ def _active_adam_step(opt, grads: SplitParams, opt_state, params: SplitParams):
 @lru_cache(maxsize=8)
 def make_chunk_runner(hyper: Hyper):
     """Cached jit(run(state, start, stop, key, problem) -> state) running epochs [start, stop)."""
+    return jax.jit(chunk_fn(hyper), donate_argnums=(0,))
+
+
+def chunk_fn(hyper: Hyper):
+    """run(state, start, stop, key, problem) -> state over epochs [start, stop), not jitted."""
     opt = optimizer(hyper)
     schedule = hyper.schedule
     controlled = schedule.target_share > 0
@@ -178,7 +191,8 @@ def make_chunk_runner(hyper: Hyper):
                               hard_concrete_sample(alpha, u, hyper.shape))
             return split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights, hyper.shape,
                                    column_lambdas(_loss_lambdas(lambdas, controlled), problem.groups),
-                                   hyper.lambda_l2, problem.tolerances, penalised=not unpenalised)
+                                   hyper.lambda_l2, problem.tolerances, penalised=not unpenalised,
+                                   axis=hyper.axis)
 
         def epoch_step(epoch, st: TrainState) -> TrainState:
             polish = epoch >= schedule.polish_start
@@ -207,32 +221,41 @@ def make_chunk_runner(hyper: Hyper):
 
         return lax.fori_loop(start, stop, epoch_step, state)
 
-    return jax.jit(run, donate_argnums=(0,))
+    return run
 
 
 @lru_cache(maxsize=8)
 def make_evaluator(hyper: Hyper):
     """Cached jit(evaluate(params, lambdas, problem) -> Evaluation) with deterministic gates."""
+    return jax.jit(evaluate_fn(hyper))
+
+
+def evaluate_fn(hyper: Hyper):
+    """evaluate(params, lambdas, problem) -> Evaluation, not jitted; sums over ``hyper.axis``."""
     controlled = hyper.schedule.target_share > 0
+    total = (lambda x: x) if hyper.axis is None else (lambda x: lax.psum(x, hyper.axis))  # noqa: E731
 
     def evaluate(params: SplitParams, lambdas: jax.Array, problem: DeviceProblem) -> Evaluation:
         gates = deterministic_gates(params.active.log_alpha, hyper.shape)
         loss, estimates = split_objective(params, gates, problem.ops, problem.targets, problem.loss_weights,
                                           hyper.shape, column_lambdas(_loss_lambdas(lambdas, controlled),
                                                                       problem.groups),
-                                          hyper.lambda_l2, problem.tolerances)
+                                          hyper.lambda_l2, problem.tolerances, axis=hyper.axis)
         rel = relative_errors(estimates, problem.targets)
         data_loss = jnp.sum(problem.loss_weights * excess_errors(rel, problem.tolerances) ** 2)
         open_active = jnp.sum(jnp.exp(params.active.log_weight) * gates > 0)
         inactive_gates = deterministic_gates(params.inactive.log_alpha, hyper.shape)
         open_inactive = jnp.sum(jnp.exp(params.inactive.log_weight) * inactive_gates > 0)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
+        if hyper.axis is not None:
+            finite = total(jnp.where(finite, 0, 1)) == 0
         shares = group_open_shares(params.active.log_alpha, params.inactive.log_alpha, problem.groups, hyper.shape)
         l0 = penalties(params, hyper.shape, column_lambdas(_loss_lambdas(lambdas, controlled), problem.groups), 0.0)
         l2 = penalties(params, hyper.shape, 0.0, hyper.lambda_l2)
-        return Evaluation(loss, data_loss, rel, open_active + open_inactive, finite, shares, l0, l2)
+        return Evaluation(loss, data_loss, rel, total(open_active + open_inactive), finite, shares, total(l0),
+                          total(l2))
 
-    return jax.jit(evaluate)
+    return evaluate
 
 
 @lru_cache(maxsize=8)

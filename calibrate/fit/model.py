@@ -179,6 +179,12 @@ def build_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
     canonical CSR matrix (sorted indices, no duplicates). Memory: besides X, one CSC copy
     (freed before the forward layout is built) and the two layouts themselves.
     """
+    layout, slots = column_layout(X)
+    return layout, {**forward_layout(X, active_positions(layout)), **slots}
+
+
+def column_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
+    """The active/inactive split and the transposed slots (``slot_rows``, ``slot_vals``) of X."""
     csc = X.tocsc()
     csc.sort_indices()
     counts = np.diff(csc.indptr)
@@ -192,21 +198,32 @@ def build_layout(X: sp.csr_matrix) -> tuple[Layout, dict]:
         idx = starts[:cols_with_k] + k
         slot_rows.append(csc.indices[idx].astype(np.int32))
         slot_vals.append(csc.data[idx].astype(np.float32))
-    del csc, starts
-    position = np.zeros(X.shape[1], dtype=np.int32)
-    position[active_ids] = np.arange(active_ids.size, dtype=np.int32)
-    arrays = {**_forward_layout(X, position), "slot_rows": tuple(slot_rows), "slot_vals": tuple(slot_vals)}
-    return Layout(X.shape[1], active_ids, inactive_ids), arrays
+    return Layout(X.shape[1], active_ids, inactive_ids), {"slot_rows": tuple(slot_rows), "slot_vals": tuple(slot_vals)}
 
 
-def _forward_layout(X: sp.csr_matrix, position: np.ndarray) -> dict:
+def active_positions(layout: Layout) -> np.ndarray:
+    """Position of each column of X among the active columns (0 for inactive ones)."""
+    position = np.zeros(layout.n_columns, dtype=np.int32)
+    position[layout.active_ids] = np.arange(layout.active_ids.size, dtype=np.int32)
+    return position
+
+
+def row_blocks(X: sp.csr_matrix) -> np.ndarray:
+    """Forward blocks of each row of X: its nonzeros over ``BLOCK``, rounded up."""
+    return -(-np.diff(X.indptr) // BLOCK)
+
+
+def forward_layout(X: sp.csr_matrix, position: np.ndarray, width: np.ndarray | None = None,
+                   n_blocks: int | None = None) -> dict:
     """Row-major nonzeros (CSR order), each row zero-padded to whole blocks, and the block table.
 
     Filled row by row from the CSR arrays, so no COO copy or sort of all nonzeros is made.
+    ``width`` (each row's table width) and ``n_blocks`` (at least X's blocks) default to X's own;
+    larger ones give several matrices tables of one shape (the column blocks of the sharded fit).
     """
     per_row = np.diff(X.indptr)
-    blocks_per_row = -(-per_row // BLOCK)
-    n_blocks = int(blocks_per_row.sum())
+    blocks_per_row = row_blocks(X)
+    n_blocks = int(blocks_per_row.sum()) if n_blocks is None else n_blocks
     padded_start = np.concatenate([[0], np.cumsum(blocks_per_row * BLOCK)])[:-1]
     fwd_cols = np.zeros(n_blocks * BLOCK, dtype=np.int32)
     fwd_vals = np.zeros(n_blocks * BLOCK, dtype=np.float32)
@@ -214,13 +231,19 @@ def _forward_layout(X: sp.csr_matrix, position: np.ndarray) -> dict:
         a, b, start = X.indptr[row], X.indptr[row + 1], padded_start[row]
         fwd_cols[start:start + b - a] = position[X.indices[a:b]]
         fwd_vals[start:start + b - a] = X.data[a:b]
-    return {"fwd_cols": fwd_cols, "fwd_vals": fwd_vals, **_row_tables(blocks_per_row, n_blocks)}
+    return {"fwd_cols": fwd_cols, "fwd_vals": fwd_vals, **_row_tables(blocks_per_row, n_blocks, width)}
 
 
-def _row_tables(blocks_per_row: np.ndarray, n_blocks: int) -> dict:
-    """Block ids of each row in zero-padded tables, one per power-of-two width class."""
+def table_widths(blocks_per_row: np.ndarray) -> np.ndarray:
+    """Each row's table width: its block count rounded up to a power of two (at least 1)."""
+    return 1 << np.ceil(np.log2(np.maximum(blocks_per_row, 1))).astype(np.int64)
+
+
+def _row_tables(blocks_per_row: np.ndarray, n_blocks: int, width: np.ndarray | None = None) -> dict:
+    """Block ids of each row in zero-padded tables, one per width class (power of two by default);
+    ``n_blocks`` is the padding id."""
     first_block = np.concatenate([[0], np.cumsum(blocks_per_row)])[:-1]
-    width = 1 << np.ceil(np.log2(np.maximum(blocks_per_row, 1))).astype(np.int64)
+    width = table_widths(blocks_per_row) if width is None else width
     tables, order = [], []
     for w in np.unique(width):
         rows = np.flatnonzero(width == w)
@@ -337,17 +360,23 @@ def split_objective(
     lambda_l2: float,
     tolerances: jax.Array | None = None,
     penalised: bool = True,
+    axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(objective, estimates) for given active-column gates (stochastic or deterministic).
 
     ``penalised=False`` (static): the data term only, for callers whose penalty weights are all
-    zero (under sparsity control without L2): same value and gradient, no pass over all columns."""
+    zero (under sparsity control without L2): same value and gradient, no pass over all columns.
+    ``axis``: inside ``shard_map`` over column blocks, the mesh axis whose partial products and
+    penalties are summed (the gradient X^T g then stays local to each block)."""
     w = jnp.exp(params.active.log_weight) * gates
     estimates = sparse_matvec(targets.shape[0], ops, w)
+    if axis is not None:
+        estimates = jax.lax.psum(estimates, axis)
     data = jnp.sum(loss_weights * excess_errors(relative_errors(estimates, targets), tolerances) ** 2)
     if not penalised:
         return data, estimates
-    return data + penalties(params, shape, lambda_l0, lambda_l2), estimates
+    pen = penalties(params, shape, lambda_l0, lambda_l2)
+    return data + (pen if axis is None else jax.lax.psum(pen, axis)), estimates
 
 
 def relative_loss(

@@ -80,16 +80,10 @@ def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: in
     """
     if column_groups is None:
         column_groups = np.zeros(layout.n_columns, dtype=np.int64)
-    codes = _group_codes(np.asarray(column_groups))
+    codes = group_codes(np.asarray(column_groups))
     joined = np.concatenate([codes[layout.active_ids], codes[layout.inactive_ids]])
-    # a stable sort of 16-bit keys is a radix sort (same order as on int32, a fraction of the time)
-    order = np.argsort(joined.astype(np.int16) if codes.max(initial=0) < 2**15 else joined, kind="stable")
-    counts = np.bincount(joined)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    members = np.full((counts.size, int(counts.max())), joined.size, dtype=np.int32)
-    sorted_codes = joined[order]
-    members[sorted_codes, np.arange(joined.size) - starts[sorted_codes]] = order
-    speed = np.random.default_rng([seed, 0x5EED]).uniform(*SPEED_RANGE, layout.n_columns).astype(np.float32)
+    members, counts = group_members(joined)
+    speed = column_speeds(layout.n_columns, seed)
     return {
         "active": codes[layout.active_ids], "inactive": codes[layout.inactive_ids], "members": members,
         "sizes": counts.astype(np.float32), "speed_active": speed[layout.active_ids],
@@ -97,7 +91,25 @@ def build_group_index(layout: Layout, column_groups: np.ndarray | None, seed: in
     }
 
 
-def _group_codes(groups: np.ndarray) -> np.ndarray:
+def group_members(joined: np.ndarray, n_groups: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(members, counts): each group's positions in ``joined`` (group codes of [active, inactive])
+    in a dense (groups, largest group) table padded with ``joined.size``, and each group's size."""
+    # a stable sort of 16-bit keys is a radix sort (same order as on int32, a fraction of the time)
+    order = np.argsort(joined.astype(np.int16) if joined.max(initial=0) < 2**15 else joined, kind="stable")
+    counts = np.bincount(joined, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    members = np.full((counts.size, int(counts.max(initial=0))), joined.size, dtype=np.int32)
+    sorted_codes = joined[order]
+    members[sorted_codes, np.arange(joined.size) - starts[sorted_codes]] = order
+    return members, counts
+
+
+def column_speeds(n_columns: int, seed: int) -> np.ndarray:
+    """Each column's pressure multiplier, uniform in SPEED_RANGE, in original column order from ``seed``."""
+    return np.random.default_rng([seed, 0x5EED]).uniform(*SPEED_RANGE, n_columns).astype(np.float32)
+
+
+def group_codes(groups: np.ndarray) -> np.ndarray:
     """``np.unique(groups, return_inverse=True)[1]`` as int32; integer ids of a small range in one pass."""
     if groups.dtype.kind in "iu" and groups.size and int(groups.max()) - int(groups.min()) <= 4 * groups.size:
         offset = groups.astype(np.int64) - int(groups.min())
