@@ -59,7 +59,11 @@ def test_default_fit_is_pps_carriers_calibrated_by_newton(tmp_path):
     w = np.load(run_dir / "weights.npy").reshape(len(summary["cds"]), -1)
     n_hh = w.shape[1]
     assert np.all(w >= 0)
-    np.testing.assert_array_equal((w > 0).sum(axis=1), round(0.2 * n_hh))
+    # each CD draws round(20 %) carriers (the PPS draw's fixed size: tests/test_weight_quality.py);
+    # the raking may take a carrier to its lower bound 0 (on this 300-household toy 7-10 of 60 in
+    # two CDs), never open a household that is not a carrier
+    carriers = round(0.2 * n_hh)
+    assert np.all((w > 0).sum(axis=1) <= carriers) and np.all((w > 0).sum(axis=1) >= 0.8 * carriers)
     table = pd.read_csv(run_dir / "targets.csv")
     fitted = table[table.status == "fit"]
     assert np.median(np.abs(fitted.estimate / fitted.value - 1)) < 0.02
