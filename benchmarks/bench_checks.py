@@ -26,7 +26,7 @@ from calibrate.core.dataset import validate_dataset  # noqa: E402
 from calibrate.targets import TargetFilter, all_cds, load_targets  # noqa: E402
 from calibrate.targets.validate import check_database  # noqa: E402
 
-DEFAULT_FILTER = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7, 11))  # the default target=[..., households_age]
+DEFAULT_FILTER = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7, 11, 12))  # the default target=[..., households_age, poverty]
 
 
 def timed(fn, repeat: int) -> float:

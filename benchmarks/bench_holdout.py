@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LEVELS = ("district", "state", "national")
 GROUP_NAMES = {1: "geography", 2: "age", 3: "agi", 4: "snap", 5: "medicaid", 6: "eitc", 7: "national", 8: "households",
-               11: "households_age",
+               11: "households_age", 12: "poverty",
                9: "soi", 10: "households_snap"}
 METHOD_OVERRIDES = {"start": ["fit=start"], "classical": ["fit=classical"], "l0": ["fit=l0_legacy"], "l0new": ["fit=l0"],
                     "default": []}

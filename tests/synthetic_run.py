@@ -22,7 +22,7 @@ from calibrate.outputs.evaluation import split_errors
 from calibrate.outputs.tables import TARGET_COLUMNS, relative_errors
 from calibrate.targets import TargetFilter, all_cds, load_targets
 
-DEFAULT_FILTER = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7, 11))  # the default target=[..., households_age]
+DEFAULT_FILTER = TargetFilter(stratum_group_ids=(1, 2, 4, 5, 7, 11, 12))  # the default target=[..., households_age, poverty]
 N_HOUSEHOLDS = 1_000
 
 

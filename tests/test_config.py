@@ -98,7 +98,7 @@ def test_target_union_is_or_of_selected_files():
 
 def test_default_target_selection():
     cfg = to_config(_compose())
-    assert sorted(cfg.target) == sorted(["geography", "age", "snap", "medicaid", "national", "households_age"])
+    assert sorted(cfg.target) == sorted(["geography", "age", "snap", "medicaid", "national", "households_age", "poverty"])
     assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 11)
 
 
@@ -166,6 +166,8 @@ def test_stage_configs_are_the_schema():
     ("fit.lr=-1", "fit.lr=-1.0"), ("fit.polish_share=1.0", "fit.polish_share=1.0"),
     ("fit.sparsity.active_per_cd=0", "fit.sparsity.active_per_cd=0"), ("fit.sparsity.ramp=2", "fit.sparsity.ramp=2.0"),
     ("fit.sparsity.carriers=stratified", "fit.sparsity.carriers='stratified'"),
+    ("fit.start.home_factor=0.5", "fit.start.home_factor=0.5"),
+    ("fit.start.home_state_share=0.5", "fit.start.home_factor=16.0"),  # the two starts exclude each other
 ])
 def test_bad_fit_value_names_the_key(override, key):
     with pytest.raises(CalibrateError, match="^" + key.replace(".", r"\.") + " ") as info:

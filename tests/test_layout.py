@@ -37,6 +37,24 @@ def test_initial_weights_closed_form():
         StackedLayout.of([601], [1, 2], [1.0, -1.0], [6, 6]).initial_weights()
 
 
+def test_home_weighted_weights_closed_form():
+    """Each CD: base weights with its own state's households x the factor, scaled to total / n_cds."""
+    w = LAYOUT.home_weighted_weights(4.0).reshape(5, 3)
+    total = 190.0 / 5  # every CD starts with the same share of the base total
+    ca = np.array([400.0, 60.0, 30.0])  # CA CDs: the CA household x4
+    ny = np.array([100.0, 240.0, 30.0])
+    tx = np.array([100.0, 60.0, 30.0])  # no TX household: the proportional mix
+    for row, raw in zip(w, [ca, ca, ny, tx, tx]):
+        np.testing.assert_allclose(row, raw * total / raw.sum())
+    np.testing.assert_allclose(LAYOUT.home_weighted_weights(1.0), LAYOUT.initial_weights(None))
+    # a CD's start depends on its own state only: the NY CD alone starts as in the five-CD layout
+    alone = StackedLayout.of([3601], [11, 22, 33], [100.0, 60.0, 30.0], [6, 36, 99]).home_weighted_weights(4.0)
+    np.testing.assert_allclose(alone / alone.sum(), w[2] / w[2].sum())
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="home_factor"):
+            LAYOUT.home_weighted_weights(bad)
+
+
 def test_base_allocation_and_home_columns():
     w = LAYOUT.base_allocation().reshape(5, 3)
     np.testing.assert_allclose(w[:, 0], [50, 50, 0, 0, 0])  # CA household: half in each CA CD

@@ -142,7 +142,7 @@ def test_non_geographic_strata_repeat_their_parent_geography(db):
         cons.setdefault(sid, set()).add((var, op, val))
     strata = {sid: (parent, group) for sid, parent, group in
               query(db, "SELECT stratum_id, parent_stratum_id, stratum_group_id FROM strata")}
-    assert sorted({g for _, g in strata.values()}) == list(range(1, 12))
+    assert sorted({g for _, g in strata.values()}) == list(range(1, 13))
     for sid, (parent, group) in strata.items():
         if group == 1:
             assert (parent is None) == (not cons.get(sid))

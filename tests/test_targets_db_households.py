@@ -106,7 +106,7 @@ def test_every_s2201_target_is_its_raw_cell_and_suppressed_cells_give_none(db):
             continue
         by_geo[state * 100 + (1 if district in ("00", "98") else int(district))] = r
     got = query(db, "SELECT t.notes, t.value, t.moe, c.value FROM targets t JOIN strata s USING (stratum_id) "
-                    "JOIN stratum_constraints c USING (stratum_id) WHERE s.stratum_group_id IN (8, 10, 11) "
+                    "JOIN stratum_constraints c USING (stratum_id) WHERE s.stratum_group_id IN (8, 10, 11, 12) "
                     "AND c.constraint_variable = 'congressional_district_geoid'")
     seen = set()
     for notes, value, moe, geoid in got:
@@ -120,6 +120,26 @@ def test_every_s2201_target_is_its_raw_cell_and_suppressed_cells_give_none(db):
     suppressed = {(g, c) for g, r in by_geo.items() for c in columns if r[c + "E"] in SENTINELS}
     assert suppressed and not suppressed & seen
     assert seen | suppressed == {(g, c) for g in by_geo for c in columns}
+
+
+def test_poverty_rows_are_group_12_and_keep_their_place_in_the_ids(db):
+    """Group 12 is exactly the all-household poverty rows (S2201_C01_021 / 022), each constrained on
+    household_below_poverty alone; no other group holds that constraint for all households, and the
+    group-12 ids sit inside the run of group-8 ids (split out of group 8: ids unchanged)."""
+    rows = query(db, "SELECT t.target_id, t.notes, s.stratum_group_id, group_concat(c.constraint_variable) "
+                     "FROM targets t JOIN strata s USING (stratum_id) JOIN stratum_constraints c USING (stratum_id) "
+                     "WHERE s.stratum_group_id IN (8, 12) GROUP BY t.target_id")
+    poverty = [r for r in rows if r[2] == 12]
+    columns = {r[1].split()[1] for r in poverty}
+    assert columns == {"S2201_C01_021E", "S2201_C01_022E"}
+    assert all(set(r[3].split(",")) == {"congressional_district_geoid", "household_below_poverty"} for r in poverty)
+    assert not [r for r in rows if r[2] == 8 and "household_below_poverty" in r[3]]
+    raw = raw_rows("acs_S2201_district_2024.json")
+    cells = [r[c] for r in raw.values() if r["state"] != "72" and r["congressional district"] != "ZZ"
+             for c in ("S2201_C01_021E", "S2201_C01_022E")]
+    assert len(poverty) == sum(c not in SENTINELS for c in cells) == 872
+    ids8 = [r[0] for r in rows if r[2] == 8]
+    assert min(ids8) < min(r[0] for r in poverty) and max(r[0] for r in poverty) < max(ids8)
 
 
 def test_s0101_margins_equal_the_m_columns(db):
@@ -218,7 +238,7 @@ def test_new_groups_compose_and_the_database_passes_validation(db):
         cfg = to_config(compose("config", overrides=["target=[geography,age,snap,medicaid,national,households,households_snap,soi]",
                                                      "reconcile.tolerance=moe"]))
         bad = to_config(compose("config", overrides=["reconcile.tolerance=sometimes"]))
-    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 8, 9, 10, 11)
+    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 8, 9, 10, 11, 12)
     assert cfg.reconcile.tolerance == "moe"
     reconcile_config(cfg.reconcile)
     with pytest.raises(CalibrateError, match="reconcile.tolerance='sometimes'"):

@@ -47,12 +47,15 @@ class CalibrationOutcome:
     dual: np.ndarray | None = None  # the minimum-distance solve's final dual (warm-starts the replicates)
 
 
-def start_weights(matrix, home_state_share: float | None, values: np.ndarray, in_loss: np.ndarray,
+def start_weights(matrix, start, values: np.ndarray, in_loss: np.ndarray,
                   rescale: bool) -> tuple[np.ndarray, float]:
-    """(start, scale): base weights spread over the CDs, scaled by the median target/estimate ratio."""
+    """(start, scale): base weights spread over the CDs (``start``: a StartConfig), scaled by the median
+    target/estimate ratio."""
     from calibrate.app.fitting import rescale_factor
 
-    init = matrix.layout.initial_weights(home_state_share)
+    layout = matrix.layout
+    init = (layout.home_weighted_weights(start.home_factor) if start.home_factor is not None
+            else layout.initial_weights(start.home_state_share))
     scale = rescale_factor(matrix.X, init, values, in_loss) if rescale else 1.0
     return init * scale, scale
 
@@ -98,7 +101,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     values = np.asarray(reconciled.plan.value, dtype=np.float64)
     lw = np.asarray(reconciled.loss_weights, dtype=np.float64)
     layout = matrix.layout
-    start, scale = start_weights(matrix, fit.start.home_state_share, values, lw > 0, fit.rescale_init)
+    start, scale = start_weights(matrix, fit.start, values, lw > 0, fit.rescale_init)
     solve_info, base, dual = None, None, None
     if fit.method == "start":
         weights = start.copy()

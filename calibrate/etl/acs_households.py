@@ -1,8 +1,9 @@
-"""ACS S2201 household composition by congressional district (stratum groups 8, 10 and 11).
+"""ACS S2201 household composition by congressional district (stratum groups 8, 10, 11 and 12).
 
 Group 11: all households (column C01) by age composition alone (a member 60+ / none, children
-under 18 / none), which the embedded data measures exactly; group 8: the other all-household
-rows (family type, poverty, workers: derived approximations, docs/targets.md); group 10: the
+under 18 / none), which the embedded data measures exactly; group 12: all households by poverty
+status (below / at or above the poverty level: the HHS guideline approximation, docs/targets.md);
+group 8: the other all-household rows (family type, workers: derived approximations); group 10: the
 same rows for households receiving and not receiving SNAP (C03, C05; ACS-reported receipt,
 which runs below USDA's caseload).
 
@@ -94,16 +95,18 @@ NOT_STORED = {34: "median income (dollars): a median, not a sum over households"
 
 
 AGE_VARIABLES = frozenset({"household_oldest_age", "household_youngest_age"})
-ALL_HOUSEHOLDS_GROUP, AGE_COMPOSITION_GROUP, SNAP_SPLIT_GROUP = 8, 11, 10
+POVERTY_VARIABLES = frozenset({"household_below_poverty"})
+ALL_HOUSEHOLDS_GROUP, AGE_COMPOSITION_GROUP, SNAP_SPLIT_GROUP, POVERTY_GROUP = 8, 11, 10, 12
 
 
 def household_group(population: str, constraints: tuple[Constraint, ...]) -> int:
     """Stratum group of an S2201 cell: SNAP / non-SNAP cross-tabs (10), all households by age
-    composition only (11), every other all-household row (8)."""
+    composition only (11), all households by poverty status only (12), every other all-household row (8)."""
     if population != "C01":
         return SNAP_SPLIT_GROUP
-    if constraints and all(c.variable in AGE_VARIABLES for c in constraints):
-        return AGE_COMPOSITION_GROUP
+    for variables, group in ((AGE_VARIABLES, AGE_COMPOSITION_GROUP), (POVERTY_VARIABLES, POVERTY_GROUP)):
+        if constraints and all(c.variable in variables for c in constraints):
+            return group
     return ALL_HOUSEHOLDS_GROUP
 
 
@@ -122,7 +125,7 @@ def unsupported_rows() -> dict[int, str]:
 
 
 def add_households(plan, s2201: dict, s2201_moe: dict, acs_year: int, sub_stratum) -> list[str]:
-    """Group 8, 10 and 11 strata and targets for every CD; returns the suppressed cells (no target)."""
+    """Group 8, 10, 11 and 12 strata and targets for every CD; returns the suppressed cells (no target)."""
     skipped = []
     for cd, row_values in sorted(s2201.items()):
         geo = ("cd", cd)
@@ -132,8 +135,10 @@ def add_households(plan, s2201: dict, s2201_moe: dict, acs_year: int, sub_stratu
             pop_label, pop_cons = POPULATIONS[pop]
             column = estimate_column(pop, r)
             group = household_group(pop, cons)
+            # group 12 was split out of group 8 after its target ids were in use: it keeps group 8's place
             stratum = sub_stratum(plan, "s2201", geo, group, (list(POPULATIONS).index(pop), r), pop_cons + cons,
-                                  f"ACS S2201 {pop_label}: {label}")
+                                  f"ACS S2201 {pop_label}: {label}",
+                                  sort_group=ALL_HOUSEHOLDS_GROUP if group == POVERTY_GROUP else None)
             value = row_values[column]
             if value is None:
                 skipped.append(f"district {cd} {column}")

@@ -20,7 +20,7 @@ from .target_sources import SOURCES, Constraint, Finding, SourceInfo, constraint
 
 GROUPS = {1: "geography", 2: "age", 3: "AGI", 4: "SNAP", 5: "Medicaid", 6: "EITC", 7: "national totals",
           8: "ACS households", 9: "SOI national", 10: "ACS SNAP households",
-          11: "ACS households by age"}
+          11: "ACS households by age", 12: "ACS households by poverty status"}
 ACS_YEAR = 2024  # ACS 2024 1-year tables
 SNAP_FISCAL_YEAR = 2024
 MEDICAID_PERIOD = "202412"
@@ -98,11 +98,13 @@ def _geo_constraints(geo: tuple) -> tuple[Constraint, ...]:
 LEVEL_RANK = {"us": 0, "state": 1, "cd": 2}
 
 
-def _sub_stratum(plan: TargetPlan, name: str, geo: tuple, group: int, index, constraints, notes: str) -> tuple:
-    """A stratum under ``geo`` that repeats its geographic constraint."""
+def _sub_stratum(plan: TargetPlan, name: str, geo: tuple, group: int, index, constraints, notes: str,
+                 sort_group: int | None = None) -> tuple:
+    """A stratum under ``geo`` that repeats its geographic constraint; ``sort_group`` (default ``group``)
+    places it in the id order (a group split out of another keeps its old place, so ids stay stable)."""
     code = geo[1] if len(geo) > 1 else 0
     spec = StratumSpec((name, geo, index), geo, group, tuple(sorted(_geo_constraints(geo) + tuple(constraints))),
-                       notes, (group, LEVEL_RANK[geo[0]], code, index))
+                       notes, (group if sort_group is None else sort_group, LEVEL_RANK[geo[0]], code, index))
     return plan.add_stratum(spec)
 
 

@@ -42,6 +42,7 @@ class StartConfig:
     """Where the fit starts: each household's base weight spread over the CDs (``StackedLayout.initial_weights``)."""
 
     home_state_share: float | None = None  # share of a household's weight on its own state's CDs (null: proportional)
+    home_factor: float | None = 16.0  # each CD a miniature of the country, its own state's households x this (null: 1)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class ClassicalConfig:
     distance: str = "logit"  # logit (bounded raking) | kl (raking, clipped) | chi2 (GREG, clipped)
     lower: float = 0.0  # smallest multiplier w / w0
     upper: float = 5.0  # largest multiplier w / w0
-    penalty: float = 1.0e4  # weight of the squared relative errors against the distance
+    penalty: float = 2.0e4  # weight of the squared relative errors against the distance
     max_iter: int = 50  # Newton steps on the dual
     tol: float = 1.0e-6  # stop when every target's relative residual (error beyond its penalised optimum) is below
 
@@ -135,6 +136,7 @@ _RULES = {
     "method": ("str", lambda v: v in METHODS, f"must be one of {', '.join(METHODS)}"),
     "polish": ("str", lambda v: v in POLISHES, f"must be one of {', '.join(POLISHES)}"),
     "start.home_state_share": ("float?", lambda v: 0 < v < 1, "must be null (proportional) or in (0, 1)"),
+    "start.home_factor": ("float?", lambda v: v >= 1, "must be null or >= 1 (1: the proportional start)"),
     "classical.distance": ("str", lambda v: v in DISTANCES, f"must be one of {', '.join(DISTANCES)}"),
     "classical.lower": ("float", lambda v: 0 <= v < 1, "must be in [0, 1) (the bounds contain the start, 1)"),
     "classical.upper": ("float", lambda v: v > 1, "must be > 1 (the bounds contain the start, 1)"),
@@ -175,6 +177,9 @@ def validate_config(config: FitConfig) -> None:
         kind, check, rule = _RULES[key]
         if not _ok(kind, check, value):
             raise FitConfigError(key, value, rule)
+    if config.start.home_factor is not None and config.start.home_state_share is not None:
+        raise FitConfigError("start.home_factor", config.start.home_factor,
+                             f"cannot be set with start.home_state_share={config.start.home_state_share} (choose one)")
     if config.polish_epochs >= config.epochs:
         raise FitConfigError("polish_share", config.polish_share, f"leaves no epoch before the polish "
                              f"(epochs={config.epochs})")

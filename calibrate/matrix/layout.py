@@ -102,12 +102,8 @@ class StackedLayout:
         blocks = np.array([first.get(int(s), -1) for s in self.household_states], dtype=np.int64)
         return np.where(blocks >= 0, self.column(blocks, hh), -1)
 
-    def initial_weights(self, home_state_share: float | None = 0.9) -> np.ndarray:
-        """Starting weights of the fit: each household's base weight split, ``home_state_share``
-        evenly over the CDs of its own state, the rest evenly over all other CDs (all of it evenly
-        over all CDs when its state has none in the list; all on the home CDs when no other CD
-        exists); ``None``: evenly over all CDs (population-proportional). Column totals per household
-        equal its base weight and every weight is > 0, as the fit's log parametrisation needs."""
+    def _checked_base_weights(self) -> np.ndarray:
+        """The base weights as float64, refused unless finite, > 0 and one per household, with a CD to place them."""
         base = np.asarray(self.household_weights, dtype=np.float64)
         hh_state = np.asarray(self.household_states)
         if base.ndim != 1 or hh_state.shape != base.shape:
@@ -118,6 +114,16 @@ class StackedLayout:
             raise ValueError(f"household_weights must be finite and > 0; bad indices {bad[:10].tolist()}")
         if self.n_cds == 0:
             raise ValueError("the layout has no CD")
+        return base
+
+    def initial_weights(self, home_state_share: float | None = 0.9) -> np.ndarray:
+        """Starting weights of the fit: each household's base weight split, ``home_state_share``
+        evenly over the CDs of its own state, the rest evenly over all other CDs (all of it evenly
+        over all CDs when its state has none in the list; all on the home CDs when no other CD
+        exists); ``None``: evenly over all CDs (population-proportional). Column totals per household
+        equal its base weight and every weight is > 0, as the fit's log parametrisation needs."""
+        base = self._checked_base_weights()
+        hh_state = np.asarray(self.household_states)
         if home_state_share is None:
             return np.tile(base / self.n_cds, self.n_cds)
         if not 0 < home_state_share < 1:
@@ -130,6 +136,19 @@ class StackedLayout:
         per_other = np.divide(1.0 - home_share, n_other, out=np.zeros(n_other.shape), where=n_other > 0)
         share = np.where(in_home, per_home[None, :], per_other[None, :])
         return (share * base[None, :]).ravel()
+
+    def home_weighted_weights(self, home_factor: float) -> np.ndarray:
+        """Starting weights in which every CD is a miniature of the country whose own state's households
+        weigh ``home_factor`` times the others: CD ``c`` holds ``base_j * r_jc`` (``r`` = ``home_factor``
+        for a household of ``c``'s state, else 1) scaled to ``sum(base) / n_cds``. A CD's start so depends
+        on its own state only (the same in a one-state run as in the country); 1 is the proportional start."""
+        if not np.isfinite(home_factor) or home_factor < 1:
+            raise ValueError(f"home_factor={home_factor!r} must be >= 1")
+        base = self._checked_base_weights()
+        in_home = self.cd_states[:, None] == np.asarray(self.household_states)[None, :]  # (n_cds, n_households)
+        w = np.where(in_home, home_factor, 1.0) * base[None, :]
+        w *= base.sum() / self.n_cds / w.sum(axis=1, keepdims=True)
+        return w.ravel()
 
     def base_allocation(self) -> np.ndarray:
         """Stacked weights that put each household's base weight in its home state, evenly over its CDs
