@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -145,27 +146,27 @@ def _toy_problem(seed: int = 4):
 
 
 def test_replicates_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tmp_path, monkeypatch, caplog):
-    from calibrate.uncertainty import chord
+    from calibrate.uncertainty import solver
 
     X, truth, start, household, states = _toy_problem()
     lw, cfg = np.ones(X.shape[0]), ClassicalConfig(penalty=1e6)
     main = calibrate_classical(X, truth, start, lw, cfg)
-    config = UncertaintyConfig(enabled=True, replicates=7, method="rao_wu", seed=3, checkpoint_every=2)
+    config = UncertaintyConfig(enabled=True, replicates=7, method="rao_wu", seed=3, checkpoint_every=2, batch=2)
     args = (X, truth, lw, start, main.weights, household, states, config, cfg)
     whole = run_replicates(*args, dual=main.dual)  # no checkpoint
     path = tmp_path / "replicate_checkpoint.safetensors"
-    solve, calls = chord.ChordSolver.solve, []
+    solve, calls = solver.ReplicateSolver.solve_batch, []
 
-    def dies_at_the_sixth(self, start_r):
+    def dies_in_the_third_batch(self, starts):
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return solve(self, start_r)
+        return solve(self, starts)
 
-    monkeypatch.setattr(chord.ChordSolver, "solve", dies_at_the_sixth)
+    monkeypatch.setattr(solver.ReplicateSolver, "solve_batch", dies_in_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run_replicates(*args, dual=main.dual, checkpoint=path)
-    monkeypatch.setattr(chord.ChordSolver, "solve", solve)
+    monkeypatch.setattr(solver.ReplicateSolver, "solve_batch", solve)
     from safetensors import safe_open
     with safe_open(str(path), framework="numpy") as fh:
         assert fh.metadata()["done"] == "4" and fh.get_tensor("weights").shape[0] == 4
@@ -179,6 +180,28 @@ def test_replicates_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tmp_pat
         other = run_replicates(X, truth, lw, start, main.weights * 1.01, household, states, config, cfg,
                                dual=main.dual, checkpoint=path)
     assert other.resumed == 0 and "other main weights" in caplog.text
+
+
+@pytest.mark.parametrize("distance", ["logit", "kl"])
+def test_batched_replicates_equal_one_at_a_time_and_a_cold_newton_solve(distance):
+    """Replicates solved together equal replicates solved one by one, and each equals a Newton solve
+    from scratch of its own start (an independent solver), to the solver's tolerance."""
+    X, truth, start, household, states = _toy_problem(seed=8)
+    lw, cfg = np.ones(X.shape[0]), ClassicalConfig(penalty=1e6, distance=distance, upper=4.0)
+    main = calibrate_classical(X, truth, start, lw, cfg)
+    config = UncertaintyConfig(enabled=True, replicates=9, method="poisson", seed=2)
+    args = (X, truth, lw, start, main.weights, household, states)
+    together = run_replicates(*args, config, cfg, dual=main.dual)  # batch 0: all 9 at once
+    alone = run_replicates(*args, replace(config, batch=1), cfg, dual=main.dual)
+    np.testing.assert_array_equal(together.multipliers, alone.multipliers)
+    np.testing.assert_allclose(together.weights, alone.weights, rtol=1e-9, atol=1e-9)
+    assert together.converged == alone.converged == 9 and together.newton_steps == alone.newton_steps
+    hh_of = household[together.columns]
+    for r in range(9):
+        cold = calibrate_classical(X[:, together.columns], truth, start[together.columns] * together.multipliers[r][hh_of],
+                                   lw, cfg)
+        assert cold.converged
+        np.testing.assert_allclose(together.weights[r], cold.weights, rtol=1e-4, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -230,6 +253,18 @@ def test_targets_moe_equals_recomputation_from_replicate_weights(runs):
     np.testing.assert_allclose(table.se, se, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(table.moe90, 1.645 * se, rtol=1e-5, atol=1e-6)
     assert (table.se > 0).mean() > 0.5
+    # the reliability columns: CV, sampled households behind each target (distinct households with a
+    # nonzero matrix entry and a nonzero weight, counted here from the dense matrix), the NCHS rule
+    cv = np.where(est != 0, se / np.abs(np.where(est != 0, est, 1.0)), np.nan)
+    np.testing.assert_allclose(table.cv, cv, rtol=1e-5)
+    from calibrate.core.dataset import read_h5
+
+    n_hh = read_h5(paths.FIXTURE_DATASET, 2024, ["household_id"])["household_id"].size
+    household = np.tile(np.arange(n_hh), weights.size // n_hh)  # CD-major columns: every household in every CD
+    counted = [len(set(household[(X[i] != 0) & (weights > 0)])) for i in range(X.shape[0])]
+    assert table.n_households.tolist() == counted and max(counted) > 30
+    assert table.reliable.tolist() == [bool(n >= 30 and c <= 0.30) for n, c in zip(counted, cv)]
+    assert 0 < table.reliable.sum() < len(table)
     # replicates stay near the targets (loosely here: geo=tiny has 60 carriers per CD and a replicate
     # draws ~63 % of them; the toy problem above checks that feasible targets are met to 1e-3)
     fitted = table.status.eq("fit").to_numpy() & (table.value.abs() > 1000).to_numpy()
@@ -244,7 +279,8 @@ def test_uncertainty_none_leaves_the_run_unchanged(runs):
     plain = pd.read_csv(runs.plain / "targets.csv")
     boot = pd.read_csv(runs.boot / "targets.csv")
     assert "se" not in plain.columns and "moe90" not in plain.columns
-    pd.testing.assert_frame_equal(plain, boot.drop(columns=["se", "moe90"]))
+    assert not {"cv", "n_households", "reliable"} & set(plain.columns)
+    pd.testing.assert_frame_equal(plain, boot.drop(columns=["se", "moe90", "cv", "n_households", "reliable"]))
     assert not (runs.plain / "replicate_weights.safetensors").exists()
     assert json.loads((runs.plain / "summary.json").read_text())["uncertainty"] == {}
 
@@ -290,6 +326,8 @@ def test_moe_cli_gives_each_cds_estimate_and_replicate_se(runs, tmp_path):
         row = table.iloc[k]
         assert row.estimate == pytest.approx(estimate, rel=1e-6) and row.se == pytest.approx(se, rel=1e-4)
         assert row.moe90 == pytest.approx(1.645 * se, rel=1e-3) and se > 0
+        held = int(np.count_nonzero((weights[block] > 0) & (persons > 0)))  # every household has a person
+        assert row.n_households == held and row.reliable == (held >= 30 and se / estimate <= 0.30)
 
 
 # --------------------------------------------------------------------------- bad settings
@@ -349,7 +387,7 @@ def test_kill_during_replicates_resumes_to_the_uninterrupted_replicates(runs, tm
     """SIGKILL after the first replicate checkpoint; the rerun resumes and ends with the same file."""
     from safetensors import safe_open
 
-    boot = ["uncertainty=bootstrap", "uncertainty.replicates=60", "uncertainty.checkpoint_every=1"]
+    boot = ["uncertainty=bootstrap", "uncertainty.replicates=60", "uncertainty.checkpoint_every=1", "uncertainty.batch=5"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert _cli(*ARGS, *boot, f"hydra.run.dir={clean}").returncode == 0
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "CALIBRATE_FAULT": "replicates"}
