@@ -13,8 +13,11 @@ a product with ``H_r`` (two sparse products, no new factorisation) and a triangu
 search on the dual (one step length per replicate) keeps each step a descent step. Replicates
 of the main targets need 3-4 steps on ``geo=nc`` (a chord iteration alone needed ~11, each
 costing an evaluation of the distance's exp and log over all columns). A replicate that has not
-met ``tol`` after ``max_iter`` steps is finished by :func:`calibrate_classical` from there. The
-optimum is the Newton solve's: only the path differs.
+met ``tol`` after ``max_iter`` steps is far from the main solution, and so is its dual: it is
+solved again by :func:`calibrate_classical` from a zero dual, as the main fit is (on
+benchmarks/bench_truth.py's hard replicates a Newton solve warm-started from the main dual or
+from where the steps stopped could fail to converge in 50 steps where the cold one converged
+in 16-42). The optimum is the Newton solve's: only the path differs.
 
 A batch of B replicates iterates together: dual vectors are the columns of a (targets x B)
 matrix, so the sparse products have B right-hand sides, the triangular solves too, and a
@@ -142,8 +145,8 @@ class ReplicateSolver:
                 if not state.ids.size:
                     break
             self._newton_step(state)
-        for b in np.flatnonzero(~converged):  # rare: a Newton solve of its own from where this one stopped
-            solve = calibrate_classical(self.X, self.targets, starts[b], self.loss_weights, c, initial_dual=lam[b])
+        for b in np.flatnonzero(~converged):  # rare: far from the main solution (and dual); solved as the main fit is
+            solve = calibrate_classical(self.X, self.targets, starts[b], self.loss_weights, c)
             weights[b], converged[b] = solve.weights, bool(solve.converged)
             iterations[b] += solve.iterations
         return BatchResult(weights, iterations, converged)
