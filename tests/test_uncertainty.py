@@ -357,10 +357,15 @@ def test_moe_cli_gives_each_cds_estimate_and_replicate_se(runs, tmp_path):
     ("uncertainty.replicates=-3", "uncertainty.replicates=-3"),
     ("uncertainty.method=jackknife", "uncertainty.method='jackknife'"),
     ("uncertainty.checkpoint_every=-1", "uncertainty.checkpoint_every=-1"),
+    ("uncertainty.batch=-2", "uncertainty.batch=-2"),
+    ("uncertainty.parts=2 uncertainty.part=2", "uncertainty.part=2"),  # parts are numbered 0..parts-1
+    ("uncertainty.parts=2 uncertainty.part=-1", "uncertainty.part=-1"),
+    ("uncertainty.parts=0", "uncertainty.parts=0"),
+    ("uncertainty.parts=30", "uncertainty.parts=30"),  # more parts than the 20 replicates
 ])
 def test_bad_settings_fail_early_with_one_error_line(tmp_path, override, key):
     run_dir = tmp_path / "run"
-    out = _cli(*ARGS, "uncertainty=bootstrap", override, f"hydra.run.dir={run_dir}",
+    out = _cli(*ARGS, "uncertainty=bootstrap", *override.split(), f"hydra.run.dir={run_dir}",
                f"cache_dir={tmp_path / 'cache'}")
     line = _one_error_line(out)
     assert key in line, line

@@ -1,38 +1,22 @@
 """Replicates as a Hydra multirun (``uncertainty.parts=k``, one job per ``uncertainty.part``) joined by
 ``python -m calibrate.uncertainty.merge``: the merged run equals a single run with all R replicates;
-bad part settings and mismatched parts fail with one error line before any work or write."""
+mismatched parts fail with one error line before any write (bad part settings: test_uncertainty.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from test_uncertainty import _cli, _one_error_line
 
-from calibrate.core import paths
 from calibrate.uncertainty.store import PART_FILE, read_replicates
 
 ARGS = ["dataset=fixture", "geo=tiny", "progress=false", "fit.classical.penalty=3.0e3", "uncertainty=bootstrap",
         "uncertainty.replicates=5"]
-
-
-def _cli(*args: str, module: str = "calibrate") -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=paths.REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=1200, check=False)
-
-
-def _one_error_line(out: subprocess.CompletedProcess) -> str:
-    assert out.returncode == 2, out.stderr[-2000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +64,12 @@ def test_merged_parts_equal_the_single_run(runs, how):
     assert joined.n_households.tolist() == single.n_households.tolist()
     assert joined.reliable.tolist() == single.reliable.tolist()
     np.testing.assert_array_equal(np.load(merged / "weights.npy"), np.load(runs.single / "weights.npy"))
+    assert not (merged / ".hydra").exists() and not (merged / PART_FILE).exists()  # a run, not a sweep job
     record = json.loads((merged / "summary.json").read_text())["uncertainty"]
     assert record["replicates"] == 5 and record["parts"] == 2 and record["file"] == "replicate_weights.safetensors"
     # the merged directory is a run: the margins CLI reads it
     out = _cli(str(merged), "variable=person_count", "areas=state", module="calibrate.moe")
     assert out.returncode == 0, out.stderr[-3000:]
-
-
-@pytest.mark.parametrize("override, key", [
-    ("uncertainty.part=2", "uncertainty.part=2"),
-    ("uncertainty.part=-1", "uncertainty.part=-1"),
-    ("uncertainty.parts=0", "uncertainty.parts=0"),
-    ("uncertainty.parts=9", "uncertainty.parts=9"),
-])
-def test_bad_part_settings_fail_early_with_one_error_line(tmp_path, override, key):
-    parts = [] if "parts=" in override else ["uncertainty.parts=2"]
-    out = _cli(*ARGS, *parts, override, f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}")
-    line = _one_error_line(out)
-    assert key in line, line
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.entry"))  # before the build
 
 
 def _with_metadata(job, target, **changes):

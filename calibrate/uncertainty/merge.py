@@ -12,7 +12,8 @@ computes it) into ``replicate_part.safetensors``. Each ``<dir>`` is a job direct
 directory holding job directories (the multirun's). The parts must be one set: the same
 replicates, method, seed, number of parts, main weights and targets, every part once. Checks
 come first (one ``error:`` line and exit 2, nothing written); then ``out`` (default: ``merged``
-beside the job directories) gets part 0's run files, ``replicate_weights.safetensors`` with the
+beside the job directories) gets part 0's run files (not its report or ``.hydra``: the merged
+directory is no sweep job), ``replicate_weights.safetensors`` with the
 R replicates in order, ``targets.csv`` with ``se``, ``moe90``, ``cv``, ``n_households`` and
 ``reliable``, and ``summary.json`` (last), assembled in a temporary directory and renamed.
 """
@@ -35,7 +36,7 @@ from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE
 from calibrate.uncertainty.store import PART_FILE, REPLICATE_FILE
 
 SET_KEYS = ("replicates", "method", "seed", "parts", "draw_targets", "n_columns", "basis")
-NOT_COPIED = {PART_FILE, CHECKPOINT_FILE, "report.html", "error.json"}
+NOT_COPIED = {PART_FILE, CHECKPOINT_FILE, "report.html", "error.json", ".hydra"}  # .hydra: not a sweep job
 USAGE = "usage: python -m calibrate.uncertainty.merge <job dir or multirun dir>... [out=<dir>]"
 
 

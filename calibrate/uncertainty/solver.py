@@ -6,18 +6,16 @@ A replicate's dual (:mod:`calibrate.fit.classical`) differs from the main fit's 
 start, ``m_i * w0``, with bootstrap multipliers of mean 1: its Hessian
 ``H_r = A diag(m w0 x') A^T + C_r`` is close to the main one ``H0``, each entry being a sum over
 many households. ``H0`` is factorised once. From the main dual, each replicate takes Newton
-steps ``H_r d = -g``, solved inexactly (residual below ``min(0.01, |g|) |g|``, so the steps
+steps ``H_r d = -g``, solved inexactly (residual below ``min(0.1, |g|) |g|``, so the steps
 converge superlinearly) by conjugate gradients preconditioned with ``H0``: every CG iteration is
 a product with ``H_r`` (two sparse products, no new factorisation) and a triangular solve with
 ``H0``; its first iterate is the chord step ``-H0^-1 g`` scaled optimally. A backtracking line
-search on the dual (one step length per replicate) keeps each step a descent step. Replicates
-of the main targets need 3-4 steps on ``geo=nc`` (a chord iteration alone needed ~11, each
-costing an evaluation of the distance's exp and log over all columns). A replicate that has not
-met ``tol`` after ``max_iter`` steps is far from the main solution, and so is its dual: it is
-solved again by :func:`calibrate_classical` from a zero dual, as the main fit is (on
-benchmarks/bench_truth.py's hard replicates a Newton solve warm-started from the main dual or
-from where the steps stopped could fail to converge in 50 steps where the cold one converged
-in 16-42). The optimum is the Newton solve's: only the path differs.
+search on the dual (one step length per replicate) keeps each step a descent step. Few steps,
+each evaluating the distance's exp and log over all columns once, is the point: most of a
+step's cost is there, not in the CG products. A replicate that has not met ``tol`` after
+``max_iter`` steps is far from the main solution, and so is its dual: it is solved again by
+:func:`calibrate_classical` from a zero dual, as the main fit is (docs/uncertainty.md, "Cost").
+The optimum is the Newton solve's: only the path differs.
 
 A batch of B replicates iterates together: dual vectors are the columns of a (targets x B)
 matrix, so the sparse products have B right-hand sides, the triangular solves too, and a
