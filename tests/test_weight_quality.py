@@ -131,6 +131,26 @@ def test_conjugate_is_the_sup_over_the_box(distance):
     # the maximiser is the multiplier the dual hands out
     arg = grid[np.argmax(u[:, None] * grid[None, :] - phi[None, :], axis=1)]
     np.testing.assert_allclose(cl.multipliers_from_dual(u, distance, 0.2, 3.0), arg, atol=1e-3)
+    # both at once (the replicates' solver), on a 2-D array as it iterates many replicates
+    x, conj = cl.dual_parts(np.stack([u, u[::-1]], 1), distance, 0.2, 3.0)
+    np.testing.assert_allclose(conj, np.stack([brute, brute[::-1]], 1), atol=1e-4)
+    np.testing.assert_allclose(x, np.stack([arg, arg[::-1]], 1), atol=1e-3)
+    # and dx/dv at those multipliers is the slope of x(v)
+    h = 1e-6
+    fd = (cl.multipliers_from_dual(u + h, distance, 0.2, 3.0) - cl.multipliers_from_dual(u - h, distance, 0.2, 3.0)) / (2 * h)
+    inside = np.abs(np.abs(x[:, 0] - 1.6) - 1.4) > 1e-3  # kl, chi2: not on a kink at a bound
+    np.testing.assert_allclose(cl.slope_at(x[:, 0], distance, 0.2, 3.0)[inside], fd[inside], rtol=1e-5, atol=1e-7)
+
+
+def test_logit_dual_parts_stay_finite_far_out():
+    """Dual values far from 0 (a line search's trial point) give the bounds and a linear conjugate, no overflow."""
+    v = np.array([-1e4, -800.0, 800.0, 1e4])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        x, conj = cl.dual_parts(v, "logit", 0.2, 3.0)
+    np.testing.assert_allclose(x, [0.2, 0.2, 3.0, 3.0])
+    np.testing.assert_allclose(conj, cl.conjugate(v, "logit", 0.2, 3.0), rtol=1e-12)
+    np.testing.assert_allclose(conj[[0, 3]], [0.2 * -1e4 - cl.distance_value(0.2, "logit", 0.2, 3.0),
+                                              3.0 * 1e4 - cl.distance_value(3.0, "logit", 0.2, 3.0)], rtol=1e-9)
 
 
 def test_logit_distance_is_the_closed_form_and_keeps_multipliers_strictly_inside():

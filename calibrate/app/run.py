@@ -131,10 +131,11 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     resumed = checkpoint_start(run_dir, fit)
     if uncertainty.enabled:
         from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE, check_resume
+        from calibrate.uncertainty.config import part_replicates
 
         if done := check_resume(run_dir, uncertainty):
             print(f"replicates: resuming from {run_dir / CHECKPOINT_FILE} with {done} of "
-                  f"{uncertainty.replicates} done", flush=True)
+                  f"{len(part_replicates(uncertainty))} done", flush=True)
 
     from calibrate.matrix import build_matrix
 
@@ -152,10 +153,9 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
                                   reconciled.plan.frame())
     replicates = None
     if uncertainty.enabled:
-        from calibrate.uncertainty.stage import replicate_stage, with_moe
+        from calibrate.uncertainty.stage import replicate_stage
 
-        replicates = replicate_stage(matrix, reconciled, outcome, fit, uncertainty, run_dir)
-        table = with_moe(table, matrix.X, replicates)
+        table, replicates = replicate_stage(matrix, reconciled, outcome, fit, uncertainty, run_dir, table)
     write_outputs(run_dir, weights, table, result.history, matrix.dropped, reconciled.analysis)
     outputs.write_csv(run_dir / "weight_quality.csv", outcome.per_cd)
     violations = quality_violations(outcome, settings.quality)
@@ -170,7 +170,8 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     if replicates is not None:
         from calibrate.uncertainty.stage import summary_record
 
-        summary.uncertainty = summary_record(uncertainty, replicates)
+        summary.uncertainty = summary_record(uncertainty.name, uncertainty.draw_targets, replicates,
+                                             (uncertainty.part, uncertainty.parts))
     if violations and settings.quality.strict:
         raise CalibrateError(f"weight quality: {violations[0]} (quality.strict=true; see weight_quality.csv)")
     summary.publish = "pending" if settings.publish.enabled else "disabled"

@@ -8,7 +8,8 @@ shows the table with each job linking to its ``report.html``. The table is rebui
 the job directories on disk, so it works for every launcher (basic, joblib, Slurm,
 Ray) as long as the jobs write to the shared sweep directory. With the Modal launcher the
 job directories live on a Modal volume: fetch them, then rebuild the files with
-``python -m calibrate.app.sweep <sweep dir>``.
+``python -m calibrate.app.sweep <sweep dir>``. The replicate parts of a multirun over
+``uncertainty.part`` (docs/uncertainty.md) are merged into ``<sweep dir>/merged``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class SweepTableCallback(Callback):
 
 
 def report(sweep_dir: Path) -> int:
-    """Write the sweep files and say so; 2 when a job did not complete, else 0."""
+    """Write the sweep files and say so, and merge replicate parts; 2 when a job did not complete, else 0."""
     table = write_sweep(sweep_dir)
     bad = table.loc[table["status"] != "complete"]
     print(f"sweep table: {sweep_dir / SWEEP_FILE}, {SWEEP_PLOT} and {SWEEP_PAGE} ({len(table)} jobs, "
@@ -115,7 +116,28 @@ def report(sweep_dir: Path) -> int:
     if len(bad):
         print(f"error: {len(bad)} of {len(table)} sweep jobs did not complete (see {SWEEP_FILE})", file=sys.stderr)
         return 2
+    merge_replicate_parts(sweep_dir)
     return 0
+
+
+def merge_replicate_parts(sweep_dir: Path) -> Path | None:
+    """``<sweep dir>/merged`` from the jobs' replicate parts (``uncertainty.parts > 1``) when they are one
+    set and it does not exist yet; otherwise a line saying how to merge them."""
+    from calibrate.core.errors import CalibrateError
+    from calibrate.uncertainty.merge import merge
+    from calibrate.uncertainty.store import PART_FILE
+
+    jobs = sorted((p for p in Path(sweep_dir).iterdir() if (p / PART_FILE).is_file()), key=_job_number)
+    if not jobs or (Path(sweep_dir) / "merged").exists():
+        return None
+    try:
+        out = merge(jobs)
+    except CalibrateError as exc:
+        print(f"replicate parts not merged ({exc}); merge each set with python -m calibrate.uncertainty.merge "
+              "<job dirs> out=<dir>", flush=True)
+        return None
+    print(f"replicate parts merged: {out}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ The run's dataset is simulated once per state of the run with every household pl
 the matrix build does, :func:`calibrate.matrix.simulate.state_contributions`); a column's value
 is its household's value in its CD's state (columns <-> (CD, household) through
 :class:`~calibrate.matrix.layout.StackedLayout`). The variance is the replicate variance of
-:mod:`calibrate.uncertainty.variance`. Writes ``<run_dir>/moe_<variable>_<areas>.csv``
+:mod:`calibrate.uncertainty.variance`, and each area's estimate gets its CV, the sampled
+households behind it and the reliability rule of that module. Writes ``<run_dir>/moe_<variable>_<areas>.csv``
 (or ``out=...``) and prints the table.
 """
 
@@ -26,7 +27,7 @@ from calibrate.core.rundir import safe_name
 from calibrate.publish.inputs import RunData, load_run
 from calibrate.targets.geography import FIPS_STATE
 from calibrate.uncertainty.store import REPLICATE_FILE, read_replicates
-from calibrate.uncertainty.variance import moe90, replicate_se
+from calibrate.uncertainty.variance import coefficient_of_variation, households_behind, moe90, reliable, replicate_se
 
 AREAS = ("cd", "state")
 KEYS = ("variable", "areas", "out", "dataset_path")
@@ -78,9 +79,11 @@ def area_estimates(run: RunData, tensors: dict, values: dict[int, np.ndarray], a
     estimate = G @ (main * col_values)
     reps = np.asarray(G @ (tensors["weights"].astype(np.float64) * col_values[None, :]).T).T  # (R, n_areas)
     se = replicate_se(estimate, reps)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cv = np.where(estimate != 0, se / np.abs(estimate), np.nan)
-    return pd.DataFrame({"area": names, "estimate": estimate, "se": se, "moe90": moe90(se), "cv": cv})
+    cv = coefficient_of_variation(estimate, se)
+    held = (main > 0) & (col_values != 0)  # the sampled households behind each area's estimate
+    n = households_behind(G[:, np.flatnonzero(held)], hh_idx[held], layout.n_households)
+    return pd.DataFrame({"area": names, "estimate": estimate, "se": se, "moe90": moe90(se), "cv": cv,
+                         "n_households": n, "reliable": reliable(cv, n)})
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str]]:

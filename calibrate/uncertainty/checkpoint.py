@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from calibrate.core.errors import CalibrateError
+from calibrate.uncertainty.config import part_replicates
 
 CHECKPOINT_FILE = "replicate_checkpoint.safetensors"
-SETTING_KEYS = ("replicates", "method", "seed", "draw_targets")
+SETTING_KEYS = ("replicates", "method", "seed", "draw_targets", "part", "parts")
+OLD_DEFAULTS = {"part": "0", "parts": "1"}  # a checkpoint written before parts existed holds all replicates
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 def setting(config) -> dict[str, str]:
     """The metadata a checkpoint must match for ``config`` (an UncertaintyConfig)."""
     return {"replicates": str(int(config.replicates)), "method": str(config.method), "seed": str(int(config.seed)),
-            "draw_targets": str(bool(config.draw_targets))}
+            "draw_targets": str(bool(config.draw_targets)), "part": str(int(config.part)),
+            "parts": str(int(config.parts))}
 
 
 def basis_hash(*arrays: np.ndarray) -> str:
@@ -43,7 +46,7 @@ def basis_hash(*arrays: np.ndarray) -> str:
 
 @dataclass
 class Progress:
-    """Replicates done so far (the first ``done`` rows) and their Newton/chord step counts."""
+    """Replicates done so far (the first ``done`` rows of the run's part) and their Newton step counts."""
 
     done: int
     weights: np.ndarray  # float32, (R, n_columns_kept)
@@ -66,7 +69,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def _mismatch(meta: dict[str, str], config) -> str | None:
     """The first setting key on which the checkpoint's metadata differs from ``config``."""
     want = setting(config)
-    return next((key for key in SETTING_KEYS if meta.get(key) != want[key]), None)
+    return next((key for key in SETTING_KEYS if meta.get(key, OLD_DEFAULTS.get(key)) != want[key]), None)
 
 
 def check_resume(run_dir: Path, config) -> int:
@@ -90,7 +93,7 @@ def resume(path: Path | None, config, basis: str, n_columns: int, n_households: 
     and ``basis`` (none if absent or stale: a stale one is recomputed, with a warning)."""
     from safetensors import safe_open
 
-    R = int(config.replicates)
+    R = len(part_replicates(config))
     progress = Progress(0, np.zeros((R, n_columns), np.float32), np.zeros((R, n_households), np.float32), [], 0)
     if path is None or config.checkpoint_every <= 0 or not Path(path).is_file():
         return progress

@@ -22,7 +22,10 @@ class UncertaintyConfig:
     method: str = "rao_wu"  # rao_wu (rescaling bootstrap, n_h - 1 draws per state) | poisson (Poisson(1) multipliers)
     seed: int = 0  # seed of the household draws (and of the target draws)
     draw_targets: bool = False  # also draw each replicate's targets from their published margins of error
-    checkpoint_every: int = 10  # write replicate_checkpoint.safetensors every this many replicates (0: never)
+    checkpoint_every: int = 10  # replicate_checkpoint.safetensors after a batch once this many more are done (0: never)
+    batch: int = 0  # replicates solved together (0: as many as fit in about 1 GiB of batch arrays)
+    part: int = 0  # this job's share of the replicates: part `part` of `parts` (a multirun's jobs, then merge)
+    parts: int = 1  # 1: all R replicates in this run
 
 
 def validate_uncertainty(cfg: UncertaintyConfig) -> UncertaintyConfig:
@@ -37,4 +40,22 @@ def validate_uncertainty(cfg: UncertaintyConfig) -> UncertaintyConfig:
     if isinstance(cfg.checkpoint_every, bool) or int(cfg.checkpoint_every) < 0:
         raise UncertaintyConfigError(f"uncertainty.checkpoint_every={cfg.checkpoint_every!r} must be 0 (no checkpoint) "
                                      "or a positive number of replicates")
+    if isinstance(cfg.batch, bool) or int(cfg.batch) < 0:
+        raise UncertaintyConfigError(f"uncertainty.batch={cfg.batch!r} must be 0 (automatic) or a positive number of "
+                                     "replicates")
+    if isinstance(cfg.parts, bool) or int(cfg.parts) < 1:
+        raise UncertaintyConfigError(f"uncertainty.parts={cfg.parts!r} must be a positive number of parts")
+    if isinstance(cfg.part, bool) or not 0 <= int(cfg.part) < int(cfg.parts):
+        raise UncertaintyConfigError(f"uncertainty.part={cfg.part!r} must be one of 0..{int(cfg.parts) - 1} "
+                                     f"(uncertainty.parts={cfg.parts})")
+    if cfg.enabled and int(cfg.parts) > int(cfg.replicates):
+        raise UncertaintyConfigError(f"uncertainty.parts={cfg.parts!r} is more than uncertainty.replicates="
+                                     f"{cfg.replicates} (each part computes at least one replicate)")
     return cfg
+
+
+def part_replicates(cfg: UncertaintyConfig) -> range:
+    """The replicate numbers (0..R-1) that part ``cfg.part`` of ``cfg.parts`` computes: contiguous, sizes
+    within one of each other."""
+    R, k, i = int(cfg.replicates), int(cfg.parts), int(cfg.part)
+    return range(i * R // k, (i + 1) * R // k)

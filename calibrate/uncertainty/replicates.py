@@ -6,7 +6,7 @@ each CD block the household sits in) and repeats the minimum-distance calibratio
 warm-started from the main solve's dual vector, on the same reconciled targets (or, with
 ``draw_targets``, on targets drawn from their published margins of error). A household the
 replicate does not draw (``m_i = 0``) keeps weight 0 in every CD. With the main targets all
-replicates share one factorised Hessian (:mod:`calibrate.uncertainty.chord`).
+replicates share one factorised Hessian and are solved in batches (:mod:`calibrate.uncertainty.solver`).
 
 - ``rao_wu``: the rescaling bootstrap of Rao and Wu (1988) with ``n_h - 1`` draws with
   replacement in each state stratum ``h``: ``m_i = n_h / (n_h - 1) * count_i``; a stratum of
@@ -23,24 +23,36 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrate.uncertainty.config import part_replicates
+
 log = logging.getLogger(__name__)
+BATCH_BYTES = 2**30  # a batch's (columns x batch) arrays (calibrate.uncertainty.solver): ~1 GiB at most
 
 
-def bootstrap_multipliers(strata: np.ndarray, method: str, rng: np.random.Generator) -> np.ndarray:
-    """One replicate's multiplier per household (``strata``: the household's stratum, e.g. its state)."""
+def stratum_members(strata: np.ndarray) -> list[np.ndarray]:
+    """The households of each stratum (strata in sorted order, households ascending)."""
+    strata = np.asarray(strata)
+    order = np.argsort(strata, kind="stable")
+    cuts = np.flatnonzero(np.diff(strata[order])) + 1
+    return np.split(order, cuts) if strata.size else []
+
+
+def bootstrap_multipliers(strata: np.ndarray, method: str, rng: np.random.Generator,
+                          members: list[np.ndarray] | None = None) -> np.ndarray:
+    """One replicate's multiplier per household (``strata``: the household's stratum, e.g. its state;
+    ``members``: :func:`stratum_members` of it, when many replicates draw from the same strata)."""
     strata = np.asarray(strata)
     if method == "poisson":
         return rng.poisson(1.0, strata.size).astype(np.float64)
     if method != "rao_wu":
         raise ValueError(f"unknown bootstrap method {method!r}")
     m = np.ones(strata.size)
-    for h in np.unique(strata):
-        members = np.flatnonzero(strata == h)
-        n = members.size
+    for group in stratum_members(strata) if members is None else members:
+        n = group.size
         if n < 2:
             continue
         counts = np.bincount(rng.integers(0, n, n - 1), minlength=n)
-        m[members] = counts * (n / (n - 1))
+        m[group] = counts * (n / (n - 1))
     return m
 
 
@@ -61,17 +73,21 @@ def draw_target_values(values: np.ndarray, original: np.ndarray, moe: np.ndarray
 
 @dataclass
 class ReplicateSet:
-    """R replicates on the main weights' nonzero columns."""
+    """Replicates ``first .. first + len(weights) - 1`` of R (all R unless the run is one part of several),
+    on the main weights' nonzero columns."""
 
     columns: np.ndarray  # int64, the main weights' nonzero columns
-    weights: np.ndarray  # float32, (R, len(columns))
-    multipliers: np.ndarray  # float32, (R, n_households)
+    weights: np.ndarray  # float32, (replicates here, len(columns))
+    multipliers: np.ndarray  # float32, (replicates here, n_households)
     method: str
     seed: int
     seconds: float
     newton_steps: list[int]
     converged: int  # replicates whose solve converged
     resumed: int = 0  # replicates read from a checkpoint instead of computed
+    first: int = 0  # number of the first replicate here (replicate r draws from default_rng([seed, r]))
+    total: int = 0  # R of the whole set
+    basis: str = ""  # hash of the main solution the replicates start from (uncertainty.checkpoint.basis_hash)
 
     @property
     def n_replicates(self) -> int:
@@ -83,21 +99,46 @@ class ReplicateSet:
         return np.asarray((sub @ self.weights.T.astype(np.float64)).T)
 
 
+def batch_size(config, n_columns: int) -> int:
+    """Replicates solved together: ``config.batch``, or (0) as many as keep the solver's dozen
+    (columns x batch) float64 arrays within BATCH_BYTES."""
+    if int(config.batch) > 0:
+        return int(config.batch)
+    return max(1, min(int(config.replicates), BATCH_BYTES // (12 * 8 * max(int(n_columns), 1))))
+
+
+class _Draws:
+    """Replicate r's multipliers and targets, each from its own generator ``default_rng([seed, r])``."""
+
+    def __init__(self, strata, config, values, target_draw):
+        self.strata, self.config, self.values, self.target_draw = np.asarray(strata), config, values, target_draw
+        self.members = stratum_members(self.strata) if config.method == "rao_wu" else None
+
+    def __call__(self, r: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(multipliers, drawn targets or None: the targets as they are)."""
+        rng = np.random.default_rng([int(self.config.seed), r])  # replicate r's own stream: resumable
+        m = bootstrap_multipliers(self.strata, self.config.method, rng, self.members)
+        if self.config.draw_targets and self.target_draw is not None:
+            original, moe, confidence = self.target_draw
+            return m, draw_target_values(self.values, original, moe, confidence, rng)
+        return m, None
+
+
 def run_replicates(X, values, loss_weights, replicate_start, main_weights, household_of_column, strata, config,
                    classical, dual=None, calibrate: bool = True, target_draw=None,
                    checkpoint: Path | None = None) -> ReplicateSet:
-    """``config.replicates`` replicates (see module docstring).
+    """The replicates of part ``config.part`` of ``config.parts`` (all R by default; see module docstring).
 
     ``replicate_start``: the main fit's start on its carriers (the main weights for a fit
     without one); ``household_of_column``: the household index of each column;
     ``target_draw``: (original values, moe, confidence) for ``config.draw_targets``;
     ``calibrate=False`` (``fit.method=start``) keeps ``start * m`` uncalibrated;
-    ``checkpoint``: resume from and write to this file every ``config.checkpoint_every``
-    replicates (:mod:`calibrate.uncertainty.checkpoint`).
+    ``checkpoint``: resume from and write to this file at the end of a batch once
+    ``config.checkpoint_every`` more replicates are done (:mod:`calibrate.uncertainty.checkpoint`).
     """
     from calibrate.fit.classical import calibrate_classical
     from calibrate.uncertainty import checkpoint as ckpt
-    from calibrate.uncertainty.chord import ChordSolver
+    from calibrate.uncertainty.solver import ReplicateSolver
 
     t0 = time.perf_counter()
     columns = np.flatnonzero(np.asarray(main_weights) > 0)
@@ -105,38 +146,45 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     hh = np.asarray(household_of_column)[columns]
     values = np.asarray(values, dtype=np.float64)
     sub = X[:, columns]
-    R = int(config.replicates)
+    numbers = part_replicates(config)
     basis = ckpt.basis_hash(columns, start, values, np.asarray(main_weights, np.float64)[columns],
                             np.asarray([calibrate]))
     progress = ckpt.resume(checkpoint, config, basis, columns.size, len(strata))
-    resumed = progress.done
+    resumed, saved = progress.done, progress.done
     weights, multipliers, steps = progress.weights, progress.multipliers, progress.steps
-    solver = ChordSolver(sub, values, loss_weights, start, dual, classical) if calibrate and resumed < R else None
-    for r in range(resumed, R):
-        rng = np.random.default_rng([int(config.seed), r])  # replicate r's own stream: resumable
-        m = bootstrap_multipliers(strata, config.method, rng)
-        multipliers[r] = m
-        start_r = start * m[hh]
-        targets_r = values
-        if config.draw_targets and target_draw is not None:
-            original, moe, confidence = target_draw
-            targets_r = draw_target_values(values, original, moe, confidence, rng)
-        if not calibrate:
-            weights[r] = start_r
-        elif targets_r is values:  # the shared factorised Hessian (calibrate.uncertainty.chord)
-            weights[r], iterations, ok = solver.solve(start_r)  # type: ignore[union-attr]
-            steps.append(int(iterations))
-            progress.converged += bool(ok)
-        else:  # drawn targets rescale the dual's rows: a Newton solve of its own, warm-started
-            solve = calibrate_classical(sub, targets_r, start_r, loss_weights, classical, initial_dual=dual)
-            weights[r] = solve.weights
-            steps.append(int(solve.iterations))
-            progress.converged += bool(solve.converged)
-        progress.done = r + 1
+    draws = _Draws(strata, config, values, target_draw)
+    solver = ReplicateSolver(sub, values, loss_weights, start, dual, classical) \
+        if calibrate and resumed < len(numbers) else None
+    size = batch_size(config, columns.size)
+    for lo in range(resumed, len(numbers), size):
+        batch = range(lo, min(lo + size, len(numbers)))
+        shared: dict[int, np.ndarray] = {}  # replicates of the main targets: solved as one batch
+        for i in batch:
+            m, targets_r = draws(numbers[i])
+            multipliers[i] = m
+            start_r = start * m[hh]
+            if not calibrate:
+                weights[i] = start_r
+            elif targets_r is None:
+                shared[i] = start_r
+            else:  # drawn targets rescale the dual's rows: a Newton solve of its own, warm-started
+                solve = calibrate_classical(sub, targets_r, start_r, loss_weights, classical, initial_dual=dual)
+                weights[i] = solve.weights
+                steps.append(int(solve.iterations))
+                progress.converged += bool(solve.converged)
+        if shared:
+            out = solver.solve_batch(np.array(list(shared.values())))  # type: ignore[union-attr]
+            weights[list(shared)] = out.weights
+            steps.extend(int(k) for k in out.iterations)
+            progress.converged += int(out.converged.sum())
+        progress.done = batch.stop
         if checkpoint is not None and config.checkpoint_every > 0 and \
-                (progress.done % config.checkpoint_every == 0 or progress.done == R):
+                (progress.done - saved >= config.checkpoint_every or progress.done == len(numbers)):
             ckpt.save(checkpoint, config, basis, progress)
+            saved = progress.done
     seconds = time.perf_counter() - t0
-    log.info("replicates: %d (%s) in %.1f s, Newton steps %s", R, config.method, seconds, steps)
+    log.info("replicates: %d of %d (%s) in %.1f s, batches of %d, Newton steps %s", len(numbers),
+             int(config.replicates), config.method, seconds, size, steps)
     return ReplicateSet(columns.astype(np.int64), weights, multipliers, config.method, int(config.seed), seconds,
-                        steps, progress.converged if calibrate else R, resumed)
+                        steps, progress.converged if calibrate else len(numbers), resumed, numbers.start,
+                        int(config.replicates), basis)

@@ -1,4 +1,4 @@
-"""The uncertainty stage of a run: replicate weights, their file, and SE / MOE per target."""
+"""The uncertainty stage of a run: replicate weights, their file, and SE / MOE / reliability per target."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ import pandas as pd
 from calibrate.core import faults
 from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE
 from calibrate.uncertainty.replicates import ReplicateSet, run_replicates
-from calibrate.uncertainty.store import REPLICATE_FILE, VARIANCE_RULE, write_replicates
-from calibrate.uncertainty.variance import moe90, replicate_se
+from calibrate.uncertainty.store import PART_FILE, REPLICATE_FILE, VARIANCE_RULE, write_part, write_replicates
+from calibrate.uncertainty.variance import coefficient_of_variation, households_behind, moe90, reliable, replicate_se
+
+MOE_COLUMNS = ("se", "moe90", "cv", "n_households", "reliable")  # after targets.csv's estimate
 
 
-def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path) -> ReplicateSet:
-    """R replicates of the run's calibration (``outcome``: the app's CalibrationOutcome), written to
-    ``run_dir/replicate_weights.safetensors``."""
+def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path,
+                    table: pd.DataFrame) -> tuple[pd.DataFrame, ReplicateSet]:
+    """R replicates of the run's calibration (``outcome``: the app's CalibrationOutcome) and ``table``
+    (targets.csv) with their margins of error, written to ``run_dir/replicate_weights.safetensors``;
+    with ``config.parts > 1`` this run's part only, to ``run_dir/replicate_part.safetensors``
+    (``table`` unchanged: the margins come when the parts are merged, :mod:`calibrate.uncertainty.merge`)."""
     layout = matrix.layout
     values = np.asarray(reconciled.plan.value, dtype=np.float64)
     lw = np.asarray(reconciled.loss_weights, dtype=np.float64)
@@ -33,29 +38,45 @@ def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path) -> 
                                             "replicates use the targets as they are")
     checkpoint = Path(run_dir) / CHECKPOINT_FILE
     faults.kill_when_file_appears("replicates", checkpoint)  # test facility
-    reps = run_replicates(matrix.X, values, lw, start, outcome.weights,
-                          layout.household_of(np.arange(layout.n_columns)), layout.household_states, config,
+    household = layout.household_of(np.arange(layout.n_columns))
+    reps = run_replicates(matrix.X, values, lw, start, outcome.weights, household, layout.household_states, config,
                           fit.classical, dual=outcome.dual, calibrate=fit.method != "start", target_draw=draw,
                           checkpoint=checkpoint)
+    estimates = reps.estimates(matrix.X)
+    n_households = households_behind(matrix.X[:, reps.columns], household[reps.columns], layout.n_households)
+    if int(config.parts) > 1:
+        write_part(Path(run_dir) / PART_FILE, reps, estimates, n_households, layout.n_columns,
+                   {"part": str(int(config.part)), "parts": str(int(config.parts)),
+                    "draw_targets": str(bool(config.draw_targets)), "basis": reps.basis})
+        return table, reps
     write_replicates(Path(run_dir) / REPLICATE_FILE, reps, layout.n_columns)
-    return reps
+    return with_moe(table, estimates, n_households), reps
 
 
-def with_moe(table: pd.DataFrame, X, replicates: ReplicateSet) -> pd.DataFrame:
-    """``table`` (targets.csv, one row per matrix row) with ``se`` and ``moe90`` after ``estimate``."""
-    se = replicate_se(table["estimate"].to_numpy(np.float64), replicates.estimates(X))
+def with_moe(table: pd.DataFrame, replicate_estimates: np.ndarray, n_households: np.ndarray) -> pd.DataFrame:
+    """``table`` (targets.csv, one row per matrix row) with MOE_COLUMNS after ``estimate``:
+    the replicate SE, the 90 % margin, the CV, the sampled households behind the estimate and
+    whether the estimate passes the reliability rule (:mod:`calibrate.uncertainty.variance`)."""
+    estimate = table["estimate"].to_numpy(np.float64)
+    se = replicate_se(estimate, replicate_estimates)
+    cv = coefficient_of_variation(estimate, se)
+    n = np.asarray(n_households, dtype=np.int64)
     out = table.copy()
     at = list(out.columns).index("estimate") + 1
-    out.insert(at, "se", se)
-    out.insert(at + 1, "moe90", moe90(se))
+    for offset, (name, column) in enumerate(zip(MOE_COLUMNS, (se, moe90(se), cv, n, reliable(cv, n)))):
+        out.insert(at + offset, name, column)
     return out
 
 
-def summary_record(config, replicates: ReplicateSet) -> dict:
-    """What summary.json records of the replicates."""
+def summary_record(setting: str, draw_targets: bool, replicates: ReplicateSet, part: tuple[int, int] = (0, 1)) -> dict:
+    """What summary.json records of the replicates (``part``: this run's (part, parts))."""
     steps = replicates.newton_steps
-    return {"setting": config.name, "replicates": replicates.n_replicates, "method": replicates.method,
-            "seed": replicates.seed, "draw_targets": bool(config.draw_targets), "seconds": replicates.seconds,
-            "converged": replicates.converged, "resumed": replicates.resumed,
-            "newton_steps_median": float(np.median(steps)) if steps else 0.0,
-            "file": REPLICATE_FILE, "variance": VARIANCE_RULE}
+    record = {"setting": setting, "replicates": replicates.total, "method": replicates.method,
+              "seed": replicates.seed, "draw_targets": bool(draw_targets), "seconds": replicates.seconds,
+              "converged": replicates.converged, "resumed": replicates.resumed,
+              "newton_steps_median": float(np.median(steps)) if steps else 0.0,
+              "file": REPLICATE_FILE, "variance": VARIANCE_RULE}
+    if part[1] > 1:
+        record.update(part=part[0], parts=part[1], first=replicates.first, computed=replicates.n_replicates,
+                      file=PART_FILE)
+    return record

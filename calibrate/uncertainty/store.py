@@ -4,6 +4,14 @@ Tensors: ``columns`` (int64, the main weights' nonzero columns), ``weights`` (fl
 R x len(columns): replicate r's weight of each of those columns; every other column is 0 in
 every replicate) and ``multipliers`` (float32, R x n_households: the bootstrap multipliers).
 Metadata (strings): ``method``, ``replicates``, ``seed``, ``n_columns``, ``variance``.
+
+A run that computes one part of the replicates (``uncertainty.parts > 1``) writes
+``replicate_part.safetensors`` instead: the same tensors for its replicates, plus ``estimates``
+(float64, its replicates x the targets: the replicate estimates of targets.csv's rows),
+``n_households`` (per target: the sampled households behind it) and ``steps`` (Newton steps
+per replicate); metadata adds ``part``, ``parts``, ``first``,
+``draw_targets``, ``converged``, ``resumed``, ``seconds`` and ``basis`` (a hash of the main
+weights and targets), so that :mod:`calibrate.uncertainty.merge` can check and join the parts.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import numpy as np
 from calibrate.core.errors import CalibrateError
 
 REPLICATE_FILE = "replicate_weights.safetensors"
+PART_FILE = "replicate_part.safetensors"
 VARIANCE_RULE = "(1/R) sum_r (theta_r - theta)^2"
 
 
@@ -33,12 +42,38 @@ def write_replicates(path: Path, replicates, n_columns: int) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def write_part(path: Path, replicates, estimates: np.ndarray, n_households: np.ndarray, n_columns: int,
+               info: dict[str, str]) -> None:
+    """One part's replicates (a ReplicateSet), their target estimates, the households behind each
+    target and ``info`` (the part's metadata)."""
+    from safetensors.numpy import save_file
+
+    from calibrate.outputs import atomic_path
+
+    tensors: dict[str, np.ndarray] = {
+        "columns": np.ascontiguousarray(replicates.columns, np.int64),
+        "weights": np.ascontiguousarray(replicates.weights, np.float32),
+        "multipliers": np.ascontiguousarray(replicates.multipliers, np.float32),
+        "estimates": np.ascontiguousarray(estimates, np.float64),
+        "n_households": np.asarray(n_households, np.int64),
+        "steps": np.asarray(replicates.newton_steps, np.int64)}
+    meta = {"method": replicates.method, "replicates": str(replicates.total), "seed": str(replicates.seed),
+            "n_columns": str(int(n_columns)), "variance": VARIANCE_RULE, "first": str(replicates.first),
+            "converged": str(int(replicates.converged)), "resumed": str(int(replicates.resumed)),
+            "seconds": repr(float(replicates.seconds)), **info}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
 def read_replicates(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, metadata) of a replicate file; a missing or unreadable file is a CalibrateError."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
+        if (path.parent / PART_FILE).is_file():
+            raise CalibrateError(f"{path} does not exist: {path.parent} holds one part of the replicates "
+                                 "(uncertainty.parts > 1); join the parts with python -m calibrate.uncertainty.merge")
         raise CalibrateError(f"{path} does not exist (run with uncertainty=bootstrap to write replicate weights)")
     try:
         with safe_open(str(path), framework="numpy") as fh:
