@@ -3,10 +3,11 @@
     python benchmarks/plot_tradeoff.py out.png run1.json [run2.json ...] [--level district] [--holdouts random]
 
 Reads the ``--json`` files of ``benchmarks/bench_holdout.py`` (one row per holdout and method) and
-draws, for each method averaged over the holdouts it ran on (random seeds), the training error
-(x: median and p95 of the level) against the held-out error (left: median, right: p95) and the
-per-CD effective sample size (marker size and label); ``--holdouts`` picks the holdouts averaged
-(default: the random ones). A sweep of one setting (e.g. methods
+draws, for each method averaged over the holdouts it ran on (random seeds), the held-out error
+against the training error (median, p95) and against the per-CD effective sample size. Methods
+named ``<letters><number>`` form one curve per prefix (a sweep of one setting); unfitted methods
+(training median above 5 %, e.g. the start) are named in each panel's corner. ``--holdouts`` picks the
+holdouts averaged (default: the random ones). A sweep of one setting (e.g. methods
 ``pen1e3=fit.classical.penalty=1e3``, ``pen1e4=...``) makes one curve; the start and the dense
 ``fit=classical`` make reference points. Prints the table it draws.
 """
@@ -61,27 +62,41 @@ def main() -> None:
         print(f"{method:<14}{s['n']:>5}{s['train_median']:>10.2%}{s['train_p95']:>10.2%}{s['held_median']:>10.2%}"
               f"{s['held_p95']:>10.2%}{s['ess_median']:>9.0f}{s['ess_min']:>9.0f}{s['zero']:>7.1%}")
 
+    import re
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    ess = np.array([s["ess_median"] for s in table.values()])
-    sizes = 20 + 200 * ess / max(float(ess.max()), 1.0)
-    for ax, stat in zip(axes, ("median", "p95")):
-        x = [100 * s[f"train_{stat}"] for s in table.values()]
-        y = [100 * s[f"held_{stat}"] for s in table.values()]
-        ax.scatter(x, y, s=sizes, alpha=0.6)
-        for (method, s), xi, yi in zip(table.items(), x, y):
-            ax.annotate(f"{method} (ESS {s['ess_median']:,.0f})", (xi, yi), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xscale("symlog", linthresh=0.1)
-        ax.set_xlabel(f"training {a.level} error, {stat} (%)")
-        ax.set_ylabel(f"held-out {a.level} error, {stat} (%)")
+    fits = {m: v for m, v in table.items() if v["train_median"] < 0.05}  # the unfitted starts: named, not drawn
+    refs = {m: v for m, v in table.items() if m not in fits}
+    series: dict[str, list[str]] = defaultdict(list)  # a sweep: methods named <letters><number>...
+    for method in fits:
+        series[re.match(r"[A-Za-z_ ]*", method).group(0).strip() or method].append(method)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    panels = (("train_median", "held_median", f"training {a.level} error, median (%)", f"held-out {a.level} error, median (%)"),
+              ("train_p95", "held_p95", f"training {a.level} error, p95 (%)", f"held-out {a.level} error, p95 (%)"),
+              ("ess_median", "held_p95", "effective households per CD, median", f"held-out {a.level} error, p95 (%)"))
+    for ax, (xkey, ykey, xlabel, ylabel) in zip(axes, panels):
+        scale = 1.0 if xkey.startswith("ess") else 100.0
+        for name, members in series.items():
+            pts = sorted((scale * fits[m][xkey], 100 * fits[m][ykey], m) for m in members)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", alpha=0.7, label=name)
+            for x, y, m in pts:  # the setting's value (and "default") as the label; the legend names the sweep
+                label = m[len(name):].strip() or m
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if refs:  # far above the fits: named in a corner, not drawn
+            ax.text(0.98, 0.98, "\n".join(f"{m} (no fit): {100 * v[ykey]:.1f} %" for m, v in refs.items()),
+                    transform=ax.transAxes, ha="right", va="top", fontsize=7, color="grey")
+        if not xkey.startswith("ess"):
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Held-out against training error ({a.level}; marker size: per-CD ESS median; "
-                 f"mean over {max(s['n'] for s in table.values())} holdout(s))")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Held-out against training error and effective sample size ({a.level}; mean over "
+                 f"{max(v['n'] for v in table.values())} holdout(s) per point)")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")

@@ -60,10 +60,10 @@ def test_default_fit_is_pps_carriers_calibrated_by_newton(tmp_path):
     n_hh = w.shape[1]
     assert np.all(w >= 0)
     # each CD draws round(20 %) carriers (the PPS draw's fixed size: tests/test_weight_quality.py);
-    # the raking may take a carrier to its lower bound 0 (on this 300-household toy 7-10 of 60 in
-    # two CDs), never open a household that is not a carrier
+    # the raking may take a carrier to its lower bound 0 (on this 300-household toy, with ~30 targets
+    # per CD on 60 carriers, 0-21 of 60), never open a household that is not a carrier
     carriers = round(0.2 * n_hh)
-    assert np.all((w > 0).sum(axis=1) <= carriers) and np.all((w > 0).sum(axis=1) >= 0.8 * carriers)
+    assert np.all((w > 0).sum(axis=1) <= carriers) and np.all((w > 0).sum(axis=1) >= 0.5 * carriers)
     table = pd.read_csv(run_dir / "targets.csv")
     fitted = table[table.status == "fit"]
     assert np.median(np.abs(fitted.estimate / fitted.value - 1)) < 0.02

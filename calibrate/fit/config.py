@@ -52,7 +52,7 @@ class ClassicalConfig:
     distance: str = "logit"  # logit (bounded raking) | kl (raking, clipped) | chi2 (GREG, clipped)
     lower: float = 0.0  # smallest multiplier w / w0
     upper: float = 5.0  # largest multiplier w / w0
-    penalty: float = 2.0e4  # weight of the squared relative errors against the distance
+    penalty: float = 5.0e4  # weight of the squared relative errors against the distance
     max_iter: int = 50  # Newton steps on the dual
     tol: float = 1.0e-6  # stop when every target's relative residual (error beyond its penalised optimum) is below
 
