@@ -99,7 +99,7 @@ def test_target_union_is_or_of_selected_files():
 def test_default_target_selection():
     cfg = to_config(_compose())
     assert sorted(cfg.target) == sorted(["geography", "age", "snap", "medicaid", "national", "households_age", "poverty"])
-    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 11)
+    assert target_filter(cfg.target).stratum_group_ids == (1, 2, 4, 5, 7, 11, 12)
 
 
 def test_empty_target_selection_is_an_error():
