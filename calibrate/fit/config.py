@@ -61,6 +61,7 @@ POLISHES = ("adam", "classical")
 CARRIERS = ("coordinated", "independent")
 DISTANCES = ("logit", "kl", "chi2")
 SHARDS = ("off", "auto")
+KERNELS = ("auto", "sparse", "blocks")
 
 
 @dataclass
@@ -89,6 +90,7 @@ class FitConfig:
     start: StartConfig = field(default_factory=StartConfig)  # the start of the fit
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)  # minimum-distance settings
     shard: str = "off"  # off: one device | auto: columns split by column group over every device JAX sees
+    kernel: str = "auto"  # products of X: auto (dense blocks on CPU where they pay) | sparse | blocks
 
     @property
     def controlled(self) -> bool:
@@ -142,6 +144,7 @@ _RULES = {
     "classical.max_iter": ("int", lambda v: v >= 1, "must be an integer >= 1"),
     "classical.tol": ("float", lambda v: v > 0, "must be > 0"),
     "shard": ("str", lambda v: v in SHARDS, f"must be one of {', '.join(SHARDS)}"),
+    "kernel": ("str", lambda v: v in KERNELS, f"must be one of {', '.join(KERNELS)}"),
 }
 
 
@@ -175,6 +178,9 @@ def validate_config(config: FitConfig) -> None:
         kind, check, rule = _RULES[key]
         if not _ok(kind, check, value):
             raise FitConfigError(key, value, rule)
+    if config.kernel == "blocks" and config.shard != "off":
+        raise FitConfigError("kernel", config.kernel, "is not sharded: use fit.kernel=auto or sparse with "
+                             f"fit.shard={config.shard}")
     if config.polish_epochs >= config.epochs:
         raise FitConfigError("polish_share", config.polish_share, f"leaves no epoch before the polish "
                              f"(epochs={config.epochs})")
