@@ -67,7 +67,7 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, 
             if isinstance(part, int):
                 fh.write(bytes(part))
             elif part.nbytes:
-                fh.write(memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8)))
+                fh.write(memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
 
 
 def map_arrays(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:

@@ -35,6 +35,7 @@ from calibrate.fit.model import (
     relative_errors,
     row_tables,
 )
+from calibrate.fit.shared_rows import share_rows
 
 ALIGN = 64  # group widths are padded to a multiple of this many columns
 PAD_LOG_WEIGHT = -100.0  # exp() is 0 in float32: padding columns weigh nothing
@@ -42,11 +43,16 @@ DENSE_PER_NONZERO = 8.0  # blocks are used when they hold at most this many entr
 
 
 class BlockOps(NamedTuple):
-    """X as dense per-group blocks on the device."""
+    """X as dense per-group blocks on the device, rows shared by a class of groups once per class
+    (:mod:`calibrate.fit.shared_rows`; no class rows: K = 0)."""
 
-    values: jax.Array  # (G, R, C) float32
-    row_ids: jax.Array  # (G, R) int32 global row of each local row; padding rows: n_rows (a zero gradient)
-    row_tables: tuple[jax.Array, ...]  # per width class: flat (g, r) positions of each global row; G*R = padding
+    values: jax.Array  # (G, R, C) float32: each group's own rows
+    row_ids: jax.Array  # (G, R) int32 global row of each own row; padding rows: n_rows (a zero gradient)
+    shared_values: jax.Array  # (P, K, C) float32: each class's shared rows
+    shared_rows: jax.Array  # (P, K) int32 global row of each shared row; padding: n_rows
+    classes: jax.Array  # (G,) int32 class of each group
+    incidence: jax.Array  # (P, G) float32 1 where the group is in the class
+    row_tables: tuple[jax.Array, ...]  # per width class: positions in [own (G*R), shared (P*K)] of each row
     row_order: jax.Array  # position of each global row in the concatenated class outputs
 
     def matvec(self, n_rows: int, w: jax.Array) -> jax.Array:
@@ -88,15 +94,26 @@ def block_matvec(n_rows: int, ops: BlockOps, w: jax.Array) -> jax.Array:
     """X @ w: a matrix-vector product per group, then each global row's local rows summed through the
     row tables (no scatter)."""
     G, _, C = ops.values.shape
-    local = jnp.einsum("grc,gc->gr", ops.values, w.reshape(G, C), precision=jax.lax.Precision.HIGHEST)
-    padded = jnp.concatenate([local.reshape(-1), jnp.zeros(1, w.dtype)])
+    highest = jax.lax.Precision.HIGHEST
+    w = w.reshape(G, C)
+    parts = [jnp.einsum("grc,gc->gr", ops.values, w, precision=highest).reshape(-1)]
+    if ops.shared_values.shape[1]:  # static: the layout has class rows
+        by_class = jnp.dot(ops.incidence, w, precision=highest)
+        parts.append(jnp.einsum("pkc,pc->pk", ops.shared_values, by_class, precision=highest).reshape(-1))
+    padded = jnp.concatenate([*parts, jnp.zeros(1, w.dtype)])
     return jnp.concatenate([jnp.sum(padded[table], axis=1) for table in ops.row_tables])[ops.row_order]
 
 
 def block_transposed(ops: BlockOps, g: jax.Array) -> jax.Array:
-    """X^T g in the padded group-major order: a vector-matrix product per group with its local rows' gradients."""
-    local = jnp.concatenate([g, jnp.zeros(1, g.dtype)])[ops.row_ids]
-    return jnp.einsum("grc,gr->gc", ops.values, local, precision=jax.lax.Precision.HIGHEST).reshape(-1)
+    """X^T g in the padded group-major order: a vector-matrix product per group with its own rows' gradients,
+    plus its class's shared rows' product (computed once per class)."""
+    highest = jax.lax.Precision.HIGHEST
+    padded = jnp.concatenate([g, jnp.zeros(1, g.dtype)])
+    total = jnp.einsum("grc,gr->gc", ops.values, padded[ops.row_ids], precision=highest)
+    if ops.shared_values.shape[1]:
+        by_class = jnp.einsum("pkc,pk->pc", ops.shared_values, padded[ops.shared_rows], precision=highest)
+        total = total + by_class[ops.classes]
+    return total.reshape(-1)
 
 
 def data_step(params: SplitParams, u: jax.Array, polish: jax.Array, ops: BlockOps, targets: jax.Array,
@@ -178,18 +195,23 @@ def build_blocks(X: sp.csr_matrix, codes: np.ndarray, grouped=None) -> tuple[Blo
         lo, hi = csc.indptr[a], csc.indptr[b]
         values[g, np.searchsorted(local_rows, csc.indices[lo:hi]), col] = csc.data[lo:hi]
         row_ids[g, :local_rows.size] = local_rows
-    flat = row_ids.reshape(-1)
+    arrays = share_rows(values, row_ids, m) or {
+        "values": values, "row_ids": row_ids, "shared_values": np.zeros((1, 0, width), np.float32),
+        "shared_rows": np.zeros((1, 0), np.int32), "classes": np.zeros(n_groups, np.int32),
+        "incidence": np.zeros((1, n_groups), np.float32)}
+    del values
+    flat = np.concatenate([arrays["row_ids"].reshape(-1), arrays["shared_rows"].reshape(-1)])
     members = np.flatnonzero(flat < m)
     members = members[np.argsort(flat[members], kind="stable")].astype(np.int32)
     tables = row_tables(np.bincount(flat[flat < m], minlength=m), members, flat.size)
-    layout = BlockLayout(n, n_groups, width, positions, uniform)
-    return layout, {"values": values, "row_ids": row_ids, **tables}
+    return BlockLayout(n, n_groups, width, positions, uniform), {**arrays, **tables}
 
 
 def device_block_ops(host: dict) -> BlockOps:
     """``BlockOps`` on the default device (``jax.device_put``: no copy of an aligned host array on CPU)."""
-    return BlockOps(jax.device_put(host["values"]), jax.device_put(host["row_ids"]),
-                    tuple(jax.device_put(t) for t in host["row_tables"]), jax.device_put(host["row_order"]))
+    put = jax.device_put
+    return BlockOps(**{name: put(host[name]) for name in BlockOps._fields if name != "row_tables"},
+                    row_tables=tuple(put(t) for t in host["row_tables"]))
 
 
 def may_use_blocks(setting: str, platform: str, column_groups) -> bool:

@@ -213,7 +213,7 @@ def seed_key(seed: int) -> jax.Array:
 
 def default_platform() -> str:
     """The platform of the device the fit's arrays go to (JAX's default device)."""
-    device = jax.config.jax_default_device or jax.devices()[0]
+    device = getattr(jax.config, "jax_default_device", None) or jax.devices()[0]
     return str(getattr(device, "platform", device))
 
 

@@ -98,9 +98,12 @@ def load_layout(path: Path, X: sp.csr_matrix, codes: np.ndarray | None = None, k
     if meta["kind"] == "blocks":
         layout: Layout | BlockLayout = BlockLayout(int(meta["n_columns"]), int(meta["n_groups"]), int(meta["width"]),
                                                    flat.pop("positions"), int(meta["uniform"]))
-        shape = flat["values"].shape
-        if len(shape) != 3 or shape[0] != layout.n_groups or shape[2] != layout.width or \
-                flat["row_ids"].shape != shape[:2] or layout.positions.shape != (layout.n_columns,):
+        G, C = layout.n_groups, layout.width
+        shape, shared = flat["values"].shape, flat["shared_values"].shape
+        if len(shape) != 3 or shape[0] != G or shape[2] != C or flat["row_ids"].shape != shape[:2] or \
+                len(shared) != 3 or shared[2] != C or flat["shared_rows"].shape != shared[:2] or \
+                flat["incidence"].shape != (shared[0], G) or flat["classes"].shape != (G,) or \
+                layout.positions.shape != (layout.n_columns,):
             raise ValueError("block arrays of inconsistent shapes")
     else:
         layout = Layout(int(meta["n_columns"]), flat.pop("active_ids"), flat.pop("inactive_ids"))
