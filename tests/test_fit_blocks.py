@@ -184,3 +184,26 @@ def test_kernel_setting_is_checked():
         validate_config(FitConfig(kernel="dense"))
     with pytest.raises(FitConfigError, match="is not sharded"):
         validate_config(FitConfig(kernel="blocks", shard="auto"))
+
+
+def test_a_blocks_fit_resumes_from_its_checkpoint_and_refuses_a_sparse_one(tmp_path, monkeypatch):
+    """The blocks state (one padded column vector per parameter) resumes bitwise (killed after the
+    checkpoint of epoch 40, as test_defects_resume kills the fit); a checkpoint of the blocks state is
+    refused by a sparse fit (the fingerprint names the kernel), not restored into the other layout."""
+    from test_defects_resume import _fit
+
+    from calibrate.fit import CheckpointMismatchError
+
+    X, groups, _ = _stacked(9)
+    problem = (X, X @ np.random.default_rng(10).uniform(1, 3, X.shape[1]), np.full(X.shape[1], 2.0), groups)
+    cfg = dataclasses.replace(CONFIGS["sparsity target"], epochs=100, chunk_epochs=20, checkpoint_every=40,
+                              kernel="blocks")
+    full = _fit(problem, dataclasses.replace(cfg, checkpoint_every=0))
+    path = tmp_path / "fit.npz"
+    _fit(problem, cfg, path, kill_at=40, monkeypatch=monkeypatch)
+    resumed = _fit(problem, cfg, path)
+    assert resumed.kernel == "blocks"
+    np.testing.assert_array_equal(resumed.weights, full.weights)
+    np.testing.assert_array_equal(resumed.history.to_numpy(), full.history.to_numpy())
+    with pytest.raises(CheckpointMismatchError, match="different problem or config"):
+        _fit(problem, dataclasses.replace(cfg, kernel="sparse"), path)
