@@ -4,10 +4,13 @@
     python benchmarks/bench_fit.py --matrix X.npz --targets y.npy [--groups g.npy] [--init w.npy]
     python benchmarks/bench_fit.py --gpu-report [--bandwidth-gbs 3350]
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/bench_fit.py --shard   # sharded fit
+    python benchmarks/dump_fit_problem.py /tmp/allcd.npz geo=all     # a run's fit problem (all 436 CDs) ...
+    python benchmarks/bench_fit.py --problem /tmp/allcd.npz --interleave 5 --layout-cache /tmp/layouts  # ... timed
 
 Every mode prints the epoch time as a multiple of the memory-bandwidth bound: the bytes an
 epoch must move (``bytes_per_epoch``) over the streaming bandwidth measured in the same run
-(``stream_bandwidth``, or ``--bandwidth-gbs``).
+(``stream_bandwidth``, or ``--bandwidth-gbs``). ``--interleave N`` runs N rounds of (bandwidth, the
+sparse kernel's fit, the ``auto`` kernel's fit) and prints each round's ratios and their medians.
 
 Same hyperparameters, initial weights and epochs for both fits, and the same objective:
 l0-python sums group-normalised squared errors, so it is given group multipliers 1/G
@@ -39,6 +42,11 @@ from calibrate.matrix.layout import StackedLayout  # noqa: E402
 
 def load_problem(args) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray, str, np.ndarray | None]:
     """(X, targets, groups, init weights, label, column groups) from files or the synthetic generator."""
+    if args.problem:
+        with np.load(args.problem, allow_pickle=False) as d:
+            X = sp.csr_matrix((d["data"], d["indices"], d["indptr"]), shape=tuple(d["shape"]))
+            args.loss_weights, args.tolerances = d["loss_weights"], d["tolerances"]
+            return X, d["targets"], None, d["init"], f"problem {args.problem}", d["column_groups"]
     if args.matrix:
         X = sp.load_npz(args.matrix).tocsr()
         targets = np.load(args.targets)
@@ -115,19 +123,23 @@ def bytes_per_epoch(X: sp.csr_matrix) -> tuple[int, str]:
 
 
 def stream_bandwidth(n_bytes: int = 1 << 30, repeats: int = 7) -> float:
-    """Streaming read bandwidth (bytes/s) of the default JAX device: the best of ``repeats`` sums of
-    one float32 array of ``n_bytes`` (measured in this run, under this run's load)."""
+    """Streaming read bandwidth (bytes/s) of the default JAX device: the best of ``repeats`` runs of two
+    reads of one float32 array of ``n_bytes``, a sum and a matrix-vector product with ones (the kernel of
+    the dense products; on CPU it may use both cores where the sum uses one), measured in this run,
+    under this run's load."""
     import jax
     import jax.numpy as jnp
 
     a = jnp.ones(n_bytes // 4, jnp.float32)
-    total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(a))
+    reads = (jax.jit(jnp.sum), jax.jit(lambda x: jnp.dot(x.reshape(-1, 4096), jnp.ones(4096, x.dtype),
+                                                          precision=jax.lax.Precision.HIGHEST)))
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(total(a))
-        best = min(best, time.perf_counter() - t0)
+    for read in reads:
+        jax.block_until_ready(read(a))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(read(a))
+            best = min(best, time.perf_counter() - t0)
     del a
     return n_bytes / best
 
@@ -190,6 +202,47 @@ def shard_report(X, targets, groups, init, column_groups, cfg: FitConfig) -> Non
     print(f"final loss off / auto         {single.final_loss:.6g} / {sharded.final_loss:.6g}")
 
 
+def kernel_bytes(path: Path) -> int:
+    """Bytes the dense-block products read per epoch, from a cached blocks layout (both products read the
+    own and shared blocks once each)."""
+    from calibrate.fit.aligned import map_arrays
+
+    _, arrays = map_arrays(path)
+    return 2 * (arrays["values"].nbytes + arrays["shared_values"].nbytes)
+
+
+def interleaved(X, targets, groups, init, column_groups, cfg: FitConfig, rounds: int, layout_cache: str | None,
+                loss_weights=None, tolerances=None) -> None:
+    """``rounds`` rounds of (same-run bandwidth, fit with kernel=sparse, fit with kernel=auto): s/epoch and the
+    multiple of the bound per round, then the medians (one process; the first round also compiles)."""
+    nbytes, formula = bytes_per_epoch(X)
+    print(f"bytes per epoch (the bound)   {nbytes / 1e6:.1f} MB  [{formula}]")
+    extra = {"loss_weights": loss_weights, "tolerances": tolerances} if loss_weights is not None else {"groups": groups}
+    rows = []
+    for r in range(rounds):
+        bandwidth = stream_bandwidth()
+        row = {"bandwidth": bandwidth}
+        for kernel in ("sparse", "auto"):
+            cache = None if layout_cache is None else Path(layout_cache) / f"layout-{kernel}.safetensors"
+            res = fit_l0(X, targets, init, replace(cfg, kernel=kernel), progress=False, column_groups=column_groups,
+                         layout_cache=cache, **extra)
+            row[kernel] = (res.seconds_per_epoch, res.setup_seconds, res.kernel)
+        rows.append(row)
+        bound = nbytes / bandwidth
+        print(f"round {r}: bandwidth {bandwidth / 1e9:5.1f} GB/s, bound {bound * 1e3:6.1f} ms | "
+              + " | ".join(f"{k} ({v[2]}) {v[0] * 1e3:6.1f} ms/epoch = {v[0] / bound:4.2f}x, setup {v[1]:.2f} s"
+                           for k, v in row.items() if k != "bandwidth"), flush=True)
+    ratio = {k: float(np.median([row[k][0] * row["bandwidth"] / nbytes for row in rows])) for k in ("sparse", "auto")}
+    epoch = {k: float(np.median([row[k][0] for row in rows])) for k in ("sparse", "auto")}
+    print(f"median over {rounds} rounds: sparse {epoch['sparse'] * 1e3:.1f} ms/epoch = {ratio['sparse']:.2f}x the "
+          f"bound; auto ({rows[-1]['auto'][2]}) {epoch['auto'] * 1e3:.1f} ms/epoch = {ratio['auto']:.2f}x; "
+          f"bandwidth median {np.median([row['bandwidth'] for row in rows]) / 1e9:.1f} GB/s")
+    if rows[-1]["auto"][2] == "blocks" and layout_cache is not None:
+        moved = kernel_bytes(Path(layout_cache) / "layout-auto.safetensors") + nbytes - 16 * X.nnz
+        print(f"bytes the blocks kernel reads {moved / 1e6:.1f} MB per epoch (dense blocks both ways + the columns): "
+              f"median {float(np.median([row['auto'][0] * row['bandwidth'] / moved for row in rows])):.2f}x that")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=50, help="epochs for the comparison (default 50)")
@@ -204,14 +257,23 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-epochs", type=int, default=2000, help="epochs for --gpu-report")
     ap.add_argument("--shard", action="store_true",
                     help="shard=auto against shard=off (set XLA_FLAGS=--xla_force_host_platform_device_count=2 on CPU)")
+    ap.add_argument("--problem", help="a fit problem written by benchmarks/dump_fit_problem.py (.npz)")
+    ap.add_argument("--interleave", type=int, default=0, help="rounds of bandwidth, sparse and auto kernel fits")
+    ap.add_argument("--layout-cache", help="folder for the fits' layout caches (warm setup from the second round)")
     ap.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="memory bandwidth in GB/s (default: measured in this run)")
     args = ap.parse_args(argv)
     if args.matrix and not args.targets:
         ap.error("--matrix needs --targets")
 
+    args.loss_weights = args.tolerances = None
     X, targets, groups, init, label, column_groups = load_problem(args)
     print(f"{label}: {X.shape[0]} targets x {X.shape[1]:,} columns, nnz {X.nnz:,}")
+    if args.interleave:
+        interleaved(X, targets, groups, init, column_groups,
+                    FitConfig(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs, seed=args.fit_seed),
+                    args.interleave, args.layout_cache, args.loss_weights, args.tolerances)
+        return
     if args.shard:
         shard_report(X, targets, groups, init, column_groups,
                      FitConfig(epochs=args.epochs, log_every=args.epochs, chunk_epochs=args.epochs, seed=args.fit_seed))

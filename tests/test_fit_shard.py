@@ -2,7 +2,8 @@
 
 JAX fixes its device count when it starts, so the two-device fits run in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``; there ``shard=off`` (one device) is the
-independent baseline of every comparison. The gate noise is a hash of each column's original id
+independent baseline of every comparison, with the sparse products the sharded fit uses (``kernel=sparse``:
+the dense blocks, ``auto``'s choice on CPU, sum in another order; ``test_fit_blocks`` compares them). The gate noise is a hash of each column's original id
 and epoch, so both fits draw the same gates and only the order of the sums differs: weights agree
 to float32 rounding grown over the epochs (rtol 1e-4), and every zero weight is a zero in both.
 """
@@ -22,7 +23,8 @@ from test_fit import _problem
 
 from calibrate.fit import CheckpointMismatchError, FitConfig, FitConfigError, SparsityConfig, fit_l0, validate_config
 
-BASE = dict(epochs=160, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5))
+BASE = dict(epochs=160, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5),
+            kernel="sparse")
 SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "tests")
@@ -43,7 +45,8 @@ SCRIPT = textwrap.dedent("""
                 "n_devices": r.n_devices, "history": r.history.to_numpy().tolist(), "sparsity": r.sparsity}
 
     out, tmp = {}, sys.argv[1]
-    base = dict(epochs=160, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5))
+    base = dict(epochs=160, log_every=40, chunk_epochs=40, lr=0.05, sparsity=SparsityConfig(active_share=0.5),
+                kernel="sparse")
     for n_groups in (4, 5):  # 5 groups on 2 devices: 3 + 2 groups, padded columns and groups
         X, y, init, groups = problem(n_groups)
         for shard in ("off", "auto"):
@@ -121,7 +124,7 @@ def test_a_two_device_checkpoint_is_refused_elsewhere(two_device_fits, shard):
 def test_sharded_fit_skips_the_layout_cache_with_a_warning(two_device_fits):
     _, stderr, tmp = two_device_fits
     assert "fit.shard=auto: the layout cache" in stderr
-    assert sorted(p.name for p in tmp.glob("layout-*")) == ["layout-4-off.safetensors", "layout-5-off.safetensors"]
+    assert sorted(p.name for p in tmp.glob("layout-*.safetensors")) == ["layout-4-off.safetensors", "layout-5-off.safetensors"]
 
 
 def test_one_device_mesh_gives_the_single_device_fit():

@@ -35,7 +35,8 @@ def layout_cache_path(matrix) -> Path | None:
     if cache_dir is None or not key:
         return None
     X = matrix.X
-    return Path(cache_dir) / LAYOUT_FOLDER / f"{key}-{X.shape[0]}x{X.shape[1]}-{X.nnz}.safetensors"
+    # "-2": the second file format (aligned, memory-mapped); an older version's file keeps its own name
+    return Path(cache_dir) / LAYOUT_FOLDER / f"{key}-{X.shape[0]}x{X.shape[1]}-{X.nnz}-2.safetensors"
 
 
 def fit_stage(matrix, l0, run_dir: Path, progress: bool, values: np.ndarray, loss_weights: np.ndarray,

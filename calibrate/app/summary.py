@@ -85,6 +85,7 @@ class RunSummary:
     classical: dict = field(default_factory=dict)  # minimum-distance solve: iterations, converged, distance, seconds
     fit_setup_seconds: float = 0.0  # the L0 fit before its first epoch (checks, layout, transfer, compile)
     fit_layout_cached: bool = False  # the L0 fit's layout of X came from the cache folder
+    fit_kernel: str = ""  # the L0 fit's products of X: sparse | blocks (fit.kernel)
     fit_devices: int = 1  # devices the L0 fit's columns were split over (fit.shard)
 
 
@@ -157,6 +158,7 @@ def make_summary(settings: CalibrateConfig, inputs, device: DeviceInfo, matrix, 
         compile_seconds=float(result.compile_seconds),
         fit_setup_seconds=float(result.setup_seconds),
         fit_layout_cached=bool(result.layout_cached),
+        fit_kernel=str(getattr(result, "kernel", "")),
         fit_devices=int(result.n_devices),
         seconds_per_epoch=float(result.seconds_per_epoch),
         epochs=int(result.epochs),

@@ -62,6 +62,7 @@ POLISHES = ("adam", "classical")
 CARRIERS = ("coordinated", "independent")
 DISTANCES = ("logit", "kl", "chi2")
 SHARDS = ("off", "auto")
+KERNELS = ("auto", "sparse", "blocks")
 
 
 @dataclass
@@ -90,6 +91,7 @@ class FitConfig:
     start: StartConfig = field(default_factory=StartConfig)  # the start of the fit
     classical: ClassicalConfig = field(default_factory=ClassicalConfig)  # minimum-distance settings
     shard: str = "off"  # off: one device | auto: columns split by column group over every device JAX sees
+    kernel: str = "auto"  # products of X: auto (dense blocks on CPU where they pay) | sparse | blocks
 
     @property
     def controlled(self) -> bool:
@@ -144,6 +146,7 @@ _RULES = {
     "classical.max_iter": ("int", lambda v: v >= 1, "must be an integer >= 1"),
     "classical.tol": ("float", lambda v: v > 0, "must be > 0"),
     "shard": ("str", lambda v: v in SHARDS, f"must be one of {', '.join(SHARDS)}"),
+    "kernel": ("str", lambda v: v in KERNELS, f"must be one of {', '.join(KERNELS)}"),
 }
 
 
@@ -180,6 +183,9 @@ def validate_config(config: FitConfig) -> None:
     if config.start.home_factor is not None and config.start.home_state_share is not None:
         raise FitConfigError("start.home_factor", config.start.home_factor,
                              f"cannot be set with start.home_state_share={config.start.home_state_share} (choose one)")
+    if config.kernel == "blocks" and config.shard != "off":
+        raise FitConfigError("kernel", config.kernel, "is not sharded: use fit.kernel=auto or sparse with "
+                             f"fit.shard={config.shard}")
     if config.polish_epochs >= config.epochs:
         raise FitConfigError("polish_share", config.polish_share, f"leaves no epoch before the polish "
                              f"(epochs={config.epochs})")

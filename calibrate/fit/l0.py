@@ -12,19 +12,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from calibrate.core.linalg import float64_matvec
+from calibrate.fit.blocks import BlockOps, may_use_blocks
 from calibrate.fit.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint,
@@ -36,24 +34,22 @@ from calibrate.fit.checkpoint import (
 from calibrate.fit.config import FitConfig, validate_config
 from calibrate.fit.layout_cache import cached_layout
 from calibrate.fit.loop import (
-    DeviceProblem,
     Hyper,
-    initial_params,
     initial_state,
-    make_chunk_runner,
-    make_evaluator,
     make_weights_fn,
 )
 from calibrate.fit.model import (
     GateShape,
-    device_ops,
-    join_vector,
     relative_loss,
     target_loss_weights,
 )
+from calibrate.fit.prepare import single_device
 from calibrate.fit.shard import AXIS, shard_devices
 from calibrate.fit.shard import setup as shard_setup
-from calibrate.fit.sparsity import GroupIndex, build_group_index, schedule_of
+from calibrate.fit.sparsity import (
+    group_codes,
+    schedule_of,
+)
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -107,6 +103,7 @@ class FitResult:
     setup_seconds: float = 0.0  # everything before the first epoch: checks, layout, transfer, compile, first evaluation
     layout_cached: bool = False  # the layout of X came from ``layout_cache``
     n_devices: int = 1  # devices the columns were split over (``config.shard``)
+    kernel: str = "sparse"  # the products of X used: sparse | blocks (``config.kernel``)
 
 
 def _per_target(values, m: int, name: str, default: float) -> np.ndarray:
@@ -131,7 +128,7 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_wei
     if not sp.issparse(X):
         raise ValueError(f"X must be a scipy.sparse matrix, got {type(X).__name__}")
     canonical = (sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array)) and X.dtype == np.float32 \
-        and X.has_canonical_format and not np.any(X.data == 0)
+        and X.has_canonical_format and np.count_nonzero(X.data) == X.nnz
     if not canonical:  # an already canonical float32 CSR (the matrix stage's) is used as is: no copy
         X = sp.csr_matrix(X, dtype=np.float32, copy=True)
         X.sum_duplicates()
@@ -144,7 +141,7 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_wei
     bad = np.flatnonzero(~np.isfinite(targets))  # negative totals are fine: contributions may be negative
     if bad.size:
         raise ValueError(f"targets must be finite; bad target indices {bad[:10].tolist()}")
-    if not np.all(np.isfinite(X.data)):
+    if not np.isfinite(X.data.sum(dtype=np.float64)):  # one pass: float32 terms cannot overflow a float64 sum
         raise ValueError("X holds non-finite values")
     init_weights = np.asarray(init_weights, dtype=np.float64)
     if init_weights.shape != (n,):
@@ -207,6 +204,19 @@ def _next_stop(epoch: int, cfg: FitConfig) -> int:
     return min(stops)
 
 
+def seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)`` (threefry: the words [seed >> 32, seed & 0xFFFFFFFF]) without compiling
+    the seeding program in every process."""
+    words = np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(jax.device_put(words))
+
+
+def default_platform() -> str:
+    """The platform of the device the fit's arrays go to (JAX's default device)."""
+    device = getattr(jax.config, "jax_default_device", None) or jax.devices()[0]
+    return str(getattr(device, "platform", device))
+
+
 def fit_l0(
     X: sp.csr_matrix,
     targets: np.ndarray,
@@ -239,7 +249,8 @@ def fit_l0(
     X, targets, init_weights, groups, loss_weights, tolerances, column_groups = _validate_inputs(
         X, targets, init_weights, groups, checkpoint_path, loss_weights, tolerances, column_groups)
     cfg = config
-    n_column_groups = 1 if column_groups is None else np.unique(column_groups).size
+    codes = None if column_groups is None else group_codes(column_groups)  # group ids -> 0..G-1, once
+    n_column_groups = 1 if codes is None else int(codes.max(initial=0)) + 1
     share = cfg.sparsity.target_share(X.shape[1] // n_column_groups)
     hyper = Hyper(GateShape(cfg.beta, cfg.gamma, cfg.zeta), cfg.lr, cfg.lambda_l2, schedule_of(cfg, share))
     if loss_weights is None:
@@ -248,33 +259,30 @@ def fit_l0(
         loss_weights = loss_weights / loss_weights.sum()
     in_loss = loss_weights > 0
     devices = shard_devices(cfg.shard)
+    platform = default_platform()
     fingerprint = ""
     if checkpoint_path:
         fingerprint = problem_fingerprint(X, targets, init_weights, loss_weights, cfg, tolerances, column_groups)
         if devices is not None:  # the padded per-device layout of the state depends on the device count
             fingerprint = hashlib.sha256(f"{fingerprint}|shard:{len(devices)}".encode()).hexdigest()
+        elif may_use_blocks(cfg.kernel, platform, column_groups):  # the state's layout depends on the kernel
+            fingerprint = hashlib.sha256(f"{fingerprint}|kernel:{cfg.kernel}".encode()).hexdigest()
     checkpoint = None
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         checkpoint = load_checkpoint(Path(checkpoint_path), fingerprint)
         if checkpoint.epoch > cfg.epochs:
             raise ValueError(f"checkpoint {checkpoint_path} is at epoch {checkpoint.epoch}, beyond epochs={cfg.epochs}")
 
+    key = seed_key(cfg.seed)
+    lambda0 = 0.0 if share is not None else cfg.lambda_l0
     sharded = None
     if devices is None:
-        layout, host_ops, layout_cached = cached_layout(X, layout_cache)
-        group_arrays = build_group_index(layout, column_groups, cfg.seed)
-        problem = DeviceProblem(
-            ops=device_ops(host_ops),
-            targets=jnp.asarray(targets, jnp.float32),
-            loss_weights=jnp.asarray(loss_weights, jnp.float32),
-            tolerances=jnp.asarray(tolerances, jnp.float32),
-            noise_ids=jnp.asarray(layout.active_ids.astype(np.uint32)),
-            groups=GroupIndex(**{k: jnp.asarray(v) for k, v in group_arrays.items()}),
-        )
+        layout, host_ops, layout_cached = cached_layout(X, layout_cache, cfg.kernel, codes, platform)
+        ready = single_device(layout, host_ops, targets, loss_weights, tolerances, init_weights, codes, cfg, hyper,
+                              lambda0, key)
         del host_ops
-        params, n_groups = initial_params(layout, init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed), \
-            group_arrays["sizes"].size
-        join: Callable[[np.ndarray, np.ndarray], np.ndarray] = partial(join_vector, layout)
+        problem, state, n_groups, join = ready.problem, ready.state, ready.n_groups, ready.join
+        run_chunk, evaluate, compile_seconds = ready.run_chunk, ready.evaluate, ready.compile_seconds
     else:
         if layout_cache is not None:
             log.warning("fit.shard=%s: the layout cache %s is not used (each device's layout is built afresh)",
@@ -283,19 +291,12 @@ def fit_l0(
         problem, params, n_groups, join, layout_cached = (sharded.problem, sharded.params, sharded.n_groups,
                                                           sharded.join, False)
         hyper = hyper._replace(axis=AXIS)
-    place = (lambda s: s) if sharded is None else sharded.place  # noqa: E731
-    key = jax.random.key(cfg.seed)
-    controlled = share is not None
-    state = place(initial_state(params, hyper, X.shape[0], np.full(n_groups, 0.0 if controlled else cfg.lambda_l0)))
-
-    t_compile = time.perf_counter()
-    if sharded is None:
-        run_chunk = make_chunk_runner(hyper).lower(state, 0, 1, key, problem).compile()
-        evaluate = make_evaluator(hyper).lower(state.params, state.lambdas, problem).compile()
-    else:
+        state = sharded.place(initial_state(params, hyper, X.shape[0], np.full(n_groups, lambda0)))
+        t_compile = time.perf_counter()
         run_chunk, evaluate = sharded.programs(hyper, state, key)
-    weights_fn = make_weights_fn(hyper.shape).lower(state.params).compile()
-    compile_seconds = time.perf_counter() - t_compile
+        compile_seconds = time.perf_counter() - t_compile
+    place = (lambda s: s) if sharded is None else sharded.place  # noqa: E731
+    weights_fn = make_weights_fn(hyper.shape)  # compiled when the weights are read, after the last epoch
     history: list[dict] = []
     epoch = 0
     if checkpoint is not None:
@@ -354,4 +355,5 @@ def fit_l0(
         setup_seconds=setup_seconds,
         layout_cached=layout_cached,
         n_devices=len(problem.targets.devices()),
+        kernel="blocks" if isinstance(problem.ops, BlockOps) else "sparse",
     )

@@ -19,11 +19,11 @@ import numpy as np
 import optax
 from jax import lax
 
+from calibrate.fit.blocks import BlockOps, data_step
 from calibrate.fit.model import (
     GateParams,
     GateShape,
     L0Weights,
-    Layout,
     SparseOps,
     SplitParams,
     deterministic_gates,
@@ -33,14 +33,15 @@ from calibrate.fit.model import (
     penalties,
     relative_errors,
     split_objective,
-    split_vector,
 )
 from calibrate.fit.sparsity import (
+    BlockGroups,
     GroupIndex,
     SparsitySchedule,
     apply_pressure,
     controller_pressure,
     group_open_shares,
+    per_column,
     scheduled_share,
 )
 
@@ -64,12 +65,12 @@ class TrainState(NamedTuple):
 class DeviceProblem(NamedTuple):
     """Problem arrays on the device (passed as arguments, never baked into the program)."""
 
-    ops: SparseOps
+    ops: SparseOps | BlockOps
     targets: jax.Array
     loss_weights: jax.Array
     tolerances: jax.Array  # relative tolerance band per target (0 = none)
     noise_ids: jax.Array  # uint32 original column ids of the active columns
-    groups: GroupIndex
+    groups: GroupIndex | BlockGroups
 
 
 class Hyper(NamedTuple):
@@ -100,23 +101,11 @@ def optimizer(hyper: Hyper) -> optax.GradientTransformation:
     return optax.adam(hyper.lr)
 
 
-def initial_params(layout: Layout, init_weights: np.ndarray, init_keep_prob: float, jitter: float,
-                   seed: int) -> SplitParams:
-    """log weights = log(init) + jitter*N(0,1); log_alpha = logit(keep) + jitter*N(0,1).
-
-    Jitter comes from numpy's PCG64 seeded by ``seed`` (platform independent, no device
-    program to compile), drawn over the full column vector in original order so it does
-    not depend on the active/inactive split.
-    """
-    log_weight, log_alpha = initial_vectors(init_weights, init_keep_prob, jitter, seed)
-    (lw_a, lw_i), (la_a, la_i) = split_vector(layout, log_weight), split_vector(layout, log_alpha)
-    as32 = lambda x: jnp.asarray(x, dtype=jnp.float32)  # noqa: E731
-    return SplitParams(GateParams(as32(lw_a), as32(la_a)), GateParams(as32(lw_i), as32(la_i)))
-
-
 def initial_vectors(init_weights: np.ndarray, init_keep_prob: float, jitter: float,
                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(log weights, log_alpha) over all columns in original order (see :func:`initial_params`)."""
+    """(log weights, log_alpha) over all columns in original order: log(init) + jitter*N(0,1) and
+    logit(keep) + jitter*N(0,1), from numpy's PCG64 seeded by ``seed`` (platform independent, no device
+    program to compile), over the full vector so the draw does not depend on the layout."""
     rng = np.random.default_rng([seed, 0x10])
     n = init_weights.shape[0]
     log_weight = np.log(init_weights.astype(np.float32)) + np.float32(jitter) * rng.standard_normal(n, np.float32)
@@ -136,9 +125,9 @@ def initial_state(params: SplitParams, hyper: Hyper, n_targets: int, lambdas: np
     return TrainState(params, opt_state, divergence, jax.device_put(np.asarray(lambdas, np.float32)))
 
 
-def column_lambdas(lambdas: jax.Array, groups: GroupIndex) -> L0Weights:
+def column_lambdas(lambdas: jax.Array, groups: GroupIndex | BlockGroups) -> L0Weights:
     """Each column's L0 weight: its group's lambda."""
-    return L0Weights(lambdas[groups.active], lambdas[groups.inactive])
+    return L0Weights(*per_column(lambdas, groups))
 
 
 def _freeze_gates(new: SplitParams, old: SplitParams, frozen: jax.Array) -> SplitParams:
@@ -152,7 +141,7 @@ def _loss_lambdas(lambdas: jax.Array, controlled: bool) -> jax.Array:
     return jnp.zeros_like(lambdas) if controlled else lambdas
 
 
-def _pressed(params: SplitParams, pressure: jax.Array, groups: GroupIndex, lr: float) -> SplitParams:
+def _pressed(params: SplitParams, pressure: jax.Array, groups: GroupIndex | BlockGroups, lr: float) -> SplitParams:
     """Decoupled L0 step: every gate's log_alpha moves down by lr times its group's pressure."""
     active, inactive = column_lambdas(pressure, groups)
     active, inactive = active * groups.speed_active, inactive * groups.speed_inactive
@@ -197,8 +186,12 @@ def chunk_fn(hyper: Hyper):
         def epoch_step(epoch, st: TrainState) -> TrainState:
             polish = epoch >= schedule.polish_start
             u = epoch_uniforms(key, epoch, problem.noise_ids)
-            (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
-                st.params, u, st.lambdas, polish)
+            if unpenalised and isinstance(problem.ops, BlockOps):
+                loss, estimates, grads = data_step(st.params, u, polish, problem.ops, problem.targets,
+                                                   problem.loss_weights, problem.tolerances, hyper.shape)
+            else:
+                (loss, estimates), grads = jax.value_and_grad(loss_of_params, has_aux=True)(
+                    st.params, u, st.lambdas, polish)
             if unpenalised:
                 params, opt_state = _active_adam_step(opt, grads, st.opt_state, st.params)
             else:

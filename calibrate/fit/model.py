@@ -73,6 +73,10 @@ class SparseOps(NamedTuple):
     slot_rows: tuple[jax.Array, ...]
     slot_vals: tuple[jax.Array, ...]
 
+    def matvec(self, n_rows: int, w: jax.Array) -> jax.Array:
+        """X_active @ w (its gradient through the slots)."""
+        return sparse_matvec(n_rows, self, w)
+
 
 class Layout(NamedTuple):
     """Host-side description of the active/inactive column split of X."""
@@ -94,6 +98,23 @@ def hard_concrete_sample(log_alpha: jax.Array, u: jax.Array, shape: GateShape) -
     u = jnp.clip(u, UNIFORM_EPS, 1.0 - UNIFORM_EPS)
     s = jax.nn.sigmoid((jnp.log(u / (1.0 - u)) + _clamped(log_alpha)) / shape.beta)
     return jnp.clip(s * (shape.zeta - shape.gamma) + shape.gamma, 0.0, 1.0)
+
+
+def gate_and_slope(log_alpha: jax.Array, noise: jax.Array, shape: GateShape) -> tuple[jax.Array, jax.Array]:
+    """(gate, d gate / d log_alpha) for logistic ``noise`` (logit u; 0 gives the deterministic gate):
+    clip(sigmoid((noise + log_alpha)/beta)*(zeta-gamma)+gamma, 0, 1); the slope is 0 where a clip holds."""
+    clamped = _clamped(log_alpha)
+    s = jax.nn.sigmoid((noise + clamped) / shape.beta)
+    stretched = s * (shape.zeta - shape.gamma) + shape.gamma
+    inside = (stretched > 0.0) & (stretched < 1.0) & (clamped == log_alpha)
+    slope = jnp.where(inside, s * (1.0 - s) * ((shape.zeta - shape.gamma) / shape.beta), 0.0)
+    return jnp.clip(stretched, 0.0, 1.0), slope
+
+
+def logistic_noise(u: jax.Array) -> jax.Array:
+    """logit of uniforms clamped to [eps, 1 - eps], as in :func:`hard_concrete_sample`."""
+    u = jnp.clip(u, UNIFORM_EPS, 1.0 - UNIFORM_EPS)
+    return jnp.log(u / (1.0 - u))
 
 
 def deterministic_gates(log_alpha: jax.Array, shape: GateShape) -> jax.Array:
@@ -242,20 +263,29 @@ def table_widths(blocks_per_row: np.ndarray) -> np.ndarray:
 def _row_tables(blocks_per_row: np.ndarray, n_blocks: int, width: np.ndarray | None = None) -> dict:
     """Block ids of each row in zero-padded tables, one per width class (power of two by default);
     ``n_blocks`` is the padding id."""
-    first_block = np.concatenate([[0], np.cumsum(blocks_per_row)])[:-1]
-    width = table_widths(blocks_per_row) if width is None else width
+    return row_tables(blocks_per_row, np.arange(n_blocks, dtype=np.int32), n_blocks, width)
+
+
+def row_tables(counts: np.ndarray, members: np.ndarray, pad: int, width: np.ndarray | None = None) -> dict:
+    """Each row's ``counts[row]`` entries of ``members`` (rows one after the other) in zero-padded tables,
+    one per width class (the count rounded up to a power of two by default), ``pad`` the padding id; and
+    ``row_order``, each row's position in the concatenated class outputs. Summing ``values[table]`` by
+    table row and gathering by ``row_order`` sums each row's members with no scatter."""
+    first = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    width = table_widths(counts) if width is None else width
     tables, order = [], []
     for w in np.unique(width):
         rows = np.flatnonzero(width == w)
-        table = np.full((rows.size, int(w)), n_blocks, dtype=np.int32)
-        counts = blocks_per_row[rows]
-        local = np.repeat(np.arange(rows.size), counts)
-        offset = np.arange(int(counts.sum())) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        table[local, offset] = np.repeat(first_block[rows], counts) + offset
+        table = np.full((rows.size, int(w)), pad, dtype=np.int32)
+        row_counts = counts[rows]
+        local = np.repeat(np.arange(rows.size), row_counts)
+        offset = np.arange(int(row_counts.sum())) - np.repeat(np.concatenate([[0], np.cumsum(row_counts)[:-1]]),
+                                                              row_counts)
+        table[local, offset] = members[np.repeat(first[rows], row_counts) + offset]
         tables.append(table)
         order.append(rows)
-    row_order = np.empty(blocks_per_row.size, dtype=np.int32)
-    row_order[np.concatenate(order)] = np.arange(blocks_per_row.size, dtype=np.int32)
+    row_order = np.empty(counts.size, dtype=np.int32)
+    row_order[np.concatenate(order)] = np.arange(counts.size, dtype=np.int32)
     return {"row_tables": tuple(tables), "row_order": row_order}
 
 
@@ -352,7 +382,7 @@ def penalties(params: SplitParams, shape: GateShape, lambda_l0, lambda_l2: float
 def split_objective(
     params: SplitParams,
     gates: jax.Array,
-    ops: SparseOps,
+    ops: Any,
     targets: jax.Array,
     loss_weights: jax.Array,
     shape: GateShape,
@@ -362,14 +392,15 @@ def split_objective(
     penalised: bool = True,
     axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(objective, estimates) for given active-column gates (stochastic or deterministic).
+    """(objective, estimates) for given active-column gates (stochastic or deterministic); ``ops`` is a
+    :class:`SparseOps` or a :class:`calibrate.fit.blocks.BlockOps` (anything with ``matvec(n_rows, w)``).
 
     ``penalised=False`` (static): the data term only, for callers whose penalty weights are all
     zero (under sparsity control without L2): same value and gradient, no pass over all columns.
     ``axis``: inside ``shard_map`` over column blocks, the mesh axis whose partial products and
     penalties are summed (the gradient X^T g then stays local to each block)."""
     w = jnp.exp(params.active.log_weight) * gates
-    estimates = sparse_matvec(targets.shape[0], ops, w)
+    estimates = ops.matvec(targets.shape[0], w)
     if axis is not None:
         estimates = jax.lax.psum(estimates, axis)
     data = jnp.sum(loss_weights * excess_errors(relative_errors(estimates, targets), tolerances) ** 2)

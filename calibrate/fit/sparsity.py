@@ -61,6 +61,32 @@ class GroupIndex(NamedTuple):
     speed_inactive: jax.Array  # float32 pressure multiplier of each inactive column
 
 
+class BlockGroups(NamedTuple):
+    """Column groups of the dense-block layout (:mod:`calibrate.fit.blocks`): columns group-major, every
+    group padded to one width, so a group is a row of the (groups, width) reshape (no gather)."""
+
+    sizes: jax.Array  # float32 number of real columns of each group
+    speed_active: jax.Array  # float32 pressure multiplier of each column (0 on padding)
+    speed_inactive: jax.Array  # empty: the layout has no inactive part
+    real: jax.Array  # float32 1 for a real column, 0 for padding
+
+
+def block_groups(layout, codes: np.ndarray, seed: int = 0) -> dict:
+    """Host arrays of :class:`BlockGroups` for a :class:`calibrate.fit.blocks.BlockLayout` (its ``split``
+    puts a column vector in the padded order); speeds as :func:`build_group_index` draws them."""
+    return {"sizes": np.bincount(codes, minlength=layout.n_groups).astype(np.float32),
+            "speed_active": layout.split(column_speeds(layout.n_columns, seed), 0.0),
+            "speed_inactive": np.zeros(0, np.float32), "real": layout.split(np.ones(layout.n_columns, np.float32), 0.0)}
+
+
+def per_column(lambdas: jax.Array, groups: GroupIndex | BlockGroups) -> tuple[jax.Array, jax.Array]:
+    """Each column's value of a per-group quantity: (active part, inactive part); padding gets 0."""
+    if isinstance(groups, BlockGroups):
+        real = groups.real.reshape(lambdas.shape[0], -1)
+        return (lambdas[:, None] * real).reshape(-1), jnp.zeros(0, lambdas.dtype)
+    return lambdas[groups.active], lambdas[groups.inactive]
+
+
 def schedule_of(cfg, share: float | None = None) -> SparsitySchedule:
     """The controller's static settings of a ``FitConfig`` for a target ``share`` (None: off, -1).
 
@@ -125,9 +151,12 @@ def scheduled_share(epoch: jax.Array, schedule: SparsitySchedule) -> jax.Array:
     return schedule.target_share + (1.0 - schedule.target_share) * (1.0 - progress) ** 3
 
 
-def group_open_shares(active_alpha: jax.Array, inactive_alpha: jax.Array, groups: GroupIndex,
+def group_open_shares(active_alpha: jax.Array, inactive_alpha: jax.Array, groups: GroupIndex | BlockGroups,
                       shape: GateShape) -> jax.Array:
     """Share of open deterministic gates (gate > 0) per group."""
+    if isinstance(groups, BlockGroups):
+        is_open = (deterministic_gates(active_alpha, shape) > 0).astype(jnp.float32)
+        return jnp.sum(is_open.reshape(groups.sizes.shape[0], -1), axis=1) / groups.sizes
     is_open = jnp.concatenate([deterministic_gates(active_alpha, shape) > 0,
                                deterministic_gates(inactive_alpha, shape) > 0,
                                jnp.zeros(1, bool)]).astype(jnp.float32)
