@@ -71,6 +71,7 @@ def test_rescale_and_divergence_terms_use_the_chunked_product(heavy):
 def test_fingerprint_hashes_raw_buffers(heavy):
     X, w = heavy
     args = (np.ones(ROWS), w, None, L0Config())
+    problem_fingerprint(X[:, :10], np.ones(ROWS), w[:10], None, L0Config())  # its lazy imports (jax: ~38 MB) first
     first, peak = _peak(problem_fingerprint, X, *args)
     assert peak < 4 * 2**20, peak  # no widened or tobytes() copy of X (old: ~190 MB)
     changed = X.copy()
