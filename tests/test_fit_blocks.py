@@ -207,3 +207,53 @@ def test_a_blocks_fit_resumes_from_its_checkpoint_and_refuses_a_sparse_one(tmp_p
     np.testing.assert_array_equal(resumed.history.to_numpy(), full.history.to_numpy())
     with pytest.raises(CheckpointMismatchError, match="different problem or config"):
         _fit(problem, dataclasses.replace(cfg, kernel="sparse"), path)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_host_arrays_written_in_chunks_equal_the_one_shot_definitions(uniform):
+    """The per-column arrays a block fit's setup writes chunk by chunk into the padded order (several
+    chunks here) equal the streams defined in one shot with numpy: log(float32 init) + jitter * N and
+    logit(keep) + jitter * N from one PCG64 stream, Generator.uniform speeds, the column ids."""
+    from calibrate.fit import blocks as blocks_module
+    from calibrate.fit.prepare import LOG_ALPHA_FLOOR, PAD_LOG_WEIGHT, _block_host
+    from calibrate.fit.sparsity import SPEED_RANGE
+
+    G, U, W = 5, 300, 320
+    rng = np.random.default_rng(3)
+    positions = (np.arange(G)[:, None] * W + np.arange(U)[None, :]).reshape(-1) if uniform \
+        else rng.permutation(G * W)[:G * U]
+    layout = blocks_module.BlockLayout(G * U, G, W, positions, U if uniform else 0)
+    init = rng.uniform(0.5, 40.0, G * U)
+    cfg = FitConfig(seed=7, jitter=0.05, init_keep_prob=0.8)
+    old_chunk = blocks_module.FILL_CHUNK
+    blocks_module.FILL_CHUNK = 400  # several chunks, whole groups when uniform
+    try:
+        host = _block_host(layout, np.repeat(np.arange(G, dtype=np.int32), U), init, cfg)
+    finally:
+        blocks_module.FILL_CHUNK = old_chunk
+
+    def padded(values, pad, dtype):
+        out = np.full(G * W, pad, dtype)
+        out[positions] = values
+        return out
+
+    stream = np.random.default_rng([cfg.seed, 0x10])
+    log_weight = np.log(init.astype(np.float32)) + np.float32(cfg.jitter) * stream.standard_normal(G * U, np.float32)
+    logit = np.float32(np.log(cfg.init_keep_prob / (1 - cfg.init_keep_prob)))
+    log_alpha = logit + np.float32(cfg.jitter) * stream.standard_normal(G * U, np.float32)
+    speeds = np.random.default_rng([cfg.seed, 0x5EED]).uniform(*SPEED_RANGE, G * U).astype(np.float32)
+    expected = {"log_weight": padded(log_weight, PAD_LOG_WEIGHT, np.float32),
+                "log_alpha": padded(log_alpha, LOG_ALPHA_FLOOR, np.float32),
+                "noise_ids": padded(np.arange(G * U, dtype=np.uint32), 0, np.uint32),
+                "speed_active": padded(speeds, 0.0, np.float32), "sizes": np.full(G, U, np.float32)}
+    for name, value in expected.items():
+        assert host[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(host[name], value, err_msg=name)
+
+
+def test_group_codes_of_codes_and_of_ids_agree_with_unique():
+    """The stacked layout's int32 CD index (already codes) is used as is; other ids are coded as np.unique."""
+    stacked = np.repeat(np.arange(4, dtype=np.int32), 3)
+    assert group_codes(stacked) is stacked
+    for ids in (np.array([3, 3, 7, 5], np.int32), np.array([0, 2, 2], np.int32), np.array([9, 1, 1, 4], np.int64)):
+        np.testing.assert_array_equal(group_codes(ids), np.unique(ids, return_inverse=True)[1])

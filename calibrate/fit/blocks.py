@@ -18,6 +18,7 @@ and read the appended zero of the gradient. Chosen by ``fit.kernel`` (:func:`cho
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ from calibrate.fit.shared_rows import share_rows
 
 ALIGN = 64  # group widths are padded to a multiple of this many columns
 PAD_LOG_WEIGHT = -100.0  # exp() is 0 in float32: padding columns weigh nothing
+FILL_CHUNK = 1 << 20  # columns per chunk when a padded column vector is written in place (4 MB of float32)
 DENSE_PER_NONZERO = 8.0  # blocks are used when they hold at most this many entries per nonzero of X
 
 
@@ -71,12 +73,7 @@ class BlockLayout(NamedTuple):
 
     def split(self, x: np.ndarray, pad: float) -> np.ndarray:
         """A full-length column vector in the padded order, ``pad`` on the padding."""
-        out = np.full(self.n_groups * self.width, pad, dtype=x.dtype)
-        if self.uniform:
-            out.reshape(self.n_groups, self.width)[:, :self.uniform] = x.reshape(self.n_groups, self.uniform)
-        else:
-            out[self.positions] = x
-        return out
+        return self.fill([x], pad, x.dtype)
 
     def join(self, active: np.ndarray, inactive: np.ndarray | None = None) -> np.ndarray:
         """The full-length column vector in original order from the padded one."""
@@ -86,7 +83,36 @@ class BlockLayout(NamedTuple):
 
     def column_ids(self) -> np.ndarray:
         """uint32 original column id of each padded position (the gate noise's key; 0 on padding)."""
-        return self.split(np.arange(self.n_columns, dtype=np.uint32), 0)
+        if not self.uniform:
+            return self.split(np.arange(self.n_columns, dtype=np.uint32), 0)
+        ids = np.empty((self.n_groups, self.width), np.uint32)  # group g's column j is g * uniform + j
+        ids[:, self.uniform:] = 0
+        np.add(np.arange(self.n_groups, dtype=np.uint32)[:, None] * np.uint32(self.uniform),
+               np.arange(self.uniform, dtype=np.uint32)[None, :], out=ids[:, :self.uniform])
+        return ids.reshape(-1)
+
+    def chunk_size(self) -> int:
+        """Columns per chunk for :meth:`fill`: about FILL_CHUNK, whole groups when they are uniform."""
+        return self.uniform * max(1, FILL_CHUNK // self.uniform) if self.uniform else FILL_CHUNK
+
+    def fill(self, chunks: Iterable[np.ndarray], pad: float, dtype) -> np.ndarray:
+        """:meth:`split` of the vector whose consecutive chunks ``chunks`` yields (of :meth:`chunk_size`
+        columns, or one chunk of all): written in place, so no full-length temporary is allocated."""
+        if not self.uniform:
+            out = np.full(self.n_groups * self.width, pad, dtype=dtype)
+            start = 0
+            for values in chunks:
+                out[self.positions[start:start + values.size]] = values
+                start += values.size
+            return out
+        out = np.empty((self.n_groups, self.width), dtype=dtype)
+        out[:, self.uniform:] = pad
+        row = 0
+        for values in chunks:
+            rows = values.size // self.uniform
+            out[row:row + rows, :self.uniform] = values.reshape(rows, self.uniform)
+            row += rows
+        return out.reshape(-1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

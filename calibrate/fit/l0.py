@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def _validate_inputs(X, targets, init_weights, groups, checkpoint_path, loss_wei
     bad = np.flatnonzero(~np.isfinite(targets))  # negative totals are fine: contributions may be negative
     if bad.size:
         raise ValueError(f"targets must be finite; bad target indices {bad[:10].tolist()}")
-    if not np.isfinite(X.data.sum(dtype=np.float64)):  # one pass: float32 terms cannot overflow a float64 sum
+    # one float32 pass: an inf or NaN term makes the sum non-finite; only then the float64 sum (which finite
+    # float32 terms cannot overflow) tells a float32 overflow from a non-finite value
+    if not np.isfinite(X.data.sum()) and not np.isfinite(X.data.sum(dtype=np.float64)):
         raise ValueError("X holds non-finite values")
     init_weights = np.asarray(init_weights, dtype=np.float64)
     if init_weights.shape != (n,):
@@ -202,6 +205,16 @@ def _next_stop(epoch: int, cfg: FitConfig) -> int:
     if cfg.checkpoint_every > 0:
         stops.append((epoch // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
     return min(stops)
+
+
+def chained(run_chunk: Callable, evaluate: Callable) -> Callable:
+    """A stepper (:func:`calibrate.fit.loop.make_stepper`'s signature) from a chunk runner and an evaluator."""
+    def step(state, start: int, stop: int, key, problem):
+        if stop > start:
+            state = run_chunk(state, start, stop, key, problem)
+        return state, evaluate(state.params, state.lambdas, problem)
+
+    return step
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -282,7 +295,7 @@ def fit_l0(
                               lambda0, key)
         del host_ops
         problem, state, n_groups, join = ready.problem, ready.state, ready.n_groups, ready.join
-        run_chunk, evaluate, compile_seconds = ready.run_chunk, ready.evaluate, ready.compile_seconds
+        step, compile_seconds = ready.step, ready.compile_seconds
     else:
         if layout_cache is not None:
             log.warning("fit.shard=%s: the layout cache %s is not used (each device's layout is built afresh)",
@@ -293,7 +306,7 @@ def fit_l0(
         hyper = hyper._replace(axis=AXIS)
         state = sharded.place(initial_state(params, hyper, X.shape[0], np.full(n_groups, lambda0)))
         t_compile = time.perf_counter()
-        run_chunk, evaluate = sharded.programs(hyper, state, key)
+        step = chained(*sharded.programs(hyper, state, key))
         compile_seconds = time.perf_counter() - t_compile
     place = (lambda s: s) if sharded is None else sharded.place  # noqa: E731
     weights_fn = make_weights_fn(hyper.shape)  # compiled when the weights are read, after the last epoch
@@ -303,27 +316,29 @@ def fit_l0(
         state, key, epoch, history = restore_state(state, checkpoint)
         state = place(state)
 
-    def evaluation():
-        got = jax.device_get((evaluate(state.params, state.lambdas, problem), state.divergence, state.lambdas))
+    def advance(state, start: int, stop: int):
+        """The state after epochs [start, stop) and its (evaluation, divergence, lambdas) on the host."""
+        state, ev = step(state, start, stop, key, problem)
+        got = jax.device_get((ev, state.divergence, state.lambdas))
         if sharded is None:
-            return got
+            return state, got
         real = sharded.group_positions  # the padding groups out
-        return got[0]._replace(open_shares=got[0].open_shares[real]), got[1], got[2][real]
+        return state, (got[0]._replace(open_shares=got[0].open_shares[real]), got[1], got[2][real])
 
+    state, (final, divergence, lambdas) = advance(state, epoch, epoch)  # the state as it starts (or resumes)
     if epoch == 0:
-        ev, _, lambdas = evaluation()
-        history.append(_history_row(0, ev, in_loss, lambdas))
+        history.append(_history_row(0, final, in_loss, lambdas))
     start_epoch, train_seconds = epoch, 0.0
     setup_seconds = time.perf_counter() - t_start
     with tqdm(total=cfg.epochs, initial=epoch, disable=not progress, unit="epoch", desc="L0 fit") as bar:
         while epoch < cfg.epochs:
             stop = _next_stop(epoch, cfg)
             t0 = time.perf_counter()
-            state = jax.block_until_ready(run_chunk(state, epoch, stop, key, problem))
+            state, (ev, divergence, lambdas) = advance(state, epoch, stop)  # the chunk and its evaluation
             train_seconds += time.perf_counter() - t0
             bar.update(stop - epoch)
             epoch = stop
-            ev, divergence, lambdas = evaluation()
+            final = ev
             _raise_if_diverged(divergence, ev, epoch)
             if epoch % cfg.log_every == 0 or epoch == cfg.epochs:
                 history.append(_history_row(epoch, ev, in_loss, lambdas))
@@ -334,7 +349,6 @@ def fit_l0(
                 save_checkpoint(Path(checkpoint_path), to_checkpoint(state, key, epoch, history, fingerprint,
                                                                      HISTORY_COLUMNS, cfg))
 
-    final, divergence, lambdas = evaluation()
     _raise_if_diverged(divergence, final, epoch)
     weights = join(*(np.asarray(w, np.float32) for w in weights_fn(state.params)))
     device = min(problem.targets.devices(), key=lambda d: d.id)  # where the fit's arrays were, not the first device

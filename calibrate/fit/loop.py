@@ -10,6 +10,7 @@ epochs the gates are deterministic and frozen and only the weights move.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -106,12 +107,43 @@ def initial_vectors(init_weights: np.ndarray, init_keep_prob: float, jitter: flo
     """(log weights, log_alpha) over all columns in original order: log(init) + jitter*N(0,1) and
     logit(keep) + jitter*N(0,1), from numpy's PCG64 seeded by ``seed`` (platform independent, no device
     program to compile), over the full vector so the draw does not depend on the layout."""
-    rng = np.random.default_rng([seed, 0x10])
     n = init_weights.shape[0]
-    log_weight = np.log(init_weights.astype(np.float32)) + np.float32(jitter) * rng.standard_normal(n, np.float32)
+    if n == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    log_weight, log_alpha = initial_chunks(init_weights, init_keep_prob, jitter, seed, n)
+    return next(log_weight), next(log_alpha)  # one chunk each: the buffers themselves
+
+
+def initial_chunks(init_weights: np.ndarray, init_keep_prob: float, jitter: float, seed: int,
+                   size: int) -> tuple[Iterator[np.ndarray], Iterator[np.ndarray]]:
+    """:func:`initial_vectors` as two iterators over consecutive chunks of ``size`` columns (the same
+    values), to write into a padded layout without full-length temporaries. Each chunk is a view of a
+    buffer the next one overwrites, so copy it before advancing; the second iterator draws after the
+    first, so exhaust the log weights first."""
+    rng = np.random.default_rng([seed, 0x10])
+    n, jitter32 = init_weights.shape[0], np.float32(jitter)
     logit = np.float32(np.log(init_keep_prob / (1.0 - init_keep_prob)))
-    log_alpha = logit + np.float32(jitter) * rng.standard_normal(n, np.float32)
-    return log_weight, log_alpha
+    values, noise = np.empty(min(size, n), np.float32), np.empty(min(size, n), np.float32)
+
+    def log_weight() -> Iterator[np.ndarray]:
+        for a in range(0, n, size):
+            k = min(size, n - a)
+            np.copyto(values[:k], init_weights[a:a + k], casting="unsafe")  # float32(init), as astype
+            np.log(values[:k], out=values[:k])
+            rng.standard_normal(out=noise[:k], dtype=np.float32)
+            noise[:k] *= jitter32
+            values[:k] += noise[:k]
+            yield values[:k]
+
+    def log_alpha() -> Iterator[np.ndarray]:
+        for a in range(0, n, size):
+            k = min(size, n - a)
+            rng.standard_normal(out=noise[:k], dtype=np.float32)
+            noise[:k] *= jitter32
+            noise[:k] += logit
+            yield noise[:k]
+
+    return log_weight(), log_alpha()
 
 
 def initial_state(params: SplitParams, hyper: Hyper, n_targets: int, lambdas: np.ndarray) -> TrainState:
@@ -158,12 +190,6 @@ def _active_adam_step(opt, grads: SplitParams, opt_state, params: SplitParams):
     merged = jax.tree_util.tree_map(lambda old, new: old._replace(active=new) if is_split(old) else new,
                                     opt_state, active_state, is_leaf=is_split)
     return SplitParams(optax.apply_updates(params.active, updates), params.inactive), merged
-
-
-@lru_cache(maxsize=8)
-def make_chunk_runner(hyper: Hyper):
-    """Cached jit(run(state, start, stop, key, problem) -> state) running epochs [start, stop)."""
-    return jax.jit(chunk_fn(hyper), donate_argnums=(0,))
 
 
 def chunk_fn(hyper: Hyper):
@@ -218,9 +244,17 @@ def chunk_fn(hyper: Hyper):
 
 
 @lru_cache(maxsize=8)
-def make_evaluator(hyper: Hyper):
-    """Cached jit(evaluate(params, lambdas, problem) -> Evaluation) with deterministic gates."""
-    return jax.jit(evaluate_fn(hyper))
+def make_stepper(hyper: Hyper):
+    """Cached jit(step(state, start, stop, key, problem) -> (state, Evaluation)): epochs [start, stop)
+    (none when equal), then the deterministic-gate evaluation the loop reads after every chunk: one
+    program to trace, lower and load instead of two."""
+    run, evaluate = chunk_fn(hyper), evaluate_fn(hyper)
+
+    def step(state: TrainState, start, stop, key, problem: DeviceProblem):
+        state = run(state, start, stop, key, problem)
+        return state, evaluate(state.params, state.lambdas, problem)
+
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def evaluate_fn(hyper: Hyper):

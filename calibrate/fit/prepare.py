@@ -20,10 +20,10 @@ from calibrate.fit.loop import (
     DeviceProblem,
     Hyper,
     TrainState,
+    initial_chunks,
     initial_state,
     initial_vectors,
-    make_chunk_runner,
-    make_evaluator,
+    make_stepper,
 )
 from calibrate.fit.model import GateParams, Layout, SplitParams, device_ops, join_vector, split_vector
 from calibrate.fit.sparsity import LOG_ALPHA_FLOOR, BlockGroups, GroupIndex, block_groups, build_group_index
@@ -36,23 +36,23 @@ class Prepared(NamedTuple):
     state: TrainState
     n_groups: int
     join: Callable  # (active, inactive) parts -> a column vector in original order
-    run_chunk: Callable  # compiled chunk runner
-    evaluate: Callable  # compiled evaluator
+    step: Callable  # compiled (state, start, stop, key, problem) -> (state, Evaluation)
     compile_seconds: float
 
 
-def _programs(hyper: Hyper, state, key, problem) -> tuple[Callable, Callable, float]:
-    """(chunk runner, evaluator, seconds) compiled for arrays of the shapes of ``state`` and ``problem``."""
+def _programs(hyper: Hyper, state, key, problem) -> tuple[Callable, float]:
+    """(stepper, seconds) compiled for arrays of the shapes of ``state`` and ``problem``."""
     t0 = time.perf_counter()
-    run_chunk = make_chunk_runner(hyper).lower(state, 0, 1, key, problem).compile()
-    evaluate = make_evaluator(hyper).lower(state.params, state.lambdas, problem).compile()
-    return run_chunk, evaluate, time.perf_counter() - t0
+    step = make_stepper(hyper).lower(state, 0, 1, key, problem).compile()
+    return step, time.perf_counter() - t0
 
 
 def _block_host(layout: BlockLayout, codes: np.ndarray, init_weights: np.ndarray, cfg) -> dict:
-    """The per-column host arrays of a block-layout fit, in the padded order (numpy only)."""
-    log_weight, log_alpha = initial_vectors(init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed)
-    return {"log_weight": layout.split(log_weight, PAD_LOG_WEIGHT), "log_alpha": layout.split(log_alpha, LOG_ALPHA_FLOOR),
+    """The per-column host arrays of a block-layout fit, in the padded order (numpy only), each written
+    in place chunk by chunk: setup's cost here is the memory it touches."""
+    log_weight, log_alpha = initial_chunks(init_weights, cfg.init_keep_prob, cfg.jitter, cfg.seed, layout.chunk_size())
+    return {"log_weight": layout.fill(log_weight, PAD_LOG_WEIGHT, np.float32),
+            "log_alpha": layout.fill(log_alpha, LOG_ALPHA_FLOOR, np.float32),  # after the log weights: one stream
             "noise_ids": layout.column_ids(), **block_groups(layout, codes, cfg.seed)}
 
 
@@ -68,8 +68,8 @@ def _blocks(layout: BlockLayout, host_ops: dict, per_target: dict, init_weights,
     problem = DeviceProblem(ops=device_block_ops(host_ops), noise_ids=put(parts.pop("noise_ids")),
                             groups=BlockGroups(**{k: put(v) for k, v in parts.items()}), **per_target)
     state = initial_state(params, hyper, problem.targets.shape[0], lambdas)
-    run_chunk, evaluate, seconds = _programs(hyper, state, key, problem)
-    return Prepared(problem, state, layout.n_groups, layout.join, run_chunk, evaluate, seconds)
+    step, seconds = _programs(hyper, state, key, problem)
+    return Prepared(problem, state, layout.n_groups, layout.join, step, seconds)
 
 
 def _sparse(layout: Layout, host_ops: dict, per_target: dict, init_weights, codes, cfg, hyper: Hyper,
@@ -83,8 +83,8 @@ def _sparse(layout: Layout, host_ops: dict, per_target: dict, init_weights, code
     params = SplitParams(GateParams(put(lw_a), put(la_a)), GateParams(put(lw_i), put(la_i)))
     n_groups = int(group_arrays["sizes"].size)
     state = initial_state(params, hyper, problem.targets.shape[0], lambdas_of(n_groups))
-    run_chunk, evaluate, seconds = _programs(hyper, state, key, problem)
-    return Prepared(problem, state, n_groups, partial(join_vector, layout), run_chunk, evaluate, seconds)
+    step, seconds = _programs(hyper, state, key, problem)
+    return Prepared(problem, state, n_groups, partial(join_vector, layout), step, seconds)
 
 
 def single_device(layout: Layout | BlockLayout, host_ops: dict, targets, loss_weights, tolerances, init_weights,

@@ -28,6 +28,7 @@ columns (no scatter-add), so results are bitwise reproducible on GPUs too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -68,21 +69,20 @@ class BlockGroups(NamedTuple):
     sizes: jax.Array  # float32 number of real columns of each group
     speed_active: jax.Array  # float32 pressure multiplier of each column (0 on padding)
     speed_inactive: jax.Array  # empty: the layout has no inactive part
-    real: jax.Array  # float32 1 for a real column, 0 for padding
 
 
 def block_groups(layout, codes: np.ndarray, seed: int = 0) -> dict:
     """Host arrays of :class:`BlockGroups` for a :class:`calibrate.fit.blocks.BlockLayout` (its ``split``
     puts a column vector in the padded order); speeds as :func:`build_group_index` draws them."""
     return {"sizes": np.bincount(codes, minlength=layout.n_groups).astype(np.float32),
-            "speed_active": layout.split(column_speeds(layout.n_columns, seed), 0.0),
-            "speed_inactive": np.zeros(0, np.float32), "real": layout.split(np.ones(layout.n_columns, np.float32), 0.0)}
+            "speed_active": layout.fill(speed_chunks(layout.n_columns, seed, layout.chunk_size()), 0.0, np.float32),
+            "speed_inactive": np.zeros(0, np.float32)}
 
 
 def per_column(lambdas: jax.Array, groups: GroupIndex | BlockGroups) -> tuple[jax.Array, jax.Array]:
     """Each column's value of a per-group quantity: (active part, inactive part); padding gets 0."""
     if isinstance(groups, BlockGroups):
-        real = groups.real.reshape(lambdas.shape[0], -1)
+        real = (groups.speed_active > 0).astype(lambdas.dtype).reshape(lambdas.shape[0], -1)  # 0 on padding
         return (lambdas[:, None] * real).reshape(-1), jnp.zeros(0, lambdas.dtype)
     return lambdas[groups.active], lambdas[groups.inactive]
 
@@ -132,11 +132,29 @@ def group_members(joined: np.ndarray, n_groups: int = 0) -> tuple[np.ndarray, np
 
 def column_speeds(n_columns: int, seed: int) -> np.ndarray:
     """Each column's pressure multiplier, uniform in SPEED_RANGE, in original column order from ``seed``."""
-    return np.random.default_rng([seed, 0x5EED]).uniform(*SPEED_RANGE, n_columns).astype(np.float32)
+    return np.concatenate([*speed_chunks(n_columns, seed, max(n_columns, 1)), np.zeros(0)]).astype(np.float32)
+
+
+def speed_chunks(n_columns: int, seed: int, size: int) -> Iterator[np.ndarray]:
+    """:func:`column_speeds` before the cast to float32, in consecutive chunks of ``size`` columns
+    (``Generator.uniform``'s values, computed in place: low + (high - low) * U[0, 1)); each chunk is a view
+    of one buffer the next overwrites, so copy it before advancing."""
+    low, high = SPEED_RANGE
+    rng = np.random.default_rng([seed, 0x5EED])
+    speeds = np.empty(min(size, n_columns))
+    for a in range(0, n_columns, size):
+        k = min(size, n_columns - a)
+        rng.random(out=speeds[:k])
+        speeds[:k] *= high - low
+        speeds[:k] += low
+        yield speeds[:k]
 
 
 def group_codes(groups: np.ndarray) -> np.ndarray:
     """``np.unique(groups, return_inverse=True)[1]`` as int32; integer ids of a small range in one pass."""
+    if groups.dtype == np.int32 and groups.size and int(groups.min()) == 0 and \
+            np.bincount(groups, minlength=int(groups.max()) + 1).all():
+        return groups  # already codes 0..G-1, every one present (the stacked layout's CD index)
     if groups.dtype.kind in "iu" and groups.size and int(groups.max()) - int(groups.min()) <= 4 * groups.size:
         offset = groups.astype(np.int64) - int(groups.min())
         present = np.zeros(int(offset.max()) + 1, dtype=bool)

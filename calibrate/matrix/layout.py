@@ -76,7 +76,7 @@ class StackedLayout:
 
     def column_groups(self) -> np.ndarray:
         """CD index of every column: the fit's sparsity groups (a target share is met in every CD)."""
-        return np.repeat(np.arange(self.n_cds, dtype=np.int64), self.n_households)
+        return np.repeat(np.arange(self.n_cds, dtype=np.int32), self.n_households)
 
     def per_cd(self, weights) -> np.ndarray:
         """Stacked weights as an (n_cds, n_households) view, one row per CD."""
