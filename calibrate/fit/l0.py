@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,16 +206,6 @@ def _next_stop(epoch: int, cfg: FitConfig) -> int:
     return min(stops)
 
 
-def chained(run_chunk: Callable, evaluate: Callable) -> Callable:
-    """A stepper (:func:`calibrate.fit.loop.make_stepper`'s signature) from a chunk runner and an evaluator."""
-    def step(state, start: int, stop: int, key, problem):
-        if stop > start:
-            state = run_chunk(state, start, stop, key, problem)
-        return state, evaluate(state.params, state.lambdas, problem)
-
-    return step
-
-
 def seed_key(seed: int) -> jax.Array:
     """``jax.random.key(seed)`` (threefry: the words [seed >> 32, seed & 0xFFFFFFFF]) without compiling
     the seeding program in every process."""
@@ -306,7 +295,7 @@ def fit_l0(
         hyper = hyper._replace(axis=AXIS)
         state = sharded.place(initial_state(params, hyper, X.shape[0], np.full(n_groups, lambda0)))
         t_compile = time.perf_counter()
-        step = chained(*sharded.programs(hyper, state, key))
+        step = sharded.programs(hyper, state, key)
         compile_seconds = time.perf_counter() - t_compile
     place = (lambda s: s) if sharded is None else sharded.place  # noqa: E731
     weights_fn = make_weights_fn(hyper.shape)  # compiled when the weights are read, after the last epoch

@@ -15,6 +15,7 @@ are stripped from the result.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -74,11 +75,19 @@ class ShardedFit(NamedTuple):
         """``state`` on the mesh: per-column and per-group arrays split, the rest replicated."""
         return jax.device_put(state, _named(self.mesh, state_specs(state)))
 
-    def programs(self, hyper, state: TrainState, key) -> tuple:
-        """(compiled chunk runner, compiled evaluator) of ``hyper`` (with ``axis``) over the mesh."""
+    def programs(self, hyper, state: TrainState, key) -> Callable:
+        """A stepper of ``hyper`` (with ``axis``) over the mesh, with :func:`calibrate.fit.loop.make_stepper`'s
+        signature: the compiled chunk runner (skipped for no epochs), then the compiled evaluator."""
         run, evaluate = _sharded_programs(hyper, self.mesh, state_specs(state))
-        return (run.lower(state, 0, 1, key, self.problem).compile(),
-                evaluate.lower(state.params, state.lambdas, self.problem).compile())
+        run = run.lower(state, 0, 1, key, self.problem).compile()
+        evaluate = evaluate.lower(state.params, state.lambdas, self.problem).compile()
+
+        def step(state: TrainState, start: int, stop: int, key, problem):
+            if stop > start:
+                state = run(state, start, stop, key, problem)
+            return state, evaluate(state.params, state.lambdas, problem)
+
+        return step
 
     def join(self, active: np.ndarray, inactive: np.ndarray) -> np.ndarray:
         """Full-length column vector in original order from the padded per-device parts."""

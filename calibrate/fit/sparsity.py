@@ -132,7 +132,7 @@ def group_members(joined: np.ndarray, n_groups: int = 0) -> tuple[np.ndarray, np
 
 def column_speeds(n_columns: int, seed: int) -> np.ndarray:
     """Each column's pressure multiplier, uniform in SPEED_RANGE, in original column order from ``seed``."""
-    return np.concatenate([*speed_chunks(n_columns, seed, max(n_columns, 1)), np.zeros(0)]).astype(np.float32)
+    return next(speed_chunks(n_columns, seed, max(n_columns, 1)), np.zeros(0)).astype(np.float32)  # one chunk
 
 
 def speed_chunks(n_columns: int, seed: int, size: int) -> Iterator[np.ndarray]:
