@@ -67,6 +67,23 @@ def test_poisson_se_of_a_total_is_root_sum_of_squares():
     assert se == pytest.approx(np.sqrt(np.sum(y**2)), rel=0.03)
 
 
+def test_the_count_floor_is_the_exact_poisson_limit_of_a_zero_count():
+    """A zero estimate's 90 % margin reaches lambda carriers' worth with P(Poisson(lambda) = 0) = 5 %
+    (the upper end of the two-sided 90 % Garwood interval of a count of 0); an estimate households
+    are behind has no floor; the SE is the larger of the replicate SE and the floor."""
+    from scipy.stats import poisson
+
+    from calibrate.uncertainty.variance import count_floor, moe90
+
+    mean_weight, mean_value = np.array([250.0, 80.0]), np.array([1200.0, 3.5])
+    lam = moe90(count_floor(mean_weight, mean_value, [0, 0])) / (mean_weight * mean_value)
+    np.testing.assert_allclose(poisson.pmf(0, lam), 0.05, rtol=1e-9)
+    np.testing.assert_array_equal(count_floor(mean_weight, mean_value, [1, 40]), [0.0, 0.0])  # households behind
+    reps = np.array([[0.0, 90.0], [0.0, 110.0]])  # replicate SE 0 and 10
+    floor = np.array([7.0, 7.0])
+    np.testing.assert_allclose(replicate_se(np.array([0.0, 100.0]), reps, floor), [7.0, 10.0])
+
+
 def test_rao_wu_draws_n_minus_1_per_stratum_and_keeps_singletons():
     strata = np.array([0, 0, 0, 0, 1, 1, 1, 2])
     m = bootstrap_multipliers(strata, "rao_wu", np.random.default_rng(3))
@@ -255,6 +272,27 @@ def _matrix():
     return keep_levels(matrix, inputs.levels)[0]
 
 
+def _target_floors(X: np.ndarray, weights: np.ndarray, design: np.ndarray, table: pd.DataFrame, cds,
+                   counted) -> np.ndarray:
+    """Each target's SE floor, row by row from the dense matrix: 0 where a sampled household is behind
+    it (``counted``), else 3.0 carriers (the exact Poisson 95 % upper limit of a count of 0) of the
+    mean positive weight of the target's CDs and of the row's design-weighted mean |entry| among its
+    nonzero entries, over 1.645."""
+    cds = np.asarray(cds, dtype=np.int64)
+    n_hh = weights.size // cds.size
+    cd_of_column = np.repeat(np.arange(cds.size), n_hh)
+    out = np.zeros(X.shape[0])
+    for i, (level, geo) in enumerate(zip(table.geo_level, table.geographic_id)):
+        if counted[i] > 0:
+            continue
+        area = {"national": np.ones(cds.size, bool), "state": cds // 100 == int(geo)}.get(level, cds == int(geo))
+        in_area = area[cd_of_column] & (weights > 0)
+        carriers = X[i] != 0
+        mean_value = (design[carriers] * np.abs(X[i, carriers])).sum() / design[carriers].sum()
+        out[i] = -np.log(0.05) / 1.645 * weights[in_area].mean() * mean_value
+    return out
+
+
 def test_targets_moe_equals_recomputation_from_replicate_weights(runs):
     tensors, meta = read_replicates(runs.boot / "replicate_weights.safetensors")
     summary = json.loads((runs.boot / "summary.json").read_text())
@@ -268,19 +306,22 @@ def test_targets_moe_equals_recomputation_from_replicate_weights(runs):
     table = pd.read_csv(runs.boot / "targets.csv")
     est, rep = X @ weights, dense.astype(np.float64) @ X.T  # (m,), (R, m)
     np.testing.assert_allclose(table.estimate, est, rtol=1e-6)
-    se = np.sqrt(((rep - est[None, :]) ** 2).sum(axis=0) / rep.shape[0])
-    np.testing.assert_allclose(table.se, se, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(table.moe90, 1.645 * se, rtol=1e-5, atol=1e-6)
-    assert (table.se > 0).mean() > 0.5
-    # the reliability columns: CV, sampled households behind each target (distinct households with a
-    # nonzero matrix entry and a nonzero weight, counted here from the dense matrix), the NCHS rule
-    cv = np.where(est != 0, se / np.abs(np.where(est != 0, est, 1.0)), np.nan)
-    np.testing.assert_allclose(table.cv, cv, rtol=1e-5)
+    # sampled households behind each target (distinct households with a nonzero matrix entry and a
+    # nonzero weight, counted here from the dense matrix); a target none is behind gets its count floor
     from calibrate.core.dataset import read_h5
 
-    n_hh = read_h5(paths.FIXTURE_DATASET, 2024, ["household_id"])["household_id"].size
+    base = read_h5(paths.FIXTURE_DATASET, 2024, ["household_weight"])["household_weight"].astype(np.float64)
+    n_hh = base.size
     household = np.tile(np.arange(n_hh), weights.size // n_hh)  # CD-major columns: every household in every CD
     counted = [len(set(household[(X[i] != 0) & (weights > 0)])) for i in range(X.shape[0])]
+    floor = _target_floors(X, weights, base[household], table, summary["cds"], counted)
+    se = np.maximum(np.sqrt(((rep - est[None, :]) ** 2).sum(axis=0) / rep.shape[0]), floor)
+    np.testing.assert_allclose(table.se, se, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table.moe90, 1.645 * se, rtol=1e-5, atol=1e-6)
+    assert (table.se > 0).mean() > 0.5 and np.all(floor[np.asarray(counted) == 0] > 0)
+    # the reliability columns: CV, the households behind, the NCHS rule
+    cv = np.where(est != 0, se / np.abs(np.where(est != 0, est, 1.0)), np.nan)
+    np.testing.assert_allclose(table.cv, cv, rtol=1e-5)
     assert table.n_households.tolist() == counted and max(counted) > 30
     assert table.reliable.tolist() == [bool(n >= 30 and c <= 0.30) for n, c in zip(counted, cv)]
     assert 0 < table.reliable.sum() < len(table)
@@ -291,6 +332,32 @@ def test_targets_moe_equals_recomputation_from_replicate_weights(runs):
     rel = np.abs(rep[:, fitted] - value) / np.abs(value)
     main_rel = np.abs(table.estimate.to_numpy()[fitted] - value) / np.abs(value)
     assert np.median(rel) < 0.15 and np.median(rel) < 10 * max(np.median(main_rel), 1e-3)
+
+
+def test_a_target_no_sampled_household_is_behind_gets_its_count_floor(runs):
+    """Weights on households that do not carry a CD's target (the one fewest carry): it has no
+    household behind it and SE floor 3.0 / 1.645 x the CD's mean positive weight x the row's
+    design-weighted mean |entry|; targets with households behind them get no floor."""
+    from calibrate.core.dataset import read_h5
+    from calibrate.uncertainty.stage import target_floors
+    from calibrate.uncertainty.variance import households_behind
+
+    matrix = _matrix()
+    X, layout = matrix.X.toarray(), matrix.layout
+    table = pd.read_csv(runs.boot / "targets.csv")
+    district = np.flatnonzero(table.geo_level.eq("district").to_numpy())
+    row = int(district[np.argmin((X[district] != 0).sum(axis=1))])  # the CD target fewest households carry
+    rng = np.random.default_rng(0)
+    weights = np.where((X[row] == 0) & (rng.random(X.shape[1]) < 0.3), rng.uniform(10, 500, X.shape[1]), 0.0)
+    household = layout.household_of(np.arange(layout.n_columns))
+    held = np.flatnonzero(weights > 0)
+    n = households_behind(matrix.X[:, held], household[held], layout.n_households)
+    assert n[row] == 0 and (n > 0).sum() > X.shape[0] // 2
+    base = read_h5(paths.FIXTURE_DATASET, 2024, ["household_weight"])["household_weight"].astype(np.float64)
+    expected = _target_floors(X, weights, base[household], table, layout.cds, n)
+    floor = target_floors(matrix, weights, household, n)
+    np.testing.assert_allclose(floor, expected, rtol=1e-9)
+    assert floor[row] > 0 and np.all(floor[n > 0] == 0)
 
 
 def test_uncertainty_none_leaves_the_run_unchanged(runs):
@@ -347,6 +414,39 @@ def test_moe_cli_gives_each_cds_estimate_and_replicate_se(runs, tmp_path):
         assert row.moe90 == pytest.approx(1.645 * se, rel=1e-3) and se > 0
         held = int(np.count_nonzero((weights[block] > 0) & (persons > 0)))  # every household has a person
         assert row.n_households == held and row.reliable == (held >= 30 and se / estimate <= 0.30)
+
+
+def test_moe_of_an_area_no_sampled_household_carries_is_its_count_floor(runs):
+    """An area whose value only zero-weight households carry: estimate 0, no household behind it,
+    SE = 3.0 / 1.645 x the area's mean positive weight x the carriers' design-weighted mean |value|;
+    an area with households behind its estimate keeps its replicate SE (calibrated: small)."""
+    from calibrate.core.dataset import read_h5
+    from calibrate.publish.inputs import load_run
+    from calibrate.publish.moe import area_estimates, load_replicates
+
+    run = load_run(runs.boot)
+    tensors, _ = load_replicates(run)
+    layout, weights = run.layout, np.asarray(run.weights, np.float64)  # (n_cds, n_households)
+    design = read_h5(run.dataset_path, 2024, ["household_weight"])["household_weight"].astype(np.float64)
+    first_state = int(layout.cd_states[0])
+    same_state = np.flatnonzero(layout.cd_states == first_state)
+    never = np.flatnonzero((weights[same_state] == 0).all(axis=0))  # no weight in any CD of that state
+    assert never.size > 0
+    y = np.zeros(layout.n_households)
+    y[never] = 1000.0 + never
+    values = {int(s): (y if int(s) == first_state else np.ones(layout.n_households)) for s in layout.states}
+    table = area_estimates(run, tensors, values, "cd", design)
+    carriers = y != 0
+    mean_value = (design[carriers] * y[carriers]).sum() / design[carriers].sum()
+    for k in same_state:
+        row = table.iloc[k]
+        floor = -np.log(0.05) / 1.645 * weights[k][weights[k] > 0].mean() * mean_value
+        assert row.estimate == 0 and row.n_households == 0 and row.se == pytest.approx(floor, rel=1e-9)
+    dense = dense_replicates(tensors, weights.size).astype(np.float64)
+    other = int(np.flatnonzero(layout.cd_states != first_state)[0])
+    block = slice(other * layout.n_households, (other + 1) * layout.n_households)
+    se = np.sqrt(np.mean((dense[:, block].sum(axis=1) - weights[other].sum()) ** 2))
+    assert table.iloc[other].n_households > 0 and table.iloc[other].se == pytest.approx(se, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- bad settings

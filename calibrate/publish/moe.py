@@ -6,7 +6,8 @@ The run's dataset is simulated once per state of the run with every household pl
 the matrix build does, :func:`calibrate.matrix.simulate.state_contributions`); a column's value
 is its household's value in its CD's state (columns <-> (CD, household) through
 :class:`~calibrate.matrix.layout.StackedLayout`). The variance is the replicate variance of
-:mod:`calibrate.uncertainty.variance`, and each area's estimate gets its CV, the sampled
+:mod:`calibrate.uncertainty.variance` (with its count floor for an
+area no sampled household carries the variable in), and each area's estimate gets its CV, the sampled
 households behind it and the reliability rule of that module. Writes ``<run_dir>/moe_<variable>_<areas>.csv``
 (or ``out=...``) and prints the table.
 """
@@ -26,8 +27,8 @@ from calibrate.core.errors import CalibrateError
 from calibrate.core.rundir import safe_name
 from calibrate.publish.inputs import RunData, load_run
 from calibrate.targets.geography import FIPS_STATE
+from calibrate.uncertainty import variance as var
 from calibrate.uncertainty.store import REPLICATE_FILE, read_replicates
-from calibrate.uncertainty.variance import coefficient_of_variation, households_behind, moe90, reliable, replicate_se
 
 AREAS = ("cd", "state")
 KEYS = ("variable", "areas", "out", "dataset_path")
@@ -58,8 +59,10 @@ def state_values(run: RunData, variable: str) -> dict[int, np.ndarray]:
     return {s: state_contributions(run.dataset_path, s, targets, run.period)[0] for s in run.layout.states}
 
 
-def area_estimates(run: RunData, tensors: dict, values: dict[int, np.ndarray], areas: str) -> pd.DataFrame:
-    """Estimate, SE, MOE90 per area from the main and replicate weights (both on the stored columns)."""
+def area_estimates(run: RunData, tensors: dict, values: dict[int, np.ndarray], areas: str,
+                   design: np.ndarray) -> pd.DataFrame:
+    """Estimate, SE, MOE90 per area from the main and replicate weights (both on the stored columns);
+    ``design``: the dataset's base weight per household (the SE floor's mean value among carriers)."""
     layout = run.layout
     columns = tensors["columns"].astype(np.int64)
     cd_idx, hh_idx = layout.split(columns)
@@ -70,20 +73,26 @@ def area_estimates(run: RunData, tensors: dict, values: dict[int, np.ndarray], a
         raise CalibrateError("weights.npy has nonzero columns outside the replicate file's columns")
     main = flat[columns].astype(np.float64)
     if areas == "cd":
-        group, names = cd_idx, [str(c) for c in layout.cds]
+        area_of_cd, names = np.arange(layout.n_cds), [str(c) for c in layout.cds]
     else:
         states = list(layout.states)
-        group = np.searchsorted(states, layout.cd_states[cd_idx])
+        area_of_cd = np.searchsorted(states, layout.cd_states)
         names = [FIPS_STATE.get(s, str(s)) for s in states]
+    group = area_of_cd[cd_idx]
     G = sp.csr_matrix((np.ones(columns.size), (group, np.arange(columns.size))), shape=(len(names), columns.size))
     estimate = G @ (main * col_values)
     reps = np.asarray(G @ (tensors["weights"].astype(np.float64) * col_values[None, :]).T).T  # (R, n_areas)
-    se = replicate_se(estimate, reps)
-    cv = coefficient_of_variation(estimate, se)
     held = (main > 0) & (col_values != 0)  # the sampled households behind each area's estimate
-    n = households_behind(G[:, np.flatnonzero(held)], hh_idx[held], layout.n_households)
-    return pd.DataFrame({"area": names, "estimate": estimate, "se": se, "moe90": moe90(se), "cv": cv,
-                         "n_households": n, "reliable": reliable(cv, n)})
+    n = var.households_behind(G[:, np.flatnonzero(held)], hh_idx[held], layout.n_households)
+    weight_sum, weight_count = var.positive_weight_sums(main, group, len(names))
+    carried = V != 0  # every household of the dataset placed in each CD: the area's possible carriers
+    value_sum = np.bincount(area_of_cd, weights=np.abs(V) @ design, minlength=len(names))
+    design_sum = np.bincount(area_of_cd, weights=carried @ design, minlength=len(names))
+    floor = var.count_floor(var.ratio(weight_sum, weight_count), var.ratio(value_sum, design_sum), n)
+    se = var.replicate_se(estimate, reps, floor)
+    cv = var.coefficient_of_variation(estimate, se)
+    return pd.DataFrame({"area": names, "estimate": estimate, "se": se, "moe90": var.moe90(se), "cv": cv,
+                         "n_households": n, "reliable": var.reliable(cv, n)})
 
 
 def parse_args(argv: list[str]) -> tuple[Path, dict[str, str]]:
@@ -113,7 +122,10 @@ def moe_table(run_dir, variable: str, areas: str = "cd", dataset_path=None) -> p
     tensors, _ = load_replicates(run)
     if pe.target_variable(variable) is None:
         raise CalibrateError(f"variable={variable!r} is not a policyengine-us variable")
-    return area_estimates(run, tensors, state_values(run, variable), areas)
+    from calibrate.core.dataset import read_h5
+
+    design = np.asarray(read_h5(run.dataset_path, run.period, ["household_weight"])["household_weight"], np.float64)
+    return area_estimates(run, tensors, state_values(run, variable), areas, design)
 
 
 def main(argv: list[str] | None = None) -> int:

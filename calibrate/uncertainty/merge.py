@@ -35,6 +35,7 @@ from calibrate.core.rundir import SUMMARY_FILE
 from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE
 from calibrate.uncertainty.store import PART_FILE, REPLICATE_FILE
 
+PART_TENSORS = ("columns", "weights", "multipliers", "estimates", "n_households", "se_floor", "steps")
 SET_KEYS = ("replicates", "method", "seed", "parts", "draw_targets", "n_columns", "basis")
 NOT_COPIED = {PART_FILE, CHECKPOINT_FILE, "report.html", "error.json", ".hydra"}  # .hydra: not a sweep job
 USAGE = "usage: python -m calibrate.uncertainty.merge <job dir or multirun dir>... [out=<dir>]"
@@ -83,6 +84,10 @@ def read_part(run_dir: Path) -> Part:
     missing = [k for k in ("part", *SET_KEYS) if k not in meta]
     if missing:
         raise CalibrateError(f"{run_dir / PART_FILE}: no {missing[0]!r} in its metadata")
+    absent = [k for k in PART_TENSORS if k not in tensors]
+    if absent:
+        raise CalibrateError(f"{run_dir / PART_FILE}: no tensor {absent[0]!r} (a part file of an older version: "
+                             "rerun the job)")
     return Part(run_dir, tensors, meta)
 
 
@@ -139,7 +144,8 @@ def _fill(out: Path, parts: list[Part]) -> None:
     write_replicates(out / REPLICATE_FILE, reps, int(parts[0].meta["n_columns"]))
     table = pd.read_csv(source / "targets.csv")
     estimates = np.concatenate([p.tensors["estimates"] for p in parts])
-    outputs.write_csv(out / "targets.csv", with_moe(table, estimates, parts[0].tensors["n_households"]))
+    outputs.write_csv(out / "targets.csv", with_moe(table, estimates, parts[0].tensors["n_households"],
+                                                            parts[0].tensors["se_floor"]))
     summary = json.loads((source / SUMMARY_FILE).read_text())
     record = summary_record(summary["uncertainty"].get("setting", "bootstrap"),
                             summary["uncertainty"].get("draw_targets", False), reps)

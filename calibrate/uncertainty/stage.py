@@ -12,7 +12,17 @@ from calibrate.core import faults
 from calibrate.uncertainty.checkpoint import CHECKPOINT_FILE
 from calibrate.uncertainty.replicates import ReplicateSet, run_replicates
 from calibrate.uncertainty.store import PART_FILE, REPLICATE_FILE, VARIANCE_RULE, write_part, write_replicates
-from calibrate.uncertainty.variance import coefficient_of_variation, households_behind, moe90, reliable, replicate_se
+from calibrate.uncertainty.variance import (
+    carrier_sums,
+    coefficient_of_variation,
+    count_floor,
+    households_behind,
+    moe90,
+    positive_weight_sums,
+    ratio,
+    reliable,
+    replicate_se,
+)
 
 MOE_COLUMNS = ("se", "moe90", "cv", "n_households", "reliable")  # after targets.csv's estimate
 
@@ -44,21 +54,41 @@ def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path,
                           checkpoint=checkpoint)
     estimates = reps.estimates(matrix.X)
     n_households = households_behind(matrix.X[:, reps.columns], household[reps.columns], layout.n_households)
+    floor = target_floors(matrix, outcome.weights, household, n_households)
     if int(config.parts) > 1:
-        write_part(Path(run_dir) / PART_FILE, reps, estimates, n_households, layout.n_columns,
+        write_part(Path(run_dir) / PART_FILE, reps, estimates, n_households, floor, layout.n_columns,
                    {"part": str(int(config.part)), "parts": str(int(config.parts)),
                     "draw_targets": str(bool(config.draw_targets)), "basis": reps.basis})
         return table, reps
     write_replicates(Path(run_dir) / REPLICATE_FILE, reps, layout.n_columns)
-    return with_moe(table, estimates, n_households), reps
+    return with_moe(table, estimates, n_households, floor), reps
 
 
-def with_moe(table: pd.DataFrame, replicate_estimates: np.ndarray, n_households: np.ndarray) -> pd.DataFrame:
+def target_floors(matrix, weights: np.ndarray, household: np.ndarray, n_households: np.ndarray) -> np.ndarray:
+    """Per target (row of ``matrix.X``): the count floor of its SE (:func:`~calibrate.uncertainty.variance.count_floor`;
+    0 unless no sampled household is behind it, ``n_households``): the mean positive weight of
+    ``weights`` over the CDs of the target's geography, and the design-weighted mean |entry| over
+    the row's nonzero entries (``household``: each column's household, whose base weight is its
+    design weight)."""
+    from calibrate.matrix.assembly import row_cd_blocks
+
+    layout = matrix.layout
+    value_sum, design_sum = carrier_sums(matrix.X, np.asarray(layout.household_weights, np.float64)[household])
+    cd_of_column = np.arange(layout.n_columns) // layout.n_households  # CD-major columns
+    weight_sum, weight_count = positive_weight_sums(weights, cd_of_column, layout.n_cds)
+    blocks = row_cd_blocks(matrix.targets_df, layout)
+    mean_weight = ratio([weight_sum[b].sum() for b in blocks], [weight_count[b].sum() for b in blocks])
+    return count_floor(mean_weight, ratio(value_sum, design_sum), n_households)
+
+
+def with_moe(table: pd.DataFrame, replicate_estimates: np.ndarray, n_households: np.ndarray,
+             floor: np.ndarray) -> pd.DataFrame:
     """``table`` (targets.csv, one row per matrix row) with MOE_COLUMNS after ``estimate``:
-    the replicate SE, the 90 % margin, the CV, the sampled households behind the estimate and
-    whether the estimate passes the reliability rule (:mod:`calibrate.uncertainty.variance`)."""
+    the replicate SE (at least ``floor``, :func:`target_floors`), the 90 % margin, the CV, the
+    sampled households behind the estimate and whether the estimate passes the reliability rule
+    (:mod:`calibrate.uncertainty.variance`)."""
     estimate = table["estimate"].to_numpy(np.float64)
-    se = replicate_se(estimate, replicate_estimates)
+    se = replicate_se(estimate, replicate_estimates, floor)
     cv = coefficient_of_variation(estimate, se)
     n = np.asarray(n_households, dtype=np.int64)
     out = table.copy()

@@ -8,7 +8,8 @@ Metadata (strings): ``method``, ``replicates``, ``seed``, ``n_columns``, ``varia
 A run that computes one part of the replicates (``uncertainty.parts > 1``) writes
 ``replicate_part.safetensors`` instead: the same tensors for its replicates, plus ``estimates``
 (float64, its replicates x the targets: the replicate estimates of targets.csv's rows),
-``n_households`` (per target: the sampled households behind it) and ``steps`` (Newton steps
+``n_households`` (per target: the sampled households behind it), ``se_floor`` (per target: the
+least SE, :func:`calibrate.uncertainty.variance.count_floor`) and ``steps`` (Newton steps
 per replicate); metadata adds ``part``, ``parts``, ``first``,
 ``draw_targets``, ``converged``, ``resumed``, ``seconds`` and ``basis`` (a hash of the main
 weights and targets), so that :mod:`calibrate.uncertainty.merge` can check and join the parts.
@@ -42,10 +43,10 @@ def write_replicates(path: Path, replicates, n_columns: int) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def write_part(path: Path, replicates, estimates: np.ndarray, n_households: np.ndarray, n_columns: int,
-               info: dict[str, str]) -> None:
+def write_part(path: Path, replicates, estimates: np.ndarray, n_households: np.ndarray, floor: np.ndarray,
+               n_columns: int, info: dict[str, str]) -> None:
     """One part's replicates (a ReplicateSet), their target estimates, the households behind each
-    target and ``info`` (the part's metadata)."""
+    target, each target's SE floor and ``info`` (the part's metadata)."""
     from safetensors.numpy import save_file
 
     from calibrate.outputs import atomic_path
@@ -56,6 +57,7 @@ def write_part(path: Path, replicates, estimates: np.ndarray, n_households: np.n
         "multipliers": np.ascontiguousarray(replicates.multipliers, np.float32),
         "estimates": np.ascontiguousarray(estimates, np.float64),
         "n_households": np.asarray(n_households, np.int64),
+        "se_floor": np.asarray(floor, np.float64),
         "steps": np.asarray(replicates.newton_steps, np.int64)}
     meta = {"method": replicates.method, "replicates": str(replicates.total), "seed": str(replicates.seed),
             "n_columns": str(int(n_columns)), "variance": VARIANCE_RULE, "first": str(replicates.first),
