@@ -73,12 +73,16 @@ def target_floors(matrix, weights: np.ndarray, household: np.ndarray, n_househol
     from calibrate.matrix.assembly import row_cd_blocks
 
     layout = matrix.layout
-    value_sum, design_sum = carrier_sums(matrix.X, np.asarray(layout.household_weights, np.float64)[household])
-    cd_of_column = np.arange(layout.n_columns) // layout.n_households  # CD-major columns
-    weight_sum, weight_count = positive_weight_sums(weights, cd_of_column, layout.n_cds)
-    blocks = row_cd_blocks(matrix.targets_df, layout)
-    mean_weight = ratio([weight_sum[b].sum() for b in blocks], [weight_count[b].sum() for b in blocks])
-    return count_floor(mean_weight, ratio(value_sum, design_sum), n_households)
+    floor = np.zeros(matrix.X.shape[0])
+    rows = np.flatnonzero(np.asarray(n_households) == 0)  # only these get a floor
+    if rows.size:
+        value_sum, design_sum = carrier_sums(matrix.X[rows], np.asarray(layout.household_weights, np.float64)[household])
+        cd_of_column = np.arange(layout.n_columns) // layout.n_households  # CD-major columns
+        weight_sum, weight_count = positive_weight_sums(weights, cd_of_column, layout.n_cds)
+        blocks = row_cd_blocks(matrix.targets_df.iloc[rows], layout)
+        mean_weight = ratio([weight_sum[b].sum() for b in blocks], [weight_count[b].sum() for b in blocks])
+        floor[rows] = count_floor(mean_weight, ratio(value_sum, design_sum), 0)
+    return floor
 
 
 def with_moe(table: pd.DataFrame, replicate_estimates: np.ndarray, n_households: np.ndarray,
