@@ -11,16 +11,18 @@ where and how:
 - ``H0`` is dense (targets x targets, float64: 1.35 GB for all 436 CDs' ~13,000 constrained
   rows): its Cholesky factor gives its inverse once, on the device, and each preconditioning is
   one matrix product with the (targets x batch) residuals. The same factor's two triangular
-  solves were 5.5x slower on the CPU (16 ms against 2.9 ms, 2,000 targets, batch 10; a whole
-  batch 4.07 s against 2.30 s), and a GPU's triangular solves with a few right-hand sides are
-  sequential where its products are not; the inverse is symmetrised, so CG's preconditioner is;
+  solves (``cho_solve``) were 5.5x slower on the CPU (16 ms against 2.9 ms, 2,000 targets, batch
+  10; a whole batch 4.04-4.40 s against 2.06-2.60 s, three interleaved pairs), and a GPU's
+  triangular solves with a few right-hand sides are sequential where its products are not; the
+  inverse is symmetrised, so CG's preconditioner is;
 - the constrained rows ``A`` and ``A^T`` are BCSR matrices (``jax.experimental.sparse``; on a
   GPU, cuSPARSE products): on the CPU as fast as scipy's CSR products with 10 right-hand sides,
   where COO ``segment_sum`` products (and BCOO) were 4-5x slower;
-- the batch keeps its shape: a replicate that has converged stays in its column, masked (its step
-  and its line search are skipped), so every Newton step is one compiled program of fixed shapes
-  (a ``lax.while_loop`` for CG and one for the line search), called from a short host loop that
-  reads back only the number of replicates still iterating.
+- the batch keeps its shape: a replicate that has converged stays in its column, masked (its CG
+  step is 0, the line search keeps its values), so every Newton step is one program of fixed shapes
+  (a ``lax.while_loop`` for CG and one for the line search), and the Newton steps are one
+  ``lax.while_loop`` too: a batch is one program call (measured on the CPU, 2,000 targets, batch
+  10: 1.02-1.11 s a batch, against 1.26-1.28 s for one call per Newton step).
 
 It runs in float64, inside ``jax.enable_x64`` only (the fit's float32 setting is untouched). The
 optimum is the host solver's to the solver's tolerance; only the rounding of the sums differs.
@@ -208,12 +210,22 @@ def _inverse(H0):
     return 0.5 * (inverse + inverse.T)
 
 
+def _solve(k: _Rows, s: _Setting, W0, lam0, max_iter) -> _State:
+    """The batch after Newton steps until no replicate is active."""
+    from jax import lax
+
+    def step(c):
+        return _newton_step(k, s, c[0], max_iter)
+
+    return lax.while_loop(lambda c: c[1] > 0, step, _start(k, s, W0, lam0, max_iter))[0]
+
+
 @cache
-def _programs():
-    """The compiled (start, Newton step) programs, shared by every solver (compiled per shape and setting)."""
+def _program():
+    """:func:`_solve` compiled (per shape and setting), shared by every solver."""
     import jax
 
-    return jax.jit(_start, static_argnums=1), jax.jit(_newton_step, static_argnums=1)
+    return jax.jit(_solve, static_argnums=1)
 
 
 class DeviceReplicateSolver(SharedDual):
@@ -241,9 +253,7 @@ class DeviceReplicateSolver(SharedDual):
         starts = np.asarray(starts, dtype=np.float64)
         with jax.enable_x64(True):
             W0 = jnp.asarray(np.ascontiguousarray(starts.T))
-            st, live = _programs()[0](self.rows, self.setting, W0, self.lam, max_iter)
-            while int(live):  # one Newton step of the whole batch per program call
-                st, live = _programs()[1](self.rows, self.setting, st, max_iter)
+            st = _program()(self.rows, self.setting, W0, self.lam, max_iter)
             converged = np.asarray(_gmax(st.G) < self.setting.tol)
             out = BatchResult(np.array(st.WX.T), np.asarray(st.iterations).astype(np.int64), converged.copy())
         log.debug("device replicates: %d of %d converged in %s Newton steps", converged.sum(), converged.size,
