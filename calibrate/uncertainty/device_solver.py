@@ -242,7 +242,8 @@ class DeviceReplicateSolver(SharedDual):
         with jax.enable_x64(True):
             put = jnp.asarray
             H0 = put(self.main_hessian().toarray())
-            self.rows = _Rows(_bcsr(d.A), _bcsr(d.At), put(d.tau), put(d.penalty_lw), _inverse(H0))
+            rows = _Rows(_bcsr(d.A), _bcsr(d.At), put(d.tau), put(d.penalty_lw), _inverse(H0))
+            self.rows = jax.block_until_ready(rows)  # the inverse is computed here, not in the first batch
             self.lam = put(self.lam0)
 
     def solve_batch(self, starts: np.ndarray, max_iter: int = 30) -> BatchResult:
