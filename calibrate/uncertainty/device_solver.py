@@ -38,16 +38,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from calibrate.fit.classical import dual_parts, slope_at
-from calibrate.uncertainty.solver import CG_ITERATIONS, FORCING, BatchResult, SharedDual
+from calibrate.uncertainty.solver import ARMIJO, CG_ITERATIONS, FORCING, SMALLEST_STEP, BatchResult, SharedDual
 
 log = logging.getLogger(__name__)
-ARMIJO = 1e-4  # sufficient decrease of the line search (as solver.py's and classical's)
-SMALLEST_STEP = 1e-8  # a step length below this: the replicate stalls (leaves the batch)
 
 
 class _Rows(NamedTuple):
-    """The constrained rows on the device: A and A^T (BCSR), tau, penalty * lw, and the lower
-    Cholesky factor of H0."""
+    """The constrained rows on the device: A and A^T (BCSR), tau, penalty * lw, and H0's inverse."""
 
     A: Any  # jax.experimental.sparse.BCSR, (targets, columns)
     At: Any  # its transpose, as its own BCSR (a row-major product either way)
@@ -112,6 +109,7 @@ def _gradient(k: _Rows, WX, Lam, cinv):
 
 
 def _gmax(G):
+    """The largest |gradient| per replicate (the convergence test's max norm)."""
     import jax.numpy as jnp
 
     return jnp.abs(G).max(axis=0)

@@ -38,6 +38,8 @@ from calibrate.fit.classical import calibrate_classical, constrained_dual, dual_
 BLOCK_ENTRIES = 1 << 15  # 256 KB per temporary of the distance's functions
 CG_ITERATIONS = 50  # most CG iterations per Newton step
 FORCING = 0.1  # a Newton system is solved to a residual of min(FORCING, |g|) |g| (max norms)
+ARMIJO = 1e-4  # sufficient decrease of the line search (as calibrate_classical's)
+SMALLEST_STEP = 1e-8  # a step length below this: the replicate stalls (leaves the batch)
 
 
 class BatchResult(NamedTuple):
@@ -213,7 +215,7 @@ class ReplicateSolver(SharedDual):
             Lam = s.Lam[:, sel] + tp * step[:, sel]
             WX, D, C = _at(V, s.W0[:, sel], self.classical)
             f = self.value(C, Lam, s.cinv[:, sel])
-            ok = (f <= s.f[sel] + 1e-4 * tp * slope[sel]) | (tp < 1e-8)
+            ok = (f <= s.f[sel] + ARMIJO * tp * slope[sel]) | (tp < SMALLEST_STEP)
             if ok.all() and pending.size == s.ids.size:
                 s.V, s.Lam, s.WX, s.D, s.f = V, Lam, WX, D, f
                 break
@@ -222,6 +224,6 @@ class ReplicateSolver(SharedDual):
             s.WX[:, acc], s.D[:, acc] = WX[:, ok], D[:, ok]
             t[pending[~ok]] *= 0.5
             pending = pending[~ok]
-        s.stalled = t < 1e-8
+        s.stalled = t < SMALLEST_STEP
         s.G = self.gradient(s.WX, s.Lam, s.cinv)
         s.iterations += 1
