@@ -458,6 +458,7 @@ def test_moe_of_an_area_no_sampled_household_carries_is_its_count_floor(runs):
     ("uncertainty.method=jackknife", "uncertainty.method='jackknife'"),
     ("uncertainty.checkpoint_every=-1", "uncertainty.checkpoint_every=-1"),
     ("uncertainty.batch=-2", "uncertainty.batch=-2"),
+    ("uncertainty.solver=gpu", "uncertainty.solver='gpu'"),
     ("uncertainty.parts=2 uncertainty.part=2", "uncertainty.part=2"),  # parts are numbered 0..parts-1
     ("uncertainty.parts=2 uncertainty.part=-1", "uncertainty.part=-1"),
     ("uncertainty.parts=0", "uncertainty.parts=0"),

@@ -77,16 +77,17 @@ def _logit_constants(lower: float, upper: float) -> tuple[float, float, float]:
     return a, b, (upper - lower) / (a * b)
 
 
-def multipliers_from_dual(v: np.ndarray, distance: str, lower: float, upper: float) -> np.ndarray:
-    """x = argmin_x phi(x) - v x over [lower, upper] (the inverse of phi')."""
-    v = np.asarray(v, dtype=np.float64)
+def multipliers_from_dual(v: np.ndarray, distance: str, lower: float, upper: float, xp=np) -> np.ndarray:
+    """x = argmin_x phi(x) - v x over [lower, upper] (the inverse of phi'); ``xp``: the array module
+    (numpy, or jax.numpy for the device replicate solver)."""
+    v = xp.asarray(v, dtype=xp.float64)
     if distance == "logit":
         a, b, k = _logit_constants(lower, upper)
-        z = np.logaddexp(np.log(a), np.log(b) + k * v)
-        return upper - (upper - lower) * np.exp(np.log(a) - z)
+        z = xp.logaddexp(np.log(a), np.log(b) + k * v)
+        return upper - (upper - lower) * xp.exp(np.log(a) - z)
     if distance == "kl":
-        return np.exp(np.clip(v, np.log(max(lower, 1e-300)), np.log(upper)))
-    return np.clip(1.0 + v, lower, upper)
+        return xp.exp(xp.clip(v, np.log(max(lower, 1e-300)), np.log(upper)))
+    return xp.clip(1.0 + v, lower, upper)
 
 
 def multiplier_slope(v: np.ndarray, distance: str, lower: float, upper: float) -> np.ndarray:
@@ -94,61 +95,66 @@ def multiplier_slope(v: np.ndarray, distance: str, lower: float, upper: float) -
     return slope_at(multipliers_from_dual(v, distance, lower, upper), distance, lower, upper)
 
 
-def slope_at(x: np.ndarray, distance: str, lower: float, upper: float) -> np.ndarray:
+def slope_at(x: np.ndarray, distance: str, lower: float, upper: float, xp=np) -> np.ndarray:
     """dx/dv at the multipliers ``x`` (:func:`multiplier_slope` without recomputing them)."""
     if distance == "logit":
         _, _, k = _logit_constants(lower, upper)
         return k * (x - lower) * (upper - x) / (upper - lower)
     inside = (x > lower) & (x < upper)
-    return np.where(inside, x if distance == "kl" else 1.0, 0.0)
+    return xp.where(inside, x if distance == "kl" else 1.0, 0.0)
 
 
-def distance_value(x: np.ndarray, distance: str, lower: float = 0.0, upper: float = 10.0) -> np.ndarray:
+def distance_value(x: np.ndarray, distance: str, lower: float = 0.0, upper: float = 10.0, xp=np) -> np.ndarray:
     """phi(x) elementwise (kl: phi(0) = 1; logit: finite on the closed interval)."""
-    x = np.asarray(x, dtype=np.float64)
+    x = xp.asarray(x, dtype=xp.float64)
     if distance == "logit":
         a, b, k = _logit_constants(lower, upper)
-        lo, hi = np.maximum(x - lower, 0.0), np.maximum(upper - x, 0.0)
-        return (_xlogy(lo, lo / b) + _xlogy(hi, hi / a)) / k
+        lo, hi = xp.maximum(x - lower, 0.0), xp.maximum(upper - x, 0.0)
+        return (_xlogy(lo, lo / b, xp) + _xlogy(hi, hi / a, xp)) / k
     if distance == "kl":
-        return np.where(x > 0, _xlogy(x, x) - x + 1.0, 1.0)
-    return 0.5 * np.square(x - 1.0)
+        return xp.where(x > 0, _xlogy(x, x, xp) - x + 1.0, 1.0)
+    return 0.5 * xp.square(x - 1.0)
 
 
-def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _xlogy(x: np.ndarray, y: np.ndarray, xp=np) -> np.ndarray:
     """x log y with 0 log 0 = 0."""
-    return np.where(x > 0, x * np.log(np.where(x > 0, y, 1.0)), 0.0)
+    return xp.where(x > 0, x * xp.log(xp.where(x > 0, y, 1.0)), 0.0)
 
 
-def conjugate(v: np.ndarray, distance: str, lower: float, upper: float) -> np.ndarray:
+def conjugate(v: np.ndarray, distance: str, lower: float, upper: float, xp=np) -> np.ndarray:
     """phi*(v) = sup_{x in [lower, upper]} v x - phi(x)."""
-    v = np.asarray(v, dtype=np.float64)
+    v = xp.asarray(v, dtype=xp.float64)
     if distance == "logit":  # closed form: the integral of x(v) from 0
         a, b, k = _logit_constants(lower, upper)
-        return lower * v + a * b * (np.logaddexp(np.log(a), np.log(b) + k * v) - np.log(upper - lower))
-    x = multipliers_from_dual(v, distance, lower, upper)
-    return v * x - distance_value(x, distance, lower, upper)
+        return lower * v + a * b * (xp.logaddexp(np.log(a), np.log(b) + k * v) - np.log(upper - lower))
+    x = multipliers_from_dual(v, distance, lower, upper, xp)
+    return v * x - distance_value(x, distance, lower, upper, xp)
 
 
-def dual_parts(v: np.ndarray, distance: str, lower: float, upper: float) -> tuple[np.ndarray, np.ndarray]:
+def dual_parts(v: np.ndarray, distance: str, lower: float, upper: float, xp=np) -> tuple[np.ndarray, np.ndarray]:
     """(x(v), phi*(v)) together, any shape: for ``logit`` one exp and one log per entry (the two
-    functions above take five), which is most of an iteration's cost when many replicates iterate."""
-    v = np.asarray(v, dtype=np.float64)
+    functions above take five), which is most of an iteration's cost when many replicates iterate.
+    ``xp``: numpy (in place where it can) or jax.numpy (the device replicate solver), the same formulas."""
+    v = xp.asarray(v, dtype=xp.float64)
     if distance != "logit":
-        return multipliers_from_dual(v, distance, lower, upper), conjugate(v, distance, lower, upper)
+        return multipliers_from_dual(v, distance, lower, upper, xp), conjugate(v, distance, lower, upper, xp)
     a, b, k = _logit_constants(lower, upper)
     kv = k * v
-    s = np.exp(-np.abs(kv))  # e^{kv} or e^{-kv}, whichever is <= 1: no overflow
+    s = xp.exp(-xp.abs(kv))  # e^{kv} or e^{-kv}, whichever is <= 1: no overflow
     pos = kv >= 0
     sa, sb = a * s, b * s
-    den = np.where(pos, sa + b, sb + a)  # (a + b e^{kv}) / max(e^{kv}, 1)
-    x = np.where(pos, upper * b + lower * sa, lower * a + upper * sb)
-    x /= den
-    conj = np.log(den)
-    conj += np.maximum(kv, 0.0) - np.log(upper - lower)
-    conj *= a * b
+    den = xp.where(pos, sa + b, sb + a)  # (a + b e^{kv}) / max(e^{kv}, 1)
+    x = xp.where(pos, upper * b + lower * sa, lower * a + upper * sb)
+    conj = xp.log(den)
+    if xp is np:  # in place: no new temporaries on the host
+        x /= den
+        conj += np.maximum(kv, 0.0) - np.log(upper - lower)
+        conj *= a * b
+    else:
+        x = x / den
+        conj = (conj + (xp.maximum(kv, 0.0) - np.log(upper - lower))) * (a * b)
     if lower:
-        conj += lower * v
+        conj = conj + lower * v
     return x, conj
 
 

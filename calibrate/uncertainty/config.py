@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("rao_wu", "poisson")
+SOLVERS = ("host", "device")
 
 
 class UncertaintyConfigError(ValueError):
@@ -26,12 +27,15 @@ class UncertaintyConfig:
     batch: int = 0  # replicates solved together (0: as many as fit in about 1 GiB of batch arrays)
     part: int = 0  # this job's share of the replicates: part `part` of `parts` (a multirun's jobs, then merge)
     parts: int = 1  # 1: all R replicates in this run
+    solver: str = "host"  # host (scipy, calibrate.uncertainty.solver) | device (JAX's default device, device_solver)
 
 
 def validate_uncertainty(cfg: UncertaintyConfig) -> UncertaintyConfig:
     """``cfg`` if its values are usable, else :class:`UncertaintyConfigError` naming the key."""
     if cfg.method not in METHODS:
         raise UncertaintyConfigError(f"uncertainty.method={cfg.method!r} is unknown (valid: {', '.join(METHODS)})")
+    if cfg.solver not in SOLVERS:
+        raise UncertaintyConfigError(f"uncertainty.solver={cfg.solver!r} is unknown (valid: {', '.join(SOLVERS)})")
     if cfg.enabled and (isinstance(cfg.replicates, bool) or int(cfg.replicates) <= 0):
         raise UncertaintyConfigError(f"uncertainty.replicates={cfg.replicates!r} must be a positive number of "
                                      "replicates with uncertainty.enabled=true")

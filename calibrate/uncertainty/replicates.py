@@ -6,7 +6,8 @@ each CD block the household sits in) and repeats the minimum-distance calibratio
 warm-started from the main solve's dual vector, on the same reconciled targets (or, with
 ``draw_targets``, on targets drawn from their published margins of error). A household the
 replicate does not draw (``m_i = 0``) keeps weight 0 in every CD. With the main targets all
-replicates share one factorised Hessian and are solved in batches (:mod:`calibrate.uncertainty.solver`).
+replicates share one factorised Hessian and are solved in batches (:mod:`calibrate.uncertainty.solver`, on the
+host, or with ``solver=device`` :mod:`calibrate.uncertainty.device_solver`, on JAX's default device).
 
 - ``rao_wu``: the rescaling bootstrap of Rao and Wu (1988) with ``n_h - 1`` draws with
   replacement in each state stratum ``h``: ``m_i = n_h / (n_h - 1) * count_i``; a stratum of
@@ -138,6 +139,7 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     """
     from calibrate.fit.classical import calibrate_classical
     from calibrate.uncertainty import checkpoint as ckpt
+    from calibrate.uncertainty.device_solver import DeviceReplicateSolver
     from calibrate.uncertainty.solver import ReplicateSolver
 
     t0 = time.perf_counter()
@@ -153,7 +155,8 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     resumed, saved = progress.done, progress.done
     weights, multipliers, steps = progress.weights, progress.multipliers, progress.steps
     draws = _Draws(strata, config, values, target_draw)
-    solver = ReplicateSolver(sub, values, loss_weights, start, dual, classical) \
+    solver_class = DeviceReplicateSolver if config.solver == "device" else ReplicateSolver
+    solver = solver_class(sub, values, loss_weights, start, dual, classical) \
         if calibrate and resumed < len(numbers) else None
     size = batch_size(config, columns.size)
     for lo in range(resumed, len(numbers), size):

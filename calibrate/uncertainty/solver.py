@@ -38,6 +38,8 @@ from calibrate.fit.classical import calibrate_classical, constrained_dual, dual_
 BLOCK_ENTRIES = 1 << 15  # 256 KB per temporary of the distance's functions
 CG_ITERATIONS = 50  # most CG iterations per Newton step
 FORCING = 0.1  # a Newton system is solved to a residual of min(FORCING, |g|) |g| (max norms)
+ARMIJO = 1e-4  # sufficient decrease of the line search (as calibrate_classical's)
+SMALLEST_STEP = 1e-8  # a step length below this: the replicate stalls (leaves the batch)
 
 
 class BatchResult(NamedTuple):
@@ -99,8 +101,9 @@ class _Batch:
             setattr(self, name, getattr(self, name)[keep])
 
 
-class ReplicateSolver:
-    """The replicates' common parts: the main dual (constrained rows, targets) and its factorised Hessian."""
+class SharedDual:
+    """What every replicate solver shares: the main dual (constrained rows, targets), the main dual
+    vector the replicates start from, and the fallback for a replicate that does not converge."""
 
     def __init__(self, X, targets, loss_weights, main_start, main_dual, classical):
         self.X, self.targets, self.classical = X, np.asarray(targets, np.float64), classical
@@ -108,7 +111,35 @@ class ReplicateSolver:
         self.dual = constrained_dual(X, self.targets, main_start, self.loss_weights, classical)
         n_rows = self.dual.tau.size
         self.lam0 = np.zeros(n_rows) if main_dual is None else np.asarray(main_dual, np.float64)
-        self.lu = spla.splu(self.dual.hessian(self.dual.At @ self.lam0))
+
+    def main_hessian(self):
+        """H0: the Hessian of the main dual at lam0 (sparse, CSC), the replicates' preconditioner."""
+        return self.dual.hessian(self.dual.At @ self.lam0)
+
+    def solve(self, start: np.ndarray, max_iter: int = 30) -> tuple[np.ndarray, int, bool]:
+        """(weights, Newton steps, converged) of the calibration from ``start`` (the X columns' start)."""
+        out = self.solve_batch(np.asarray(start, np.float64)[None, :], max_iter)
+        return out.weights[0], int(out.iterations[0]), bool(out.converged[0])
+
+    def solve_batch(self, starts: np.ndarray, max_iter: int = 30) -> BatchResult:
+        raise NotImplementedError
+
+    def finish(self, starts: np.ndarray, out: BatchResult) -> BatchResult:
+        """``out`` with each non-converged replicate solved again as the main fit is: from a zero dual
+        (rare: far from the main solution, and so is its dual). Changes ``out``'s arrays in place."""
+        for b in np.flatnonzero(~out.converged):
+            solve = calibrate_classical(self.X, self.targets, starts[b], self.loss_weights, self.classical)
+            out.weights[b], out.converged[b] = solve.weights, bool(solve.converged)
+            out.iterations[b] += solve.iterations
+        return out
+
+
+class ReplicateSolver(SharedDual):
+    """Replicates on the host (scipy): the shared dual and its factorised Hessian."""
+
+    def __init__(self, X, targets, loss_weights, main_start, main_dual, classical):
+        super().__init__(X, targets, loss_weights, main_start, main_dual, classical)
+        self.lu = spla.splu(self.main_hessian())
 
     def value(self, W0conj, Lam, cinv) -> np.ndarray:
         """The dual value per column, given ``w0 * phi*(A^T lambda)``."""
@@ -117,11 +148,6 @@ class ReplicateSolver:
     def gradient(self, WX, Lam, cinv) -> np.ndarray:
         """The dual gradient per column: A (w0 x) - tau + cinv lambda."""
         return np.asarray(self.dual.A @ WX) - self.dual.tau[:, None] + cinv * Lam
-
-    def solve(self, start: np.ndarray, max_iter: int = 30) -> tuple[np.ndarray, int, bool]:
-        """(weights, Newton steps, converged) of the calibration from ``start`` (the X columns' start)."""
-        out = self.solve_batch(np.asarray(start, np.float64)[None, :], max_iter)
-        return out.weights[0], int(out.iterations[0]), bool(out.converged[0])
 
     def solve_batch(self, starts: np.ndarray, max_iter: int = 30) -> BatchResult:
         """The calibrations from each row of ``starts`` (B x the X columns), iterated together."""
@@ -143,11 +169,7 @@ class ReplicateSolver:
                 if not state.ids.size:
                     break
             self._newton_step(state)
-        for b in np.flatnonzero(~converged):  # rare: far from the main solution (and dual); solved as the main fit is
-            solve = calibrate_classical(self.X, self.targets, starts[b], self.loss_weights, c)
-            weights[b], converged[b] = solve.weights, bool(solve.converged)
-            iterations[b] += solve.iterations
-        return BatchResult(weights, iterations, converged)
+        return self.finish(starts, BatchResult(weights, iterations, converged))
 
     def _direction(self, s: _Batch) -> tuple[np.ndarray, np.ndarray]:
         """(d, A^T d): each replicate's Newton step ``H_r d = -g``, by CG preconditioned with H0."""
@@ -193,7 +215,7 @@ class ReplicateSolver:
             Lam = s.Lam[:, sel] + tp * step[:, sel]
             WX, D, C = _at(V, s.W0[:, sel], self.classical)
             f = self.value(C, Lam, s.cinv[:, sel])
-            ok = (f <= s.f[sel] + 1e-4 * tp * slope[sel]) | (tp < 1e-8)
+            ok = (f <= s.f[sel] + ARMIJO * tp * slope[sel]) | (tp < SMALLEST_STEP)
             if ok.all() and pending.size == s.ids.size:
                 s.V, s.Lam, s.WX, s.D, s.f = V, Lam, WX, D, f
                 break
@@ -202,6 +224,6 @@ class ReplicateSolver:
             s.WX[:, acc], s.D[:, acc] = WX[:, ok], D[:, ok]
             t[pending[~ok]] *= 0.5
             pending = pending[~ok]
-        s.stalled = t < 1e-8
+        s.stalled = t < SMALLEST_STEP
         s.G = self.gradient(s.WX, s.Lam, s.cinv)
         s.iterations += 1
