@@ -121,11 +121,12 @@ def test_run_replicates_with_the_device_solver_equals_the_host_solver():
     np.testing.assert_array_equal(device.multipliers, host.multipliers)
     np.testing.assert_allclose(device.weights, host.weights, rtol=1e-6)
     assert device.converged == host.converged == 5
+    assert (host.solver, device.solver) == ("host", "device")  # auto (the default) on the CPU: the host solver
 
 
 @pytest.mark.parametrize("value", ["gpu", "", "Device"])
 def test_an_unknown_solver_is_one_config_error_naming_the_key(value):
-    with pytest.raises(UncertaintyConfigError, match=r"uncertainty\.solver=.* is unknown \(valid: host, device\)"):
+    with pytest.raises(UncertaintyConfigError, match=r"uncertainty\.solver=.* is unknown \(valid: auto, host, device\)"):
         validate_uncertainty(UncertaintyConfig(solver=value))
-    for ok in ("host", "device"):
+    for ok in ("auto", "host", "device"):
         assert validate_uncertainty(UncertaintyConfig(solver=ok)).solver == ok

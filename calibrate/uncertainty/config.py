@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("rao_wu", "poisson")
-SOLVERS = ("host", "device")
+SOLVERS = ("auto", "host", "device")
 
 
 class UncertaintyConfigError(ValueError):
@@ -27,7 +27,8 @@ class UncertaintyConfig:
     batch: int = 0  # replicates solved together (0: as many as fit in about 1 GiB of batch arrays)
     part: int = 0  # this job's share of the replicates: part `part` of `parts` (a multirun's jobs, then merge)
     parts: int = 1  # 1: all R replicates in this run
-    solver: str = "host"  # host (scipy, calibrate.uncertainty.solver) | device (JAX's default device, device_solver)
+    solver: str = "auto"  # auto (device when JAX's default device is an accelerator, else host) | host (scipy,
+    # calibrate.uncertainty.solver) | device (JAX's default device, calibrate.uncertainty.device_solver)
 
 
 def validate_uncertainty(cfg: UncertaintyConfig) -> UncertaintyConfig:
@@ -63,3 +64,13 @@ def part_replicates(cfg: UncertaintyConfig) -> range:
     within one of each other."""
     R, k, i = int(cfg.replicates), int(cfg.parts), int(cfg.part)
     return range(i * R // k, (i + 1) * R // k)
+
+
+def resolved_solver(cfg: UncertaintyConfig) -> str:
+    """``host`` or ``device``: ``cfg.solver``, with ``auto`` the device when JAX's default backend is
+    not the CPU (a ``gpu=`` profile that found its GPU)."""
+    if cfg.solver != "auto":
+        return cfg.solver
+    import jax
+
+    return "host" if jax.default_backend() == "cpu" else "device"

@@ -126,7 +126,8 @@ def merged_set(parts: list[Part]):
     return ReplicateSet(parts[0].tensors["columns"], cat("weights"), cat("multipliers"), meta["method"],
                         int(meta["seed"]), sum(float(p.meta["seconds"]) for p in parts),
                         [int(s) for s in cat("steps")], sum(int(p.meta["converged"]) for p in parts),
-                        sum(int(p.meta["resumed"]) for p in parts), 0, int(meta["replicates"]))
+                        sum(int(p.meta["resumed"]) for p in parts), 0, int(meta["replicates"]),
+                        solver=meta.get("solver", "host"))
 
 
 def _fill(out: Path, parts: list[Part]) -> None:

@@ -7,7 +7,8 @@ warm-started from the main solve's dual vector, on the same reconciled targets (
 ``draw_targets``, on targets drawn from their published margins of error). A household the
 replicate does not draw (``m_i = 0``) keeps weight 0 in every CD. With the main targets all
 replicates share one factorised Hessian and are solved in batches (:mod:`calibrate.uncertainty.solver`, on the
-host, or with ``solver=device`` :mod:`calibrate.uncertainty.device_solver`, on JAX's default device).
+host, or with ``solver=device`` :mod:`calibrate.uncertainty.device_solver`, on JAX's default device;
+``auto``: the device when it is an accelerator).
 
 - ``rao_wu``: the rescaling bootstrap of Rao and Wu (1988) with ``n_h - 1`` draws with
   replacement in each state stratum ``h``: ``m_i = n_h / (n_h - 1) * count_i``; a stratum of
@@ -24,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.uncertainty.config import part_replicates
+from calibrate.uncertainty.config import part_replicates, resolved_solver
 
 log = logging.getLogger(__name__)
-BATCH_BYTES = 2**30  # a batch's (columns x batch) arrays (calibrate.uncertainty.solver): ~1 GiB at most
+BATCH_BYTES = 2**30  # a batch's (columns x batch) arrays on the host (calibrate.uncertainty.solver): ~1 GiB at most
+DEVICE_BATCH_BYTES = 2**34  # ... on a device (device_solver): 16 GiB, a fifth of an 80 GB GPU
 
 
 def stratum_members(strata: np.ndarray) -> list[np.ndarray]:
@@ -89,6 +91,7 @@ class ReplicateSet:
     first: int = 0  # number of the first replicate here (replicate r draws from default_rng([seed, r]))
     total: int = 0  # R of the whole set
     basis: str = ""  # hash of the main solution the replicates start from (uncertainty.checkpoint.basis_hash)
+    solver: str = "host"  # where the replicates were solved: host | device
 
     @property
     def n_replicates(self) -> int:
@@ -100,12 +103,14 @@ class ReplicateSet:
         return np.asarray((sub @ self.weights.T.astype(np.float64)).T)
 
 
-def batch_size(config, n_columns: int) -> int:
-    """Replicates solved together: ``config.batch``, or (0) as many as keep the solver's dozen
-    (columns x batch) float64 arrays within BATCH_BYTES."""
+def batch_size(config, n_columns: int, solver: str = "host") -> int:
+    """Replicates solved together: ``config.batch``, or (0) as many as keep the solver's (columns x batch)
+    float64 arrays (a dozen on the host, about fifteen on a device) within BATCH_BYTES on the host,
+    DEVICE_BATCH_BYTES on a device."""
     if int(config.batch) > 0:
         return int(config.batch)
-    return max(1, min(int(config.replicates), BATCH_BYTES // (12 * 8 * max(int(n_columns), 1))))
+    budget, arrays = (DEVICE_BATCH_BYTES, 16) if solver == "device" else (BATCH_BYTES, 12)
+    return max(1, min(int(config.replicates), budget // (arrays * 8 * max(int(n_columns), 1))))
 
 
 class _Draws:
@@ -155,10 +160,11 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     resumed, saved = progress.done, progress.done
     weights, multipliers, steps = progress.weights, progress.multipliers, progress.steps
     draws = _Draws(strata, config, values, target_draw)
-    solver_class = DeviceReplicateSolver if config.solver == "device" else ReplicateSolver
+    solver_name = resolved_solver(config)
+    solver_class = DeviceReplicateSolver if solver_name == "device" else ReplicateSolver
     solver = solver_class(sub, values, loss_weights, start, dual, classical) \
         if calibrate and resumed < len(numbers) else None
-    size = batch_size(config, columns.size)
+    size = batch_size(config, columns.size, solver_name)
     for lo in range(resumed, len(numbers), size):
         batch = range(lo, min(lo + size, len(numbers)))
         shared: dict[int, np.ndarray] = {}  # replicates of the main targets: solved as one batch
@@ -186,8 +192,8 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
             ckpt.save(checkpoint, config, basis, progress)
             saved = progress.done
     seconds = time.perf_counter() - t0
-    log.info("replicates: %d of %d (%s) in %.1f s, batches of %d, Newton steps %s", len(numbers),
-             int(config.replicates), config.method, seconds, size, steps)
+    log.info("replicates: %d of %d (%s, %s solver) in %.1f s, batches of %d, Newton steps %s", len(numbers),
+             int(config.replicates), config.method, solver_name, seconds, size, steps)
     return ReplicateSet(columns.astype(np.int64), weights, multipliers, config.method, int(config.seed), seconds,
                         steps, progress.converged if calibrate else len(numbers), resumed, numbers.start,
-                        int(config.replicates), basis)
+                        int(config.replicates), basis, solver_name)

@@ -58,7 +58,8 @@ def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path,
     if int(config.parts) > 1:
         write_part(Path(run_dir) / PART_FILE, reps, estimates, n_households, floor, layout.n_columns,
                    {"part": str(int(config.part)), "parts": str(int(config.parts)),
-                    "draw_targets": str(bool(config.draw_targets)), "basis": reps.basis})
+                    "draw_targets": str(bool(config.draw_targets)), "basis": reps.basis,
+                    "solver": reps.solver})
         return table, reps
     write_replicates(Path(run_dir) / REPLICATE_FILE, reps, layout.n_columns)
     return with_moe(table, estimates, n_households, floor), reps
@@ -108,7 +109,7 @@ def summary_record(setting: str, draw_targets: bool, replicates: ReplicateSet, p
     record = {"setting": setting, "replicates": replicates.total, "method": replicates.method,
               "seed": replicates.seed, "draw_targets": bool(draw_targets), "seconds": replicates.seconds,
               "converged": replicates.converged, "resumed": replicates.resumed,
-              "newton_steps_median": float(np.median(steps)) if steps else 0.0,
+              "newton_steps_median": float(np.median(steps)) if steps else 0.0, "solver": replicates.solver,
               "file": REPLICATE_FILE, "variance": VARIANCE_RULE}
     if part[1] > 1:
         record.update(part=part[0], parts=part[1], first=replicates.first, computed=replicates.n_replicates,
