@@ -7,6 +7,7 @@ the policyengine-us import and the matrix build, so bad input fails in seconds.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -147,6 +148,10 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)
     reconciled = reconcile_stage(matrix, reconcile, split, inputs.db_path)
+    # what lives now (modules, configs, the matrix's tables: ~226k objects on all CDs) lives to the end of
+    # the run: out of the cyclic collector's generations, so that its full collections during the fit do
+    # not scan it again (one took 0.12-0.18 s of the all-CD L0 fit's setup)
+    gc.freeze()
     outcome = calibration_stage(matrix, fit, run_dir, settings.progress, reconciled)
     result, init_scale, weights = outcome.result, outcome.init_scale, outcome.weights
     table = outputs.targets_table(matrix.targets_df, result.estimates, split,
