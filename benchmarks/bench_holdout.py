@@ -9,7 +9,11 @@ Builds (or loads from the cache) the matrix of the default targets once; for eac
 every state Medicaid target, every age bin from 65 up) runs the reconcile stage with that
 split, then each method, and prints per level and per family the train and held-out
 median / p95 absolute relative error, the per-CD Kish effective sample size (median, min),
-the top-10 weight share (max), the exhaustion of households (p99, max) and the zero share.
+the top-10 weight share (max), the exhaustion of households (p99, max) and the zero share; and per
+held-out family with published margins of error (the ACS rows) the error the true values
+themselves would have against the published figures: what no weights can beat on a target
+independent of the trained ones (one pinned by them, a complement or the last missing bin of a
+targeted total, shares their sampling error and can be met below it).
 
 Methods: ``start`` (the fit's start, no fit), ``classical`` (``fit=classical``: dense minimum
 distance calibration), ``l0`` (the L0 fit as it was before the weight-quality work:
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -83,6 +88,25 @@ def scores(table, compare_groups: tuple[int, ...] = ()) -> dict:
     return out
 
 
+def margin_floors(table, rel_se) -> dict:
+    """Per held-out family (as in :func:`scores`): the median / p95 that the true values themselves
+    would score against the published figures, from the targets' published margins of error (the
+    least error weights can expect on targets independent of the trained ones; targets without a
+    margin are left out, ``n`` counts the rest)."""
+    from calibrate.uncertainty.variance import published_noise_quantile
+
+    part = table[(table.status != "excluded") & (table.split == "holdout")]
+    se = rel_se.loc[part.index]
+    out: dict = {}
+    for (g, lvl), sub in part.groupby(["stratum_group_id", "geo_level"]):
+        known = se.loc[sub.index].dropna().to_numpy()
+        if known.size:
+            out[f"{GROUP_NAMES.get(int(g), g)}/{lvl}"] = {
+                "n": int(known.size), "median": published_noise_quantile(known, 0.5),
+                "p95": published_noise_quantile(known, 0.95)}
+    return out
+
+
 def fmt(s: dict) -> str:
     return f"{s['median']:>7.2%} /{s['p95']:>7.2%}" if s.get("n") else f"{'-':>16}"
 
@@ -106,6 +130,7 @@ def main() -> None:
     from calibrate.app.config import fit_config, reconcile_config
     from calibrate.app.run import keep_levels, prepare, reconcile_stage
     from calibrate.matrix import build_matrix
+    from calibrate.reconcile.loss import relative_standard_errors
 
     base_overrides = [f"geo={a.geo}", "progress=false", *a.overrides]
     cfg = compose(base_overrides)
@@ -116,6 +141,8 @@ def main() -> None:
     matrix, _ = keep_levels(matrix, inputs.levels)
     print(f"matrix {matrix.X.shape[0]:,} x {matrix.X.shape[1]:,}, nnz {matrix.X.nnz:,} "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    rel_se = pd.Series(relative_standard_errors(matrix.targets_df, default=np.nan, minimum=0.0),
+                       index=matrix.targets_df.index)
     methods = []
     for item in a.methods.split(","):
         name, _, extra = item.partition("=")
@@ -157,6 +184,10 @@ def main() -> None:
             if groups:
                 print(f"  {name:<12}held out, groups {a.compare_groups} only: "
                       + "  ".join(f"{k.split('@')[0]} {fmt(v)}" for k, v in groups.items()))
+        floors = margin_floors(table, rel_se)
+        results.append({"holdout": holdout, "method": "published_margins", "scores": {"holdout": floors}})
+        print(f"  {'margins':<12}" + "  ".join(f"{k} {fmt(v)}" for k, v in sorted(floors.items()))
+              + "  (the true values' own error against the published figures, from their margins)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 

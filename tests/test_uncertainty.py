@@ -84,6 +84,21 @@ def test_the_count_floor_is_the_exact_poisson_limit_of_a_zero_count():
     np.testing.assert_allclose(replicate_se(np.array([0.0, 100.0]), reps, floor), [7.0, 10.0])
 
 
+def test_published_noise_quantile_is_the_half_normal_one_and_a_mixture_matches_sampling():
+    from calibrate.uncertainty.variance import published_noise_quantile
+
+    # one SE: |N(0, s)| has median s * Phi^-1(0.75) and 95th percentile s * Phi^-1(0.975)
+    assert published_noise_quantile(np.full(7, 0.04), 0.5) == pytest.approx(0.04 * 0.6744897501960817, rel=1e-9)
+    assert published_noise_quantile(np.array([0.04]), 0.95) == pytest.approx(0.04 * 1.959963984540054, rel=1e-9)
+    # a mixture of SEs against the pooled quantile of many drawn errors (NaN: no margin, left out)
+    se = np.array([0.01, 0.03, 0.05, 0.12, np.nan])
+    errors = np.abs(np.random.default_rng(0).standard_normal((1_000_000, 4)) * se[:4]).ravel()
+    for q in (0.5, 0.95):
+        assert published_noise_quantile(se, q) == pytest.approx(np.quantile(errors, q), rel=5e-3)
+    with pytest.raises(ValueError):
+        published_noise_quantile(np.array([np.nan]), 0.5)
+
+
 def test_rao_wu_draws_n_minus_1_per_stratum_and_keeps_singletons():
     strata = np.array([0, 0, 0, 0, 1, 1, 1, 2])
     m = bootstrap_multipliers(strata, "rao_wu", np.random.default_rng(3))
