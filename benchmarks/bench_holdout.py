@@ -93,7 +93,7 @@ def margin_floors(table, rel_se) -> dict:
     would score against the published figures, from the targets' published margins of error (the
     least error weights can expect on targets independent of the trained ones; targets without a
     margin are left out, ``n`` counts the rest)."""
-    from calibrate.uncertainty.variance import published_noise_quantile
+    from calibrate.targets.margins import published_noise_quantile
 
     part = table[(table.status != "excluded") & (table.split == "holdout")]
     se = rel_se.loc[part.index]
@@ -130,7 +130,7 @@ def main() -> None:
     from calibrate.app.config import fit_config, reconcile_config
     from calibrate.app.run import keep_levels, prepare, reconcile_stage
     from calibrate.matrix import build_matrix
-    from calibrate.reconcile.loss import relative_standard_errors
+    from calibrate.targets.margins import relative_standard_errors
 
     base_overrides = [f"geo={a.geo}", "progress=false", *a.overrides]
     cfg = compose(base_overrides)

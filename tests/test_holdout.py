@@ -109,6 +109,29 @@ def test_split_errors_match_brute_force():
     assert flat["holdout_district_p95"] == errors[HOLDOUT]["district"]["p95"] and len(flat) == 2 * 3 * 4
 
 
+def test_split_errors_give_the_truths_own_error_from_published_margins():
+    """With published relative SEs each figure also says what the true values would score: the
+    pooled quantiles of many drawn |N(0, se)| errors, over the targets that have a margin."""
+    table = _table()
+    rng = np.random.default_rng(5)
+    se = rng.uniform(0.01, 0.15, len(table))
+    se[rng.random(len(table)) < 0.3] = np.nan  # administrative totals publish no margin
+    table["published_rel_se"] = se
+    errors = evaluation.split_errors(table)
+    draws = np.abs(np.random.default_rng(6).standard_normal((20_000, len(table))) * se)
+    for split in (TRAIN, HOLDOUT):
+        for level in ("state", "district", "all"):
+            rows = ((table.split == split) & ((table.geo_level == level) | (level == "all"))).to_numpy()
+            has = rows & np.isfinite(se)
+            got = errors[split][level]
+            assert got["n_margin"] == has.sum() and got["n"] == rows.sum()
+            pooled = draws[:, has].ravel()
+            assert got["truth_median"] == pytest.approx(np.quantile(pooled, 0.5), rel=0.01)
+            assert got["truth_p95"] == pytest.approx(np.quantile(pooled, 0.95), rel=0.01)
+    table["published_rel_se"] = np.nan  # no margin anywhere: the plain figures
+    assert evaluation.split_errors(table) == evaluation.split_errors(table.drop(columns="published_rel_se"))
+
+
 def _fit_problem(seed: int = 0, m: int = 30, n_hh: int = 40):
     """A 2-CD problem in the shape fit_stage expects (targets_df, X, household layout)."""
     rng = np.random.default_rng(seed)

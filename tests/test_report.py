@@ -140,6 +140,16 @@ def test_page_data_equals_run_files(run, request):
               for lvl, g in zip(level, geo)]
     assert got["state"].tolist() == states
 
+    if "published_rel_se" in targets:  # the published margins, read from the run's database here
+        import sqlite3
+
+        with sqlite3.connect(summary["db_path"]) as db:
+            moe = pd.read_sql("SELECT target_id, moe, moe_confidence FROM targets", db).set_index("target_id")
+        row = moe.loc[targets.target_id]
+        assert set(row.moe_confidence.dropna()) <= {0.9}
+        value = targets.value_original.abs().to_numpy()
+        want = np.where(value > 0, row.moe.to_numpy() / 1.6448536269514722 / np.where(value > 0, value, 1.0), np.nan)
+        np.testing.assert_allclose(targets.published_rel_se, want, rtol=1e-9)  # NaN where no margin
     head = data["headline"]
     recomputed = _split_errors(targets)
     assert set(head["split_errors"]) == set(recomputed) == set(summary["split_errors"])

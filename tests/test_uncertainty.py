@@ -85,7 +85,7 @@ def test_the_count_floor_is_the_exact_poisson_limit_of_a_zero_count():
 
 
 def test_published_noise_quantile_is_the_half_normal_one_and_a_mixture_matches_sampling():
-    from calibrate.uncertainty.variance import published_noise_quantile
+    from calibrate.targets.margins import published_noise_quantile
 
     # one SE: |N(0, s)| has median s * Phi^-1(0.75) and 95th percentile s * Phi^-1(0.975)
     assert published_noise_quantile(np.full(7, 0.04), 0.5) == pytest.approx(0.04 * 0.6744897501960817, rel=1e-9)

@@ -275,7 +275,8 @@ def test_the_run_reads_the_dataset_once_in_its_checks(monkeypatch):
 def test_precision_loss_weights_are_inverse_squared_relative_standard_errors():
     import pandas as pd
 
-    from calibrate.reconcile.loss import loss_weights, relative_standard_errors
+    from calibrate.reconcile.loss import loss_weights
+    from calibrate.targets.margins import relative_standard_errors
 
     targets = pd.DataFrame({
         "geo_level": ["district", "district", "state", "national", "district"],

@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from calibrate.outputs.tables import PUBLISHED_REL_SE
 from calibrate.reconcile.holdout import HOLDOUT, TRAIN
 from calibrate.targets import GEO_LEVELS
+from calibrate.targets.margins import published_noise_quantile
 
 STATS = ("n", "median", "p95", "max")
 ALL = "all"
@@ -31,17 +33,33 @@ def _stats(err: np.ndarray) -> dict[str, float]:
     }
 
 
+def _truth(rel_se: np.ndarray) -> dict[str, float]:
+    """What the true values would score against the published figures of the targets with a
+    margin (:func:`calibrate.targets.margins.published_noise_quantile`); empty when none has one."""
+    known = rel_se[np.isfinite(rel_se) & (rel_se > 0)]
+    if not known.size:
+        return {}
+    return {"n_margin": int(known.size), "truth_median": published_noise_quantile(known, 0.5),
+            "truth_p95": published_noise_quantile(known, 0.95)}
+
+
 def split_errors(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
     """Error figures per split and geo level (levels in national/state/district order, then ``all``).
 
     A table without a ``split`` column counts as all training targets; a split with no
     targets is left out; targets the reconcile stage excluded (``status`` excluded) are in
-    neither split.
+    neither split. With a ``published_rel_se`` column, each figure also gets ``n_margin``,
+    ``truth_median`` and ``truth_p95`` over its targets with a published margin: the error the
+    true values themselves have against the published figures (a held-out error near them is
+    as good as the data allows; a training error far below them is the fit following the
+    survey's noise).
     """
     split = table["split"].to_numpy() if "split" in table.columns else np.full(len(table), TRAIN)
     if "status" in table.columns:
         split = np.where(table["status"].to_numpy() == "excluded", "excluded", split)
     err = table["abs_rel_error"].to_numpy(dtype=np.float64)
+    rel_se = (table[PUBLISHED_REL_SE].to_numpy(dtype=np.float64) if PUBLISHED_REL_SE in table.columns
+              else np.full(len(table), np.nan))
     levels = table["geo_level"].to_numpy()
     order = [lvl for lvl in GEO_LEVELS if lvl in set(levels)] + sorted(set(levels) - set(GEO_LEVELS))
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -49,9 +67,9 @@ def split_errors(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
         in_split = split == name
         if not in_split.any():
             continue
-        masks = {lvl: in_split & (levels == lvl) for lvl in order}
-        out[name] = {lvl: _stats(err[mask]) for lvl, mask in masks.items() if mask.any()}
-        out[name][ALL] = _stats(err[in_split])
+        masks = {lvl: in_split & (levels == lvl) for lvl in order if (in_split & (levels == lvl)).any()}
+        masks[ALL] = in_split
+        out[name] = {lvl: {**_stats(err[mask]), **_truth(rel_se[mask])} for lvl, mask in masks.items()}
     return out
 
 
@@ -69,8 +87,13 @@ def flat_split_errors(errors: dict) -> dict[str, float]:
 
 def split_report(errors: dict) -> list[str]:
     """Console lines: n, median, p95 and max absolute relative error per split and level."""
-    lines = [f"{'abs rel error by level':<26}{'n':>7}{'median':>10}{'p95':>10}{'max':>10}"]
+    truth = any("truth_median" in s for levels in errors.values() for s in levels.values())
+    lines = [f"{'abs rel error by level':<26}{'n':>7}{'median':>10}{'p95':>10}{'max':>10}"
+             + (f"   {'truth (published margins): median / p95'}" if truth else "")]
     for split, levels in errors.items():
         for level, s in levels.items():
-            lines.append(f"  {split:<8}{level:<16}{s['n']:>7}{s['median']:>10.2%}{s['p95']:>10.2%}{s['max']:>10.2%}")
+            line = f"  {split:<8}{level:<16}{s['n']:>7}{s['median']:>10.2%}{s['p95']:>10.2%}{s['max']:>10.2%}"
+            if "truth_median" in s:
+                line += f"   {s['truth_median']:.2%} / {s['truth_p95']:.2%} ({s['n_margin']} targets)"
+            lines.append(line)
     return lines

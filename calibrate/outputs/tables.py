@@ -17,11 +17,13 @@ import pandas as pd
 
 from calibrate.core.errors import CalibrateError
 from calibrate.core.files import atomic_file
+from calibrate.targets.margins import relative_standard_errors
 
 TARGET_COLUMNS = [
     "target_id", "stratum_id", "stratum_group_id", "variable", "geo_level", "geographic_id", "label",
     "value", "estimate", "rel_error", "abs_rel_error",
 ]
+PUBLISHED_REL_SE = "published_rel_se"  # the database value's published margin as a relative SE (NaN: none)
 PLAN_COLUMNS = ["value_original", "rel_error_original", "status", "reason", "loss_multiplier", "scaled"]
 SUMMARY_FILE = "summary.json"
 
@@ -95,6 +97,8 @@ def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndar
     loss_multiplier), ``value`` is the value fitted and ``rel_error`` is measured against
     it; ``value_original`` (the database value) and ``rel_error_original`` follow, then
     ``status`` (fit | excluded), ``reason``, ``loss_multiplier`` and ``scaled`` (a scale rule set the value).
+    Targets with a ``moe`` column get ``published_rel_se``: the published margin of the database
+    value as a relative SE (:mod:`calibrate.targets.margins`; empty where none is published).
     """
     table = targets_df[[c for c in TARGET_COLUMNS if c in targets_df.columns]].copy()
     if plan is not None:
@@ -109,6 +113,9 @@ def targets_table(targets_df: pd.DataFrame, estimate: np.ndarray, split: np.ndar
         for column in ("status", "reason", "loss_multiplier", "scaled"):
             table[column] = plan[column].to_numpy()
         columns += PLAN_COLUMNS
+    if "moe" in targets_df.columns:  # the published value's own noise, beside the fit's error
+        table[PUBLISHED_REL_SE] = relative_standard_errors(targets_df, default=np.nan, minimum=0.0)
+        columns.append(PUBLISHED_REL_SE)
     if split is not None:
         table["split"] = np.asarray(split)  # "train" (fitted) or "holdout" (loss weight 0, scored only)
         columns.append("split")

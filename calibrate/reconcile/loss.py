@@ -22,23 +22,9 @@ import numpy as np
 import pandas as pd
 
 from calibrate.core.errors import CalibrateError
+from calibrate.targets.margins import relative_standard_errors
 
 BALANCES = ("precision", "level", "group", "none")
-
-
-def relative_standard_errors(targets: pd.DataFrame, default: float = 0.02, minimum: float = 0.002) -> np.ndarray:
-    """Per target: published margin of error / z(confidence) / |value|, floored at ``minimum``;
-    ``default`` where the target has no margin (or no confidence level, or a zero value)."""
-    from scipy.special import ndtri
-
-    n = len(targets)
-    moe = targets["moe"].to_numpy(dtype=np.float64) if "moe" in targets else np.full(n, np.nan)
-    conf = targets["moe_confidence"].to_numpy(dtype=np.float64) if "moe_confidence" in targets else np.full(n, np.nan)
-    value = np.abs(targets["value"].to_numpy(dtype=np.float64))
-    known = np.isfinite(moe) & (moe >= 0) & np.isfinite(conf) & (conf > 0) & (conf < 1) & (value > 0)
-    z = ndtri(0.5 + np.where(known, conf, 0.5) / 2)
-    rel = np.divide(moe, z * value, out=np.full(n, np.nan), where=known)
-    return np.where(known, np.maximum(rel, minimum), default)
 
 
 def loss_weights(targets: pd.DataFrame, balance: str = "level", in_loss: np.ndarray | None = None,

@@ -101,25 +101,6 @@ def reliable(cv: np.ndarray, n_households: np.ndarray) -> np.ndarray:
     return (np.asarray(n_households) >= RELIABLE_MIN_HOUSEHOLDS) & np.isfinite(cv) & (cv <= RELIABLE_MAX_CV)
 
 
-def published_noise_quantile(relative_se: np.ndarray, q: float) -> float:
-    """The q-quantile of |published - true| / |true| over targets with these relative SEs: what an
-    estimator that knew every true value would score against the published figures (a mixture of
-    half-normals, one per target): the least held-out error weights can expect on targets whose
-    published figures are independent of the fitted ones."""
-    from scipy.optimize import brentq
-    from scipy.special import ndtr
-
-    s = np.asarray(relative_se, dtype=np.float64)
-    s = s[np.isfinite(s) & (s > 0)]
-    if s.size == 0 or not 0.0 < q < 1.0:
-        raise ValueError(f"need positive relative SEs and 0 < q < 1 (got {s.size} SEs, q={q})")
-
-    def below(x: float) -> float:  # share of the mixture's |error| at most x, minus q
-        return float(np.mean(2.0 * ndtr(x / s) - 1.0)) - q
-
-    return float(brentq(below, 0.0, 10.0 * float(s.max()), xtol=1e-12))
-
-
 def households_behind(A, household: np.ndarray, n_households: int) -> np.ndarray:
     """Per row of ``A`` (rows x columns, sparse or dense), how many distinct households
     (``household[j]``: column j's) have a nonzero entry in it."""
