@@ -276,7 +276,10 @@ def test_optuna_study(single_run, work):
         for split, expected in (("holdout", holdout), ("train", _split_errors(targets, "train"))):
             assert sorted(summary["split_errors"][split]) == sorted(expected)
             for level, stats in expected.items():
-                assert summary["split_errors"][split][level] == pytest.approx(stats), (split, level)
+                got = summary["split_errors"][split][level]
+                assert {k: got[k] for k in stats} == pytest.approx(stats), (split, level)
+                rows = targets[(targets.split == split) & ((targets.geo_level == level) | (level == "all"))]
+                assert got.get("n_margin", 0) == rows.published_rel_se.gt(0).sum(), (split, level)  # the truth's figures
         scores[row["job"]] = max(stats["median"] for level, stats in holdout.items() if level != "all")
         assert summary["score"] == pytest.approx(scores[row["job"]]) and row["score"] == pytest.approx(summary["score"])
         splits.append(list(targets.split))
