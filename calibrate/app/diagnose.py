@@ -19,6 +19,7 @@ from calibrate.outputs.tables import relative_errors
 log = logging.getLogger(__name__)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DOMINANCE = 1e6  # a penalty this many times the data term leaves the data nothing to say
+BANDLESS_METHODS = ("sample", "classical")  # minimum-distance solves: their loss has no free bands
 
 
 def initial_terms(X, targets: np.ndarray, init_weights: np.ndarray, lambda_l0: float, lambda_l2: float) -> dict:
@@ -57,7 +58,7 @@ def check_tolerance_bands(reconcile, fit) -> None:
     none were set."""
     from calibrate.core.errors import CalibrateError
 
-    if reconcile.tolerance == "moe" and reconcile.use_db_tolerance and fit.method in ("sample", "classical"):
+    if reconcile.tolerance == "moe" and reconcile.use_db_tolerance and fit.method in BANDLESS_METHODS:
         raise CalibrateError(
             f"reconcile.tolerance=moe: the free bands are a term of the L0 fit's loss, and fit.method={fit.method} "
             "(a minimum-distance solve) has none; use fit=l0 for the bands, or reconcile.tolerance=db")
@@ -67,7 +68,7 @@ def warn_ignored_bands(tolerances: np.ndarray, loss_weights: np.ndarray, fit) ->
     """A logging warning when fitted targets carry tolerance bands (the database's column) that the
     fit's method does not use."""
     n = int(np.count_nonzero((np.asarray(tolerances) > 0) & (np.asarray(loss_weights) > 0)))
-    if n and fit.method in ("sample", "classical"):
+    if n and fit.method in BANDLESS_METHODS:
         log.warning("%d fitted targets have a tolerance band (the database's tolerance column) that "
                     "fit.method=%s does not use: it fits them to their values; fit=l0 uses the bands", n, fit.method)
 

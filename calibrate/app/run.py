@@ -150,9 +150,8 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     split = split_targets(matrix.targets_df, holdout)
     reconciled = reconcile_stage(matrix, reconcile, split, inputs.db_path)
     warn_ignored_bands(reconciled.tolerances, reconciled.loss_weights, fit)
-    # what lives now (modules, configs, the matrix's tables: ~226k objects on all CDs) lives to the end of
-    # the run: out of the cyclic collector's generations, so that its full collections during the fit do
-    # not scan it again (one took 0.12-0.18 s of the all-CD L0 fit's setup)
+    # what lives now (modules, configs, the matrix's tables) lives to the end of the run: out of the cyclic
+    # collector's generations, so that its full collections during the fit do not scan it again
     gc.freeze()
     outcome = calibration_stage(matrix, fit, run_dir, settings.progress, reconciled)
     result, init_scale, weights = outcome.result, outcome.init_scale, outcome.weights

@@ -36,7 +36,7 @@ def _stats(err: np.ndarray) -> dict[str, float]:
 def _truth(rel_se: np.ndarray) -> dict[str, float]:
     """What the true values would score against the published figures of the targets with a
     margin (:func:`calibrate.targets.margins.published_noise_quantile`); empty when none has one."""
-    known = rel_se[np.isfinite(rel_se) & (rel_se > 0)]
+    known = rel_se[rel_se > 0]  # NaN (no margin) compares False
     if not known.size:
         return {}
     return {"n_margin": int(known.size), "truth_median": published_noise_quantile(known, 0.5),
@@ -67,8 +67,8 @@ def split_errors(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
         in_split = split == name
         if not in_split.any():
             continue
-        masks = {lvl: in_split & (levels == lvl) for lvl in order if (in_split & (levels == lvl)).any()}
-        masks[ALL] = in_split
+        masks = {lvl: in_split & (levels == lvl) for lvl in order}
+        masks = {lvl: mask for lvl, mask in masks.items() if mask.any()} | {ALL: in_split}
         out[name] = {lvl: {**_stats(err[mask]), **_truth(rel_se[mask])} for lvl, mask in masks.items()}
     return out
 
