@@ -138,8 +138,6 @@ CASES = [
     Case("wrong-type-in-yaml", lambda ws: _typo_yaml(ws), ("target/typo", "key target.typo.stratum_group_ids")),
     Case("bad-fit-value", lambda ws: {"fit.lr": "-1"}, ("fit", "lr=-1.0")),
     Case("bad-fit-shard", lambda ws: {"fit.shard": "all"}, ("fit.shard='all'", "must be one of off, auto")),
-    Case("tolerance-moe-without-bands", lambda ws: {"reconcile.tolerance": "moe"},
-         ("reconcile.tolerance=moe", "fit.method=sample", "fit=l0")),
     Case("checkpoint-unreadable", lambda ws: _checkpoint(ws, b"not a zip"), ("fit checkpoint", "cannot be read")),
     Case("checkpoint-beyond-epochs", lambda ws: _checkpoint(ws, epoch=5000), ("fit checkpoint", "epoch 5000", "fit.epochs=50")),
     Case("fit-lambda-l0-huge", lambda ws: {"fit.lambda_l0": "1e300", "fit.sparsity.active_share": "null"},

@@ -44,32 +44,6 @@ def test_divergence_advice_names_the_culprit():
     assert divergence_advice(FitConfig(lambda_l0=1e-3, lr=5.0), X, targets, init) == "try a smaller fit.lr (now 5)"
 
 
-def test_bands_a_minimum_distance_fit_does_not_use_are_refused_or_named(caplog):
-    """tolerance=moe with the sample / classical solve is refused; L0 and fit=start pass; database bands
-    on fitted targets that such a solve ignores get one warning with their count (none when held out)."""
-    from calibrate.app.diagnose import check_tolerance_bands, warn_ignored_bands
-    from calibrate.core.errors import CalibrateError
-    from calibrate.fit import FitConfig
-    from calibrate.reconcile import ReconcileConfig
-
-    moe = ReconcileConfig(tolerance="moe")
-    for method in ("sample", "classical"):
-        with pytest.raises(CalibrateError, match=f"reconcile.tolerance=moe.*fit.method={method}"):
-            check_tolerance_bands(moe, FitConfig(method=method))
-    check_tolerance_bands(moe, FitConfig(method="l0"))
-    check_tolerance_bands(moe, FitConfig(method="start"))
-    check_tolerance_bands(ReconcileConfig(tolerance="moe", use_db_tolerance=False), FitConfig(method="sample"))
-    check_tolerance_bands(ReconcileConfig(tolerance="db"), FitConfig(method="sample"))
-
-    bands, weights = np.array([0.0, 0.05, 0.02, 0.1]), np.array([0.5, 0.3, 0.2, 0.0])  # the last is held out
-    with caplog.at_level("WARNING", logger="calibrate.app.diagnose"):
-        warn_ignored_bands(bands, weights, FitConfig(method="sample"))
-        warn_ignored_bands(bands, weights, FitConfig(method="l0"))
-        warn_ignored_bands(np.zeros(4), weights, FitConfig(method="classical"))
-    assert [r.getMessage().split(" fitted")[0] for r in caplog.records] == ["2"]
-    assert "fit.method=sample" in caplog.records[0].getMessage()
-
-
 # ----------------------------------------------------------------------------- publish, tracer, etl check
 
 

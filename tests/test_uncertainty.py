@@ -237,6 +237,32 @@ def test_batched_replicates_equal_one_at_a_time_and_a_cold_newton_solve(distance
         np.testing.assert_allclose(together.weights[r], cold.weights, rtol=1e-4, atol=1e-3)
 
 
+def test_replicates_of_a_banded_fit_keep_its_bands():
+    """With free bands (reconcile.tolerance) each replicate is the banded calibration of its own start:
+    equal to a cold banded solve of that start, not to the plain solve, and resumable (the bands are
+    part of the checkpoint's basis)."""
+    X, truth, start, household, states = _toy_problem(seed=9)
+    lw, cfg = np.ones(X.shape[0]), ClassicalConfig(penalty=1e3)
+    bands = np.array([0.02, 0.0, 0.05, 0.01])
+    main = calibrate_classical(X, truth * [1.03, 1.0, 0.97, 1.0], start, lw, cfg, tolerances=bands)
+    targets = truth * [1.03, 1.0, 0.97, 1.0]
+    assert abs(main.rel_errors[2]) < bands[2] - 1e-3  # one target inside its band, the others at its edge
+    config = UncertaintyConfig(enabled=True, replicates=4, method="rao_wu", seed=1, solver="host")
+    reps = run_replicates(X, targets, lw, start, main.weights, household, states, config, cfg, dual=main.dual,
+                          tolerances=bands)
+    assert reps.converged == 4 and reps.solver == "host"
+    hh_of = household[reps.columns]
+    sub = X[:, reps.columns]
+    for r in range(4):
+        start_r = start[reps.columns] * reps.multipliers[r][hh_of]
+        cold = calibrate_classical(sub, targets, start_r, lw, cfg, tolerances=bands)
+        plain = calibrate_classical(sub, targets, start_r, lw, cfg)
+        np.testing.assert_allclose(reps.weights[r], cold.weights, rtol=1e-4, atol=1e-3)
+        assert np.abs(reps.weights[r] - plain.weights).max() > 1e-2
+    unbanded = run_replicates(X, targets, lw, start, main.weights, household, states, config, cfg, dual=main.dual)
+    assert reps.basis != unbanded.basis
+
+
 def test_a_replicate_the_shared_hessian_steps_do_not_finish_is_solved_from_scratch():
     """Past ``max_iter`` steps a replicate is solved by a cold Newton solve: the same weights as one."""
     from calibrate.uncertainty.solver import ReplicateSolver
@@ -306,6 +332,22 @@ def _target_floors(X: np.ndarray, weights: np.ndarray, design: np.ndarray, table
         mean_value = (design[carriers] * np.abs(X[i, carriers])).sum() / design[carriers].sum()
         out[i] = -np.log(0.05) / 1.645 * weights[in_area].mean() * mean_value
     return out
+
+
+def test_a_run_with_published_margins_as_bands_reaches_the_solve_and_its_replicates(runs, tmp_path):
+    """``reconcile.tolerance=moe`` with the default fit: the bands reach the minimum-distance solve (the
+    weights move off the plain run's on the same carriers; the solve itself is tested against the
+    banded primal in test_weight_quality), and the replicates of the banded fit converge and give
+    every target a margin of error."""
+    out = _cli(*ARGS, "reconcile.tolerance=moe", "uncertainty=bootstrap", "uncertainty.replicates=4",
+               f"hydra.run.dir={tmp_path / 'banded'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "banded" / "summary.json").read_text())
+    assert summary["uncertainty"]["converged"] == 4 and summary["uncertainty"]["solver"] == "host"
+    banded, plain = np.load(tmp_path / "banded" / "weights.npy"), np.load(runs.plain / "weights.npy")
+    assert np.abs(banded - plain).max() > 1e-3 * plain.max()
+    table = pd.read_csv(tmp_path / "banded" / "targets.csv")
+    assert table.moe90.notna().all() and (table.moe90 >= 0).all()
 
 
 def test_targets_moe_equals_recomputation_from_replicate_weights(runs):

@@ -142,6 +142,35 @@ def test_conjugate_is_the_sup_over_the_box(distance):
     np.testing.assert_allclose(cl.slope_at(x[:, 0], distance, 0.2, 3.0)[inside], fd[inside], rtol=1e-5, atol=1e-7)
 
 
+def test_banded_dual_gradient_and_hessian_match_finite_differences():
+    """The banded penalty's conjugate: value, slope and curvature agree with each other (finite
+    differences away from the kinks), are continuous at the band's edge, and are the conjugate of
+    the banded penalty by brute force (the sup over a grid of errors)."""
+    cinv, band, f = np.array([2.0, 0.5, 1.0, 3.0]), np.array([0.0, 0.1, 0.05, 0.2]), 0.01
+    lam = np.array([0.3, -1e-4, 2e-4, -0.4])  # row 1 and 2 inside their bands, 3 beyond
+    h0, h1, h2 = cl.banded_penalty_conjugate(lam, cinv, band, f)
+    d = 1e-8
+    np.testing.assert_allclose(h1, (cl.banded_penalty_conjugate(lam + d, cinv, band, f)[0]
+                                    - cl.banded_penalty_conjugate(lam - d, cinv, band, f)[0]) / (2 * d), rtol=1e-5)
+    np.testing.assert_allclose(h2, (cl.banded_penalty_conjugate(lam + d, cinv, band, f)[1]
+                                    - cl.banded_penalty_conjugate(lam - d, cinv, band, f)[1]) / (2 * d), rtol=1e-5)
+    edge = f / ((1 + f) * cinv) * band  # |lambda| where the band ends
+    below, above = (cl.banded_penalty_conjugate(edge * (1 + s), cinv, band, f) for s in (-1e-9, 1e-9))
+    np.testing.assert_allclose(below[0], above[0], rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(below[1], above[1], rtol=1e-6, atol=1e-12)
+    # h*(lambda) = sup_e lambda e - h(e), h(e) = C/(2(1+f)) (dist(e, band)^2 + f e^2)
+    e = np.linspace(-3, 3, 600001)
+    for i in range(4):
+        C = 1 / cinv[i]
+        h = C / (2 * (1 + f)) * (np.maximum(np.abs(e) - band[i], 0) ** 2 + f * e**2)
+        for lm in (lam[i], 0.01, -0.002):
+            brute = np.max(lm * e - h)
+            assert cl.banded_penalty_conjugate(np.array([lm]), cinv[i:i + 1], band[i:i + 1], f)[0][0] == \
+                pytest.approx(brute, abs=1e-9)
+    # band 0 is the plain penalty's cinv lambda^2 / 2
+    np.testing.assert_allclose(h0[0], 0.5 * cinv[0] * lam[0] ** 2)
+
+
 def test_logit_dual_parts_stay_finite_far_out():
     """Dual values far from 0 (a line search's trial point) give the bounds and a linear conjugate, no overflow."""
     v = np.array([-1e4, -800.0, 800.0, 1e4])
@@ -173,8 +202,86 @@ def test_logit_calibration_meets_feasible_constraints_inside_the_bounds():
     assert x.min() > 0.5 and x.max() < 1.5 and res.converged and res.iterations <= 20
 
 
+def _banded_primal(A, w0, t, lw, bands, config):
+    """The banded objective of the module docstring, minimised in the primal by L-BFGS-B (an
+    independent solve: no dual, no Newton), and its value at given multipliers."""
+    from scipy.optimize import minimize
+
+    q, L, scale = w0 / w0.sum(), lw / lw.sum(), np.abs(t) + 1.0
+    lo, hi, dist, f = config.lower, config.upper, config.distance, config.band_floor
+
+    def errors(x):
+        return (A @ (w0 * x) - t) / scale
+
+    def excess(x):  # the penalty's slope / C: (outside-band part + floor) / (1 + floor)
+        e = errors(x)
+        return (np.sign(e) * np.maximum(np.abs(e) - bands, 0.0) + f * e) / (1 + f)
+
+    def value(x):
+        e = errors(x)
+        cost = (np.maximum(np.abs(e) - bands, 0.0) ** 2 + f * e**2) / (1 + f)
+        return float(np.sum(q * cl.distance_value(x, dist, lo, hi)) + config.penalty / 2 * np.sum(L * cost))
+
+    def grad(x):
+        if dist == "chi2":
+            dphi = x - 1.0
+        elif dist == "kl":
+            dphi = np.log(x)
+        else:
+            k = (hi - lo) / ((1 - lo) * (hi - 1))
+            dphi = (np.log((x - lo) / (1 - lo)) - np.log((hi - x) / (hi - 1))) / k
+        return q * dphi + config.penalty * w0 * (A.T @ (L * excess(x) / scale))
+
+    eps = 1e-9
+    out = minimize(value, np.ones(w0.size), jac=grad, method="L-BFGS-B", bounds=[(lo + eps, hi - eps)] * w0.size,
+                   options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
+    return out.x, value
+
+
+@pytest.mark.parametrize("distance", ["logit", "kl", "chi2"])
+def test_banded_calibration_is_the_primal_minimum(distance):
+    """Free bands (``tolerances``): the dual solve's multipliers are those of the banded primal
+    objective minimised directly, and some targets end inside their band."""
+    A, w0, t = _tiny_problem(5, n=150, m=8)
+    rng = np.random.default_rng(5)
+    t = t * rng.uniform(0.8, 1.2, t.size)
+    lw = rng.uniform(0.2, 1.0, t.size)
+    bands = np.array([0.0, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.05])
+    config = ClassicalConfig(distance=distance, lower=0.2, upper=5.0, penalty=200.0, tol=1e-8, max_iter=100)
+    res = calibrate_classical(sp.csr_matrix(A), t, w0, lw, config, tolerances=bands)
+    x_primal, value = _banded_primal(A, w0, t, lw, bands, config)
+    assert res.converged
+    np.testing.assert_allclose(res.multipliers, x_primal, atol=5e-6)
+    assert value(res.multipliers) <= value(x_primal) + 1e-12
+    inside = np.abs(res.rel_errors) < bands - 1e-6
+    assert inside.any() and not inside.all()
+    # without the bands the same targets are fitted closer: the bands freed them
+    plain = calibrate_classical(sp.csr_matrix(A), t, w0, lw, config)
+    assert np.sum(lw * plain.rel_errors**2) < np.sum(lw * res.rel_errors**2)
+    # the stages of the continuation fall from 1 to the floor
+    stages = cl.band_stages(config.band_floor)
+    assert stages[0] == 1.0 and stages[-1] == config.band_floor and np.all(np.diff(stages) < 0)
+
+
+def test_zero_bands_are_the_plain_solve_and_bad_bands_are_refused():
+    A, w0, t = _tiny_problem(6)
+    config = ClassicalConfig(distance="logit", lower=0.2, upper=5.0, penalty=50.0)
+    plain = calibrate_classical(sp.csr_matrix(A), t, w0, np.ones(t.size), config)
+    zero = calibrate_classical(sp.csr_matrix(A), t, w0, np.ones(t.size), config, tolerances=np.zeros(t.size))
+    assert np.array_equal(plain.weights, zero.weights)
+    # a band on a target with loss weight 0 (only estimated) is no band
+    lw = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    held = calibrate_classical(sp.csr_matrix(A), t, w0, lw, config)
+    banded = calibrate_classical(sp.csr_matrix(A), t, w0, lw, config, tolerances=np.array([0, 0, 0, 0, 0.5]))
+    assert np.array_equal(held.weights, banded.weights)
+    for bad in (np.full(t.size, -0.1), np.full(t.size, np.nan), np.zeros(t.size + 1)):
+        with pytest.raises(ValueError, match="tolerances"):
+            calibrate_classical(sp.csr_matrix(A), t, w0, np.ones(t.size), config, tolerances=bad)
+
+
 @pytest.mark.parametrize("bad, key", [({"distance": "l1"}, "distance"), ({"upper": 0.5}, "upper"),
-                                      ({"lower": 1.5}, "lower"), ({"penalty": -1.0}, "penalty")])
+                                      ({"lower": 1.5}, "lower"), ({"penalty": -1.0}, "penalty"),
+                                      ({"band_floor": 0.0}, "band_floor"), ({"band_floor": 2.0}, "band_floor")])
 def test_bad_classical_settings_name_the_key(bad, key):
     with pytest.raises(ValueError, match=key):
         cl.validate_classical(ClassicalConfig(**bad))

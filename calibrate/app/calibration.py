@@ -100,6 +100,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
     t0 = time.perf_counter()
     values = np.asarray(reconciled.plan.value, dtype=np.float64)
     lw = np.asarray(reconciled.loss_weights, dtype=np.float64)
+    bands = np.asarray(reconciled.tolerances, dtype=np.float64)
     layout = matrix.layout
     start, scale = start_weights(matrix, fit.start, values, lw > 0, fit.rescale_init)
     solve_info, base, dual = None, None, None
@@ -113,7 +114,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
             units = (layout.household_of(np.arange(layout.n_columns))
                      if fit.sparsity.carriers == "coordinated" else None)
             _, base = select_carriers(start, layout.column_groups(), share, seed=fit.seed, units=units)
-        solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
+        solve = calibrate_classical(matrix.X, values, base, lw, fit.classical, tolerances=bands)
         weights, dual = solve.weights, solve.dual
         solve_info = _solve_info(solve)
         result = None
@@ -123,7 +124,7 @@ def calibration_stage(matrix, fit, run_dir: Path, progress: bool, reconciled, ga
         weights = np.asarray(result.weights, dtype=np.float64)
         if fit.polish == "classical":
             base = carriers_start(start, weights > 0, layout)
-            solve = calibrate_classical(matrix.X, values, base, lw, fit.classical)
+            solve = calibrate_classical(matrix.X, values, base, lw, fit.classical, tolerances=bands)
             weights, dual = solve.weights, solve.dual
             solve_info = _solve_info(solve)
     seconds = time.perf_counter() - t0

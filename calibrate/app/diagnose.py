@@ -3,23 +3,18 @@
 The objective is ``data + lambda_l0 * open gates + lambda_l2 * sum(w**2)`` in float32
 (``calibrate.fit.model``). A penalty that overflows float32 at the start, or that dwarfs
 the data term by many orders of magnitude, makes the loss non-finite whatever the step
-size; otherwise the usual culprit is a learning rate too large for the problem. Also the check
-that the reconcile stage's free bands go to a fit whose loss has them.
+size; otherwise the usual culprit is a learning rate too large for the problem.
 """
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 
 from calibrate.core.linalg import float64_matvec
 from calibrate.outputs.tables import relative_errors
 
-log = logging.getLogger(__name__)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DOMINANCE = 1e6  # a penalty this many times the data term leaves the data nothing to say
-BANDLESS_METHODS = ("sample", "classical")  # minimum-distance solves: their loss has no free bands
 
 
 def initial_terms(X, targets: np.ndarray, init_weights: np.ndarray, lambda_l0: float, lambda_l2: float) -> dict:
@@ -50,27 +45,6 @@ def divergence_advice(l0, X, targets: np.ndarray, init_weights: np.ndarray) -> s
         return (f"likely cause: fit.{key}={getattr(l0, key):g}; its penalty at the start ({value:.3g}) {what}; "
                 f"use a much smaller fit.{key} (default {_default(key):g})")
     return f"try a smaller fit.lr (now {l0.lr:g})"
-
-
-def check_tolerance_bands(reconcile, fit) -> None:
-    """Before the matrix build: ``reconcile.tolerance=moe`` asks for free bands that only the L0 fit's
-    loss has; the minimum-distance solves (``sample``, ``classical``) would fit every target as if
-    none were set."""
-    from calibrate.core.errors import CalibrateError
-
-    if reconcile.tolerance == "moe" and reconcile.use_db_tolerance and fit.method in BANDLESS_METHODS:
-        raise CalibrateError(
-            f"reconcile.tolerance=moe: the free bands are a term of the L0 fit's loss, and fit.method={fit.method} "
-            "(a minimum-distance solve) has none; use fit=l0 for the bands, or reconcile.tolerance=db")
-
-
-def warn_ignored_bands(tolerances: np.ndarray, loss_weights: np.ndarray, fit) -> None:
-    """A logging warning when fitted targets carry tolerance bands (the database's column) that the
-    fit's method does not use."""
-    n = int(np.count_nonzero((np.asarray(tolerances) > 0) & (np.asarray(loss_weights) > 0)))
-    if n and fit.method in BANDLESS_METHODS:
-        log.warning("%d fitted targets have a tolerance band (the database's tolerance column) that "
-                    "fit.method=%s does not use: it fits them to their values; fit=l0 uses the bands", n, fit.method)
 
 
 def check_penalty_scale(l0, n_weights: int) -> None:

@@ -38,7 +38,7 @@ from calibrate.app.config import (
     uncertainty_config,
 )
 from calibrate.app.device import DeviceInfo, NoGpuError, choose_platform, device_env, setup_device  # noqa: F401
-from calibrate.app.diagnose import check_penalty_scale, check_tolerance_bands, warn_ignored_bands
+from calibrate.app.diagnose import check_penalty_scale
 from calibrate.app.summary import RunSummary, make_summary, record_holdout, record_reconcile
 from calibrate.core import faults
 from calibrate.core.errors import CalibrateError
@@ -126,7 +126,6 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     fit = fit_config(settings.fit)
     check_penalty_scale(fit, inputs.n_columns)
     reconcile = reconcile_config(settings.reconcile)
-    check_tolerance_bands(reconcile, fit)
     holdout = holdout_spec(settings.holdout, inputs.levels)
     uncertainty = uncertainty_config(settings.uncertainty)
     reset_run_dir(run_dir)
@@ -149,7 +148,6 @@ def run(cfg, run_dir: Path | None = None, overrides: list[str] | None = None) ->
     matrix, n_other_levels = keep_levels(matrix, inputs.levels)
     split = split_targets(matrix.targets_df, holdout)
     reconciled = reconcile_stage(matrix, reconcile, split, inputs.db_path)
-    warn_ignored_bands(reconciled.tolerances, reconciled.loss_weights, fit)
     # what lives now (modules, configs, the matrix's tables) lives to the end of the run: out of the cyclic
     # collector's generations, so that its full collections during the fit do not scan it again
     gc.freeze()

@@ -16,7 +16,10 @@ distance ``phi`` is
 - ``chi2``: GREG, ``(x - 1)**2 / 2``, multipliers clipped to the bounds.
 
 As ``penalty`` grows the solution tends to the exact calibration estimator; a finite penalty
-keeps it defined when the targets cannot all be met.
+keeps it defined when the targets cannot all be met. With free bands ``b`` (``tolerances``, e.g.
+the published margins of error) a target's ``e_i**2`` becomes
+``(dist(e_i, [-b_i, b_i])**2 + f e_i**2) / (1 + f)`` with ``f = config.band_floor``: inside its band
+an error costs ``f`` of what it costs outside (:func:`banded_penalty_conjugate`).
 
 It is solved in the dual by Newton's method: one variable per constrained target,
 ``x_j = phi'^-1(v_j)`` with ``v = A^T lambda`` (``A`` = the constrained rows of X divided
@@ -43,6 +46,8 @@ from calibrate.core.linalg import float64_matvec
 from calibrate.fit.config import ClassicalConfig
 
 logger = logging.getLogger(__name__)
+BAND_STAGE_RATIO = 10**0.25  # the floor falls by this factor from stage to stage (down to config.band_floor)
+BAND_STAGE_TOL = 1e-3  # the dual gradient a stage before the last is solved to
 
 
 class ClassicalResult(NamedTuple):
@@ -63,7 +68,7 @@ def validate_classical(cfg: ClassicalConfig) -> None:
     """ValueError naming the first bad setting (``FitConfig`` checks the same rules in a run)."""
     from calibrate.fit.config import _RULES, _ok
 
-    for name in ("distance", "lower", "upper", "penalty", "max_iter", "tol"):
+    for name in ("distance", "lower", "upper", "penalty", "max_iter", "tol", "band_floor"):
         kind, check, rule = _RULES[f"classical.{name}"]
         if not _ok(kind, check, getattr(cfg, name)):
             raise ValueError(f"{name}={getattr(cfg, name)!r} {rule}")
@@ -173,6 +178,8 @@ class Dual(NamedTuple):
     lower: float
     upper: float
     penalty_lw: np.ndarray  # penalty * lw of the constrained rows (cinv = 1 / (W0 * penalty_lw))
+    band: np.ndarray | None = None  # free band per constrained row (relative error), None: no bands
+    floor: float = 1.0  # with bands: the share of the penalty an error inside its band costs (see band_stages)
 
     def with_start(self, start: np.ndarray) -> Dual:
         """The same rows and targets from another start on the same columns (e.g. a replicate's)."""
@@ -183,17 +190,60 @@ class Dual(NamedTuple):
         v = self.At @ lam
         conj = conjugate(v, self.distance, self.lower, self.upper)
         # elementwise sums, not BLAS dots: threaded BLAS on these vectors is slow on a busy machine
-        return float(np.sum(self.w0 * conj) - np.sum(lam * self.tau) + 0.5 * np.sum(self.cinv * lam**2)), v
+        if self.band is None:
+            penalty = 0.5 * np.sum(self.cinv * lam**2)
+        else:
+            penalty = np.sum(banded_penalty_conjugate(lam, self.cinv, self.band, self.floor)[0])
+        return float(np.sum(self.w0 * conj) - np.sum(lam * self.tau) + penalty), v
 
     def gradient(self, lam: np.ndarray, v: np.ndarray) -> np.ndarray:
         x = multipliers_from_dual(v, self.distance, self.lower, self.upper)
-        return self.A @ (self.w0 * x) - self.tau + self.cinv * lam
+        slope = self.cinv * lam if self.band is None else \
+            banded_penalty_conjugate(lam, self.cinv, self.band, self.floor)[1]
+        return self.A @ (self.w0 * x) - self.tau + slope
 
-    def hessian(self, v: np.ndarray) -> sp.csc_matrix:
+    def hessian(self, v: np.ndarray, lam: np.ndarray | None = None) -> sp.csc_matrix:
+        """At ``v = A^T lambda``; with bands the penalty's curvature depends on ``lam`` too (None: 0)."""
         d = self.w0 * multiplier_slope(v, self.distance, self.lower, self.upper)
         H = (self.A.multiply(d[None, :]).tocsr() @ self.At).tocsc()
-        ridge = self.cinv + 1e-12 * max(float(H.diagonal().max(initial=0.0)), 1.0)
+        curvature = self.cinv if self.band is None else \
+            banded_penalty_conjugate(np.zeros_like(self.cinv) if lam is None else lam, self.cinv, self.band,
+                                     self.floor)[2]
+        ridge = curvature + 1e-12 * max(float(H.diagonal().max(initial=0.0)), 1.0)
         return (H + sp.diags(ridge)).tocsc()
+
+
+def banded_penalty_conjugate(lam: np.ndarray, cinv: np.ndarray, band: np.ndarray, floor: float
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(h*(lambda), h*'(lambda), h*''(lambda)) per row for the banded penalty
+    ``h(e) = C / (2 (1 + f)) (dist(e, [-band, band])**2 + f e**2)`` (``C = 1 / cinv``, ``f = floor`` > 0):
+    the plain ``C e**2 / 2`` where ``band = 0``; inside a band the error costs ``f`` of what it costs outside.
+
+    The conjugate is C^1 and piecewise quadratic: ``lambda**2 / (2 eps)`` (``eps = f C / (1 + f)``) while
+    ``|lambda| <= s = eps band``, the target inside its band; beyond, its slope is
+    ``cinv lambda + sign(lambda) band / (1 + f)``. With ``f = 0`` it would be the exact band's
+    ``cinv lambda**2 / 2 + band |lambda|``, which is not differentiable at 0: the floor keeps Newton's
+    method working as without bands (``f = 0`` stalls it on a path of tiny steps)."""
+
+    k = 1.0 + floor
+    eps = floor / (k * cinv)
+    s = eps * band
+    a = np.abs(lam)
+    inside = a <= s
+    value = np.where(inside, lam**2 / (2 * eps), s**2 / (2 * eps) + 0.5 * cinv * (a**2 - s**2) + band * (a - s) / k)
+    slope = np.where(inside, lam / eps, cinv * lam + band * np.sign(lam) / k)
+    curvature = np.where(inside, 1.0 / eps, cinv)
+    return value, slope, curvature
+
+
+def band_stages(floor: float) -> list[float]:
+    """The floors of a banded solve's stages: 1, 1/BAND_STAGE_RATIO, ... down to ``floor``, each stage
+    warm-started from the last (a jump straight to a small floor moves thousands of targets across
+    their band's edge at once, and Newton's steps shrink to 1/16-1/256 for tens of steps)."""
+    stages = [1.0]
+    while stages[-1] / BAND_STAGE_RATIO > floor * 1.01:
+        stages.append(stages[-1] / BAND_STAGE_RATIO)
+    return stages + [floor] if stages[-1] > floor else stages
 
 
 def constrained_dual(X: sp.csr_matrix, targets: np.ndarray, start: np.ndarray, loss_weights: np.ndarray,
@@ -226,6 +276,48 @@ def _newton_step(dual: Dual, H: sp.csc_matrix, g: np.ndarray) -> np.ndarray:
     return -g / np.maximum(H.diagonal(), 1e-30)
 
 
+class _Newton(NamedTuple):
+    lam: np.ndarray
+    v: np.ndarray  # A^T lam
+    residual: float
+    iterations: int
+    message: str
+
+
+def _newton(dual: Dual, lam: np.ndarray, tol: float, max_iter: int) -> _Newton:
+    """Newton steps with a backtracking line search from ``lam`` until the largest dual gradient entry
+    is below ``tol`` (or ``max_iter`` steps)."""
+    f, v = dual.value(lam)
+    g = dual.gradient(lam, v)
+    residual = float(np.abs(g).max(initial=0.0))
+    iterations, message = 0, "converged"
+    while residual >= tol:
+        if iterations >= max_iter:
+            message = f"stopped after max_iter={max_iter} Newton steps"
+            break
+        step = _newton_step(dual, dual.hessian(v, lam), g)
+        slope = float(g @ step)
+        if slope >= 0:  # not a descent direction (numerically singular Hessian): use the gradient
+            step, slope = -g, -float(g @ g)
+        t = 1.0
+        while True:
+            lam_new = lam + t * step
+            f_new, v_new = dual.value(lam_new)
+            if f_new <= f + 1e-4 * t * slope or t < 1e-12:
+                break
+            t *= 0.5
+        lam, f, v = lam_new, f_new, v_new
+        g = dual.gradient(lam, v)
+        residual = float(np.abs(g).max(initial=0.0))
+        iterations += 1
+        logger.info("classical calibration: Newton step %d (line search %.3g), max relative residual %.2e",
+                    iterations, t, residual)
+        if t < 1e-12:
+            message = "line search failed"
+            break
+    return _Newton(lam, v, residual, iterations, message)
+
+
 def calibrate_classical(
     X: sp.csr_matrix,
     targets: np.ndarray,
@@ -233,12 +325,15 @@ def calibrate_classical(
     loss_weights: np.ndarray,
     config: ClassicalConfig | None = None,
     initial_dual: np.ndarray | None = None,
+    tolerances: np.ndarray | None = None,
 ) -> ClassicalResult:
     """Minimum-distance weights for ``X w ~ targets`` (see module docstring).
 
     ``start`` holds w0 >= 0 per column (0: the column stays 0); ``loss_weights`` >= 0 per
     target (normalised here; 0: not a constraint, only estimated). ``initial_dual`` (one value
     per target with a loss weight > 0, e.g. a related solve's ``dual``) warm-starts Newton.
+    ``tolerances`` >= 0 per target (relative, as the L0 fit's): a target's free band, inside
+    which its error costs ``config.band_floor`` of what it costs outside (None or all 0: none).
     """
     t0 = time.perf_counter()
     config = config or ClassicalConfig()
@@ -254,43 +349,41 @@ def calibrate_classical(
         raise ValueError("start weights must be finite, >= 0 and not all 0")
     if not (np.all(np.isfinite(lw)) and np.all(lw >= 0)) or lw.sum() <= 0:
         raise ValueError("loss_weights must be finite, >= 0 and not all 0")
+    band = None
+    if tolerances is not None:
+        tolerances = np.asarray(tolerances, dtype=np.float64)
+        if tolerances.shape != (m,) or not (np.all(np.isfinite(tolerances)) and np.all(tolerances >= 0)):
+            raise ValueError(f"tolerances must be finite and >= 0, one per target (shape {tolerances.shape})")
+        if np.any(tolerances[lw > 0] > 0):
+            band = tolerances[lw > 0]
     total = float(start.sum())
     carriers = np.flatnonzero(start > 0)
     rows = np.flatnonzero(lw > 0)
     scale = np.abs(targets) + 1.0
     dual = constrained_dual(X, targets, start[carriers], lw, config, carriers if carriers.size < n else None)
+    if band is not None:
+        dual = dual._replace(band=band)
     lam = np.zeros(rows.size)
     if initial_dual is not None:
         lam = np.asarray(initial_dual, dtype=np.float64).copy()
         if lam.shape != (rows.size,):
             raise ValueError(f"initial_dual has shape {lam.shape}, expected ({rows.size},) (targets with weight > 0)")
-    f, v = dual.value(lam)
-    g = dual.gradient(lam, v)
-    residual = float(np.abs(g).max(initial=0.0))
-    iterations, message = 0, "converged"
-    while residual >= config.tol:
-        if iterations == config.max_iter:
-            message = f"stopped after max_iter={config.max_iter} Newton steps"
-            break
-        step = _newton_step(dual, dual.hessian(v), g)
-        slope = float(g @ step)
-        if slope >= 0:  # not a descent direction (numerically singular Hessian): use the gradient
-            step, slope = -g, -float(g @ g)
-        t = 1.0
-        while True:
-            f_new, v_new = dual.value(lam + t * step)
-            if f_new <= f + 1e-4 * t * slope or t < 1e-12:
+    if band is None:
+        run = _newton(dual, lam, config.tol, config.max_iter)
+    else:  # continuation: the floor falls to config.band_floor, each stage warm-started from the last
+        iterations = 0  # (a warm start, e.g. a replicate's from the main solve, takes the last stage only)
+        stages = band_stages(config.band_floor)
+        for floor in stages[-1:] if initial_dual is not None else stages:
+            last = floor == stages[-1]
+            run = _newton(dual._replace(floor=floor), lam, config.tol if last else max(config.tol, BAND_STAGE_TOL),
+                          config.max_iter - iterations)
+            lam, iterations = run.lam, iterations + run.iterations
+            if run.message == "line search failed" or (not last and iterations >= config.max_iter):
                 break
-            t *= 0.5
-        lam, f, v = lam + t * step, f_new, v_new
-        g = dual.gradient(lam, v)
-        residual = float(np.abs(g).max(initial=0.0))
-        iterations += 1
-        logger.info("classical calibration: Newton step %d (line search %.3g), max relative residual %.2e",
-                    iterations, t, residual)
-        if t < 1e-12:
-            message = "line search failed"
-            break
+        run = run._replace(iterations=iterations)
+        if run.residual >= config.tol and run.message.startswith("stopped"):
+            run = run._replace(message=f"stopped after max_iter={config.max_iter} Newton steps")
+    lam, v, residual, iterations, message = run.lam, run.v, run.residual, run.iterations, run.message
     converged = residual < config.tol
     x_carriers = multipliers_from_dual(v, config.distance, config.lower, config.upper)
     x = np.zeros(n)

@@ -55,6 +55,7 @@ class ClassicalConfig:
     penalty: float = 5.0e4  # weight of the squared relative errors against the distance
     max_iter: int = 50  # Newton steps on the dual
     tol: float = 1.0e-6  # stop when every target's relative residual (error beyond its penalised optimum) is below
+    band_floor: float = 0.01  # with free bands (reconcile.tolerance): an error inside its band costs this share
 
 
 METHODS = ("l0", "classical", "sample", "start")
@@ -145,6 +146,7 @@ _RULES = {
     "classical.penalty": ("float", lambda v: v > 0, "must be > 0"),
     "classical.max_iter": ("int", lambda v: v >= 1, "must be an integer >= 1"),
     "classical.tol": ("float", lambda v: v > 0, "must be > 0"),
+    "classical.band_floor": ("float", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "shard": ("str", lambda v: v in SHARDS, f"must be one of {', '.join(SHARDS)}"),
     "kernel": ("str", lambda v: v in KERNELS, f"must be one of {', '.join(KERNELS)}"),
 }

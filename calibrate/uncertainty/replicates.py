@@ -8,7 +8,9 @@ warm-started from the main solve's dual vector, on the same reconciled targets (
 replicate does not draw (``m_i = 0``) keeps weight 0 in every CD. With the main targets all
 replicates share one factorised Hessian and are solved in batches (:mod:`calibrate.uncertainty.solver`, on the
 host, or with ``solver=device`` :mod:`calibrate.uncertainty.device_solver`, on JAX's default device;
-``auto``: the device when it is an accelerator).
+``auto``: the device when it is an accelerator). With free bands on fitted targets
+(``reconcile.tolerance``) each replicate is its own warm-started banded solve: the shared-Hessian
+solvers have no band term.
 
 - ``rao_wu``: the rescaling bootstrap of Rao and Wu (1988) with ``n_h - 1`` draws with
   replacement in each state stratum ``h``: ``m_i = n_h / (n_h - 1) * count_i``; a stratum of
@@ -132,7 +134,7 @@ class _Draws:
 
 def run_replicates(X, values, loss_weights, replicate_start, main_weights, household_of_column, strata, config,
                    classical, dual=None, calibrate: bool = True, target_draw=None,
-                   checkpoint: Path | None = None) -> ReplicateSet:
+                   checkpoint: Path | None = None, tolerances: np.ndarray | None = None) -> ReplicateSet:
     """The replicates of part ``config.part`` of ``config.parts`` (all R by default; see module docstring).
 
     ``replicate_start``: the main fit's start on its carriers (the main weights for a fit
@@ -140,7 +142,8 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     ``target_draw``: (original values, moe, confidence) for ``config.draw_targets``;
     ``calibrate=False`` (``fit.method=start``) keeps ``start * m`` uncalibrated;
     ``checkpoint``: resume from and write to this file at the end of a batch once
-    ``config.checkpoint_every`` more replicates are done (:mod:`calibrate.uncertainty.checkpoint`).
+    ``config.checkpoint_every`` more replicates are done (:mod:`calibrate.uncertainty.checkpoint`);
+    ``tolerances``: the main fit's free bands per target (None: none).
     """
     from calibrate.fit.classical import calibrate_classical
     from calibrate.uncertainty import checkpoint as ckpt
@@ -154,16 +157,22 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     values = np.asarray(values, dtype=np.float64)
     sub = X[:, columns]
     numbers = part_replicates(config)
+    lw = np.asarray(loss_weights, dtype=np.float64)
+    bands = None if tolerances is None or not np.any(np.asarray(tolerances)[lw > 0] > 0) \
+        else np.asarray(tolerances, dtype=np.float64)
     basis = ckpt.basis_hash(columns, start, values, np.asarray(main_weights, np.float64)[columns],
-                            np.asarray([calibrate]))
+                            np.asarray([calibrate]), *(() if bands is None else (bands,)))
     progress = ckpt.resume(checkpoint, config, basis, columns.size, len(strata))
     resumed, saved = progress.done, progress.done
     weights, multipliers, steps = progress.weights, progress.multipliers, progress.steps
     draws = _Draws(strata, config, values, target_draw)
-    solver_name = resolved_solver(config)
+    solver_name = resolved_solver(config) if bands is None else "host"
+    if bands is not None and config.solver == "device":
+        log.warning("uncertainty.solver=device: with free bands (reconcile.tolerance) each replicate is a "
+                    "banded Newton solve on the host")
     solver_class = DeviceReplicateSolver if solver_name == "device" else ReplicateSolver
     solver = solver_class(sub, values, loss_weights, start, dual, classical) \
-        if calibrate and resumed < len(numbers) else None
+        if calibrate and bands is None and resumed < len(numbers) else None
     size = batch_size(config, columns.size, solver_name)
     for lo in range(resumed, len(numbers), size):
         batch = range(lo, min(lo + size, len(numbers)))
@@ -174,10 +183,16 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
             start_r = start * m[hh]
             if not calibrate:
                 weights[i] = start_r
-            elif targets_r is None:
+            elif targets_r is None and bands is None:
                 shared[i] = start_r
-            else:  # drawn targets rescale the dual's rows: a Newton solve of its own, warm-started
-                solve = calibrate_classical(sub, targets_r, start_r, loss_weights, classical, initial_dual=dual)
+            else:  # drawn targets rescale the dual's rows, bands add a term: a Newton solve of its own, warm-started
+                target_r = values if targets_r is None else targets_r
+                solve = calibrate_classical(sub, target_r, start_r, loss_weights, classical, initial_dual=dual,
+                                            tolerances=bands)
+                if not solve.converged and dual is not None:  # far from the main solution: from a zero dual
+                    steps_warm = solve.iterations
+                    solve = calibrate_classical(sub, target_r, start_r, loss_weights, classical, tolerances=bands)
+                    solve = solve._replace(iterations=solve.iterations + steps_warm)
                 weights[i] = solve.weights
                 steps.append(int(solve.iterations))
                 progress.converged += bool(solve.converged)

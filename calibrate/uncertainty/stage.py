@@ -51,7 +51,7 @@ def replicate_stage(matrix, reconciled, outcome, fit, config, run_dir: Path,
     household = layout.household_of(np.arange(layout.n_columns))
     reps = run_replicates(matrix.X, values, lw, start, outcome.weights, household, layout.household_states, config,
                           fit.classical, dual=outcome.dual, calibrate=fit.method != "start", target_draw=draw,
-                          checkpoint=checkpoint)
+                          checkpoint=checkpoint, tolerances=reconciled.tolerances)
     estimates = reps.estimates(matrix.X)
     n_households = households_behind(matrix.X[:, reps.columns], household[reps.columns], layout.n_households)
     floor = target_floors(matrix, outcome.weights, household, n_households)
