@@ -224,7 +224,6 @@ def banded_penalty_conjugate(lam: np.ndarray, cinv: np.ndarray, band: np.ndarray
     ``cinv lambda + sign(lambda) band / (1 + f)``. With ``f = 0`` it would be the exact band's
     ``cinv lambda**2 / 2 + band |lambda|``, which is not differentiable at 0: the floor keeps Newton's
     method working as without bands (``f = 0`` stalls it on a path of tiny steps)."""
-
     k = 1.0 + floor
     eps = floor / (k * cinv)
     s = eps * band
@@ -234,6 +233,12 @@ def banded_penalty_conjugate(lam: np.ndarray, cinv: np.ndarray, band: np.ndarray
     slope = np.where(inside, lam / eps, cinv * lam + band * np.sign(lam) / k)
     curvature = np.where(inside, 1.0 / eps, cinv)
     return value, slope, curvature
+
+
+def has_bands(tolerances: np.ndarray | None, loss_weights: np.ndarray) -> bool:
+    """Whether any fitted target (loss weight > 0) has a free band: only then does a solve take the
+    banded path (a band on a target that is only estimated is no band)."""
+    return tolerances is not None and bool(np.any(np.asarray(tolerances)[np.asarray(loss_weights) > 0] > 0))
 
 
 def band_stages(floor: float) -> list[float]:
@@ -354,7 +359,7 @@ def calibrate_classical(
         tolerances = np.asarray(tolerances, dtype=np.float64)
         if tolerances.shape != (m,) or not (np.all(np.isfinite(tolerances)) and np.all(tolerances >= 0)):
             raise ValueError(f"tolerances must be finite and >= 0, one per target (shape {tolerances.shape})")
-        if np.any(tolerances[lw > 0] > 0):
+        if has_bands(tolerances, lw):
             band = tolerances[lw > 0]
     total = float(start.sum())
     carriers = np.flatnonzero(start > 0)
@@ -371,18 +376,18 @@ def calibrate_classical(
     if band is None:
         run = _newton(dual, lam, config.tol, config.max_iter)
     else:  # continuation: the floor falls to config.band_floor, each stage warm-started from the last
-        iterations = 0  # (a warm start, e.g. a replicate's from the main solve, takes the last stage only)
-        stages = band_stages(config.band_floor)
-        for floor in stages[-1:] if initial_dual is not None else stages:
-            last = floor == stages[-1]
-            run = _newton(dual._replace(floor=floor), lam, config.tol if last else max(config.tol, BAND_STAGE_TOL),
-                          config.max_iter - iterations)
+        stages = band_stages(config.band_floor)  # a warm start (e.g. a replicate's) takes the last stage only
+        stages = stages[-1:] if initial_dual is not None else stages
+        iterations = 0
+        for i, floor in enumerate(stages):
+            stage_tol = config.tol if i == len(stages) - 1 else max(config.tol, BAND_STAGE_TOL)
+            run = _newton(dual._replace(floor=floor), lam, stage_tol, config.max_iter - iterations)
             lam, iterations = run.lam, iterations + run.iterations
-            if run.message == "line search failed" or (not last and iterations >= config.max_iter):
+            if run.message != "converged":  # out of steps, or the line search failed
                 break
-        run = run._replace(iterations=iterations)
-        if run.residual >= config.tol and run.message.startswith("stopped"):
+        if run.message.startswith("stopped"):
             run = run._replace(message=f"stopped after max_iter={config.max_iter} Newton steps")
+        run = run._replace(iterations=iterations)
     lam, v, residual, iterations, message = run.lam, run.v, run.residual, run.iterations, run.message
     converged = residual < config.tol
     x_carriers = multipliers_from_dual(v, config.distance, config.lower, config.upper)

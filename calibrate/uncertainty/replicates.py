@@ -145,7 +145,7 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     ``config.checkpoint_every`` more replicates are done (:mod:`calibrate.uncertainty.checkpoint`);
     ``tolerances``: the main fit's free bands per target (None: none).
     """
-    from calibrate.fit.classical import calibrate_classical
+    from calibrate.fit.classical import calibrate_classical, has_bands
     from calibrate.uncertainty import checkpoint as ckpt
     from calibrate.uncertainty.device_solver import DeviceReplicateSolver
     from calibrate.uncertainty.solver import ReplicateSolver
@@ -157,9 +157,7 @@ def run_replicates(X, values, loss_weights, replicate_start, main_weights, house
     values = np.asarray(values, dtype=np.float64)
     sub = X[:, columns]
     numbers = part_replicates(config)
-    lw = np.asarray(loss_weights, dtype=np.float64)
-    bands = None if tolerances is None or not np.any(np.asarray(tolerances)[lw > 0] > 0) \
-        else np.asarray(tolerances, dtype=np.float64)
+    bands = np.asarray(tolerances, dtype=np.float64) if has_bands(tolerances, loss_weights) else None
     basis = ckpt.basis_hash(columns, start, values, np.asarray(main_weights, np.float64)[columns],
                             np.asarray([calibrate]), *(() if bands is None else (bands,)))
     progress = ckpt.resume(checkpoint, config, basis, columns.size, len(strata))
